@@ -288,10 +288,12 @@ class Store:
             raise StoreError(f"no nodeflow database at {self.path}; give --db or set NODEFLOW_DB")
         if exists:
             self._refuse_unusable_file()
-        _private_directory(self.lock_dir, create=True)
-        if not exists:
+            self._conn = self._open(self.path)
+            _private_directory(self.lock_dir, create=True)
+        else:
+            _private_directory(self.lock_dir, create=True)
             self._create_atomically()
-        self._conn = self._open(self.path)
+            self._conn = self._open(self.path)
         _LIVE_STORES.add(self)
 
     # Opening ------------------------------------------------------------------------------
@@ -305,9 +307,7 @@ class Store:
                 f"{self.path} is an empty file, not a nodeflow database; remove it or choose another --db"
             )
         if not os.access(self.path, os.R_OK | os.W_OK) or not os.access(os.path.dirname(self.path), os.W_OK):
-            raise StoreError(
-                f"{self.path} is read-only for this user; nodeflow needs to write the file and its folder"
-            )
+            raise StoreError(f"{self.path} is read-only for this user; nodeflow needs to write the file and its folder")
 
     def _create_atomically(self) -> None:
         """Build the database under a temporary name, then link it into place.
@@ -341,9 +341,7 @@ class Store:
                     pass
 
     def _connect(self, path: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(
-            path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False
-        )
+        conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA synchronous={self.settings.synchronous}")
         return conn
 
@@ -354,8 +352,7 @@ class Store:
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             if application_id != APPLICATION_ID:
                 raise NotADatabase(
-                    f"{path} is an SQLite database of another program, not a nodeflow one; "
-                    "choose another --db"
+                    f"{path} is an SQLite database of another program, not a nodeflow one; choose another --db"
                 )
             if version > SCHEMA_VERSION:
                 raise SchemaTooNew(
@@ -451,7 +448,12 @@ class Store:
     def _translate(self, error: sqlite3.Error, path: str | None = None) -> StoreError:
         path = path or self.path
         text = str(error)
-        if "not a database" in text or "malformed" in text:
+        if "not a database" in text:
+            return NotADatabase(
+                f"{path} is not an SQLite database, or its header is damaged ({text}); "
+                "choose another --db, or restore the file from a backup"
+            )
+        if "malformed" in text:
             return CorruptDatabase(
                 f"{path} is damaged or not a database ({text}); nodeflow will not run on it: "
                 "restore it from a backup or choose another --db"
@@ -515,9 +517,7 @@ def _after_fork_in_child() -> None:
         store._abandon_after_fork()
 
 
-os.register_at_fork(
-    before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child
-)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 def check_lock_name(name: object) -> str:
@@ -672,12 +672,15 @@ class _LockAttempt:
             self._notify()
             return
         with self._mutex:
-            taken = self._state == "waiting" and held is not None
-            if taken:
-                self._state, self._held = "granted", held
-        if not taken:
+            waiting = self._state == "waiting"
+            if waiting:
+                self._state, self._held = ("granted", held) if held is not None else ("failed", None)
+        if not waiting:
             if held is not None:
                 held.release()
+            return
+        if held is None:  # a try-lock that found the lock busy: the waiter raises LockTimeout
+            self._notify()
             return
         if not self._notify():  # the waiter's event loop is gone: nobody will take the lock
             late = self.abandon()
@@ -758,11 +761,16 @@ class LockManager:
         if locked is None:
             return None
         fd, inode = locked
+        if give_up():
+            _release_lock_file(fd, inode, path)
+            return None
         try:
             token = self._next_fence(name) if fence else None
             note = {"name": name, "pid": os.getpid(), "node": self.node, "fence": token, "since": time.time()}
             try:
-                os.pwrite(fd, json.dumps(note).encode("utf-8"), 0)  # for holder(); never needed for safety
+                os.pwrite(
+                    fd, json.dumps(note, ensure_ascii=False).encode("utf-8"), 0
+                )  # for holder(); never needed for safety
             except OSError:
                 pass
         except BaseException:
@@ -876,7 +884,7 @@ class LockManager:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)  # a new description: no lock lost
             try:
-                note = json.loads(os.read(fd, 2 * LOCK_NAME_MAX_BYTES + 4096) or b"{}")
+                note = json.loads(os.read(fd, 65536) or b"{}")
             finally:
                 os.close(fd)
         except (OSError, ValueError):
@@ -1038,9 +1046,7 @@ def _run_holding(held: HeldLock, command: list[str], db: str) -> int:
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     try:
         try:
-            child = subprocess.Popen(
-                command, env=env, preexec_fn=lambda: _child_setup(parent, libc, waited)
-            )
+            child = subprocess.Popen(command, env=env, preexec_fn=lambda: _child_setup(parent, libc, waited))
         except FileNotFoundError:
             print(f"nodeflow: lock: command not found: {command[0]}", file=sys.stderr)
             return 127

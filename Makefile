@@ -1,0 +1,31 @@
+# nodeflow: `make test` runs the suite (the command CI runs), `make lint` the linters.
+PYTHON ?= python3
+VENV := .venv
+DEV := $(VENV)/.installed
+
+.PHONY: test lint bench bench-quick run clean
+
+test:
+	$(PYTHON) -m unittest discover -s tests -t . -v
+
+$(DEV): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $(DEV)
+
+lint: $(DEV)
+	$(VENV)/bin/ruff check nodeflow.py tests bench examples
+	$(VENV)/bin/ruff format --check nodeflow.py
+	$(VENV)/bin/mypy
+
+bench: $(DEV)
+	$(VENV)/bin/python bench/bench_locks.py
+
+bench-quick: $(DEV)
+	$(VENV)/bin/python bench/bench_locks.py --quick
+
+run:
+	$(PYTHON) examples/counter.py
+
+clean:
+	rm -rf $(VENV) *.egg-info build .mypy_cache .ruff_cache
