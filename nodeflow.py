@@ -128,13 +128,19 @@ def parse_duration(value: str | float | int, what: str = "duration") -> float:
     if isinstance(value, bool):
         raise InvalidInput(f"{what}: expected a duration, got {value!r}")
     if isinstance(value, (int, float)):
-        if not math.isfinite(value) or value < 0:
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not math.isfinite(seconds) or seconds < 0:
             raise InvalidInput(f"{what}: {value!r} is not a duration; give zero or more seconds")
-        return float(value)
+        return seconds
     if not isinstance(value, str):
         raise InvalidInput(f"{what}: expected a duration, got {type(value).__name__}")
     text = value.strip()
     if _PLAIN_NUMBER.fullmatch(text):
+        if not math.isfinite(float(text)):
+            raise InvalidInput(f"{what}: {value!r} is too long to be a duration")
         return float(text)
     order = [unit for unit, _ in _DURATION_UNITS]
     total, position, last_rank = 0.0, 0, -1
@@ -145,7 +151,7 @@ def parse_duration(value: str | float | int, what: str = "duration") -> float:
         total += float(match.group(1)) * dict(_DURATION_UNITS)[match.group(2)]
         position, last_rank = match.end(), rank
     else:
-        if position == len(text) and position > 0:
+        if position == len(text) and position > 0 and math.isfinite(total):
             return total
     raise InvalidInput(
         f"{what}: {value!r} is not a duration; use a number and a unit (ms, s, m, h, d), "
@@ -163,7 +169,7 @@ class Settings:
     def __post_init__(self) -> None:
         if self.synchronous not in ("FULL", "NORMAL"):
             raise InvalidInput(f"synchronous must be FULL or NORMAL, not {self.synchronous!r}")
-        parse_duration(self.busy_timeout, "busy_timeout")
+        object.__setattr__(self, "busy_timeout", parse_duration(self.busy_timeout, "busy_timeout"))
 
 
 def default_db_path() -> str:
@@ -289,7 +295,12 @@ class Store:
         if exists:
             self._refuse_unusable_file()
             self._conn = self._open(self.path)
-            _private_directory(self.lock_dir, create=True)
+            try:
+                _private_directory(self.lock_dir, create=True)
+            except BaseException:
+                self._conn.close()
+                self._conn = None
+                raise
         else:
             _private_directory(self.lock_dir, create=True)
             self._create_atomically()
@@ -342,7 +353,11 @@ class Store:
 
     def _connect(self, path: str) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA synchronous={self.settings.synchronous}")
+        try:
+            conn.execute(f"PRAGMA synchronous={self.settings.synchronous}")
+        except sqlite3.Error as error:
+            conn.close()
+            raise self._translate(error, path) from error
         return conn
 
     def _open(self, path: str) -> sqlite3.Connection:
@@ -399,6 +414,11 @@ class Store:
         if self._conn is None:
             raise NodeflowError(f"the handle on {self.path} is closed")
         return self._conn
+
+    def check_open(self) -> None:
+        """Raise unless this handle may be used: open, and in the process that opened it."""
+        with self._mutex:
+            self._connection()
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one ``BEGIN IMMEDIATE`` transaction and commit; retried while busy."""
@@ -589,7 +609,7 @@ def _kernel_flock_owners() -> dict[tuple[int, int, int], int] | None:
 class HeldLock:
     """A lock this process holds; ``release()`` (or leaving the ``with`` block) frees it."""
 
-    __slots__ = ("name", "fence", "_locks", "_path", "_fd", "_inode", "_owner_set", "__weakref__")
+    __slots__ = ("name", "fence", "_locks", "_path", "_fd", "_inode", "_owner_set", "_pid", "__weakref__")
 
     def __init__(self, locks: LockManager, name: str, fence: int | None, path: str, fd: int, inode: int) -> None:
         self.name = name
@@ -599,6 +619,7 @@ class HeldLock:
         self._fd: int | None = fd
         self._inode = inode
         self._owner_set: set[tuple[str, str]] | None = None
+        self._pid = os.getpid()
 
     @property
     def held(self) -> bool:
@@ -608,6 +629,8 @@ class HeldLock:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        if self._pid != os.getpid():
+            return  # a forked child's copy: its descriptor was closed at fork; the lock is the parent's
         if self._owner_set is not None:
             self._owner_set.discard((self._locks.directory, self.name))
         _release_lock_file(fd, self._inode, self._path)
@@ -767,10 +790,10 @@ class LockManager:
         try:
             token = self._next_fence(name) if fence else None
             note = {"name": name, "pid": os.getpid(), "node": self.node, "fence": token, "since": time.time()}
-            try:
-                os.pwrite(
-                    fd, json.dumps(note, ensure_ascii=False).encode("utf-8"), 0
-                )  # for holder(); never needed for safety
+            data = json.dumps(note, ensure_ascii=False).encode("utf-8")
+            try:  # the note serves holder() only; safety never depends on it
+                os.pwrite(fd, data, 0)
+                os.ftruncate(fd, len(data))  # a killed holder may have left a longer note
             except OSError:
                 pass
         except BaseException:
@@ -793,6 +816,7 @@ class LockManager:
     # Blocking API ---------------------------------------------------------------------------
 
     def acquire(self, name: str, timeout: float | str | None = None, *, fence: bool = True) -> HeldLock:
+        self.store.check_open()  # a closed or forked handle gives no locks, fenced or not
         name = check_lock_name(name)
         wait = _check_timeout(timeout)
         mine: set[tuple[str, str]] = self._mine.__dict__.setdefault("names", set())
@@ -830,6 +854,7 @@ class LockManager:
     # Asyncio API ----------------------------------------------------------------------------
 
     async def aacquire(self, name: str, timeout: float | str | None = None, *, fence: bool = True) -> HeldLock:
+        self.store.check_open()
         name = check_lock_name(name)
         wait = _check_timeout(timeout)
         started = time.monotonic()
@@ -950,7 +975,11 @@ class Cluster:
     ) -> None:
         self.store = Store(path or default_db_path(), create=create, settings=settings)
         self.path = self.store.path
-        self.locks = LockManager(self.store, node)
+        try:
+            self.locks = LockManager(self.store, node)
+        except BaseException:
+            self.store.close()
+            raise
 
     def lock(self, name: str, timeout: float | str | None = None, *, fence: bool = True) -> HeldLock:
         """Acquire ``name`` now; ``timeout=0`` tries once; raises LockTimeout when time runs out."""
