@@ -753,7 +753,7 @@ class LockManager:
             _LOCK_FDS.discard(fd)
             os.close(fd)
 
-    def _lock_file(self, path: str, blocking: bool, give_up: Callable[[], bool]) -> tuple[int, int] | None:
+    def _lock_file(self, path: str, blocking: bool, give_up: Callable[[], bool]) -> tuple[int, os.stat_result] | None:
         """Lock the file that is at ``path`` now; None when busy (non-blocking) or given up."""
         while not give_up():
             fd = self._open_lock_file(path)
@@ -765,13 +765,13 @@ class LockManager:
             except BaseException:
                 self._close_unheld(fd)
                 raise
-            inode = os.fstat(fd).st_ino
+            info = os.fstat(fd)
             try:
                 current = os.stat(path, follow_symlinks=False).st_ino
             except FileNotFoundError:
                 current = None
-            if current == inode:
-                return fd, inode
+            if current == info.st_ino:
+                return fd, info
             # The last holder removed this file after we opened it: the lock is now a new file.
             self._close_unheld(fd)
         return None
@@ -783,17 +783,19 @@ class LockManager:
         locked = self._lock_file(path, blocking, give_up)
         if locked is None:
             return None
-        fd, inode = locked
+        fd, info = locked
+        inode = info.st_ino
         if give_up():
             _release_lock_file(fd, inode, path)
             return None
         try:
             token = self._next_fence(name) if fence else None
             note = {"name": name, "pid": os.getpid(), "node": self.node, "fence": token, "since": time.time()}
-            data = json.dumps(note, ensure_ascii=False).encode("utf-8")
+            data = json.dumps(note).encode("ascii")  # the default encoder is cached: much the fastest
             try:  # the note serves holder() only; safety never depends on it
                 os.pwrite(fd, data, 0)
-                os.ftruncate(fd, len(data))  # a killed holder may have left a longer note
+                if info.st_size > len(data):
+                    os.ftruncate(fd, len(data))  # a killed holder left a longer note
             except OSError:
                 pass
         except BaseException:
