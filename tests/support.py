@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import select
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -25,8 +27,16 @@ class ClusterTestCase(unittest.TestCase):
         self.dir = tempfile.mkdtemp(prefix="nodeflow-test-")
         self.db = os.path.join(self.dir, "cluster.db")
         self.children: list[subprocess.Popen] = []
+        self.extra_pids: list[int] = []  # grandchildren (forked by children) to kill at the end
+        self._pending: dict[int, bytes] = {}  # bytes read from a child's stdout past the last line
 
     def tearDown(self) -> None:
+        for pid in self.extra_pids:
+            if alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for child in self.children:
             if child.poll() is None:
                 try:
@@ -39,19 +49,28 @@ class ClusterTestCase(unittest.TestCase):
                     stream.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def cli(self, *args: str, timeout: float = 60, env: dict[str, str] | None = None,
-            input: str | None = None) -> subprocess.CompletedProcess:
+    def cli(
+        self, *args: str, timeout: float = 60, env: dict[str, str] | None = None, input: str | None = None
+    ) -> subprocess.CompletedProcess:
         """Run ``nodeflow.py --db DB ARGS...`` to completion."""
         return subprocess.run(
             [PYTHON, NODEFLOW, "--db", self.db, *args],
-            capture_output=True, text=True, timeout=timeout, input=input,
-            env=dict(os.environ, **(env or {})), cwd=self.dir,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=input,
+            env=dict(os.environ, **(env or {})),
+            cwd=self.dir,
         )
 
     def spawn_cli(self, *args: str, **kwargs) -> subprocess.Popen:
         child = subprocess.Popen(
             [PYTHON, NODEFLOW, "--db", self.db, *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.dir, **kwargs,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.dir,
+            **kwargs,
         )
         self.children.append(child)
         return child
@@ -61,22 +80,85 @@ class ClusterTestCase(unittest.TestCase):
         env = dict(os.environ, PYTHONPATH=str(ROOT), NODEFLOW_DB=self.db)
         child = subprocess.Popen(
             [PYTHON, "-c", textwrap.dedent(code), *args],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=self.dir, env=env, **kwargs,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=self.dir,
+            env=env,
+            **kwargs,
         )
         self.children.append(child)
         return child
 
-    def wait_for_line(self, child: subprocess.Popen, expected: str, timeout: float = 20) -> str:
-        """Read the child's stdout until a line starting with ``expected``; fail on EOF or time-out."""
+    def read_line(self, child: subprocess.Popen, prefix: str, timeout: float = 20) -> str:
+        """The next stdout line starting with ``prefix``; fails on EOF or after ``timeout`` s."""
+        fd = child.stdout.fileno()
+        pending = self._pending.get(child.pid, b"")
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = child.stdout.readline()
-            if not line:
-                self.fail(f"child exited (rc={child.poll()}) before printing {expected!r}: "
-                          f"{child.stderr.read()}")
-            if line.startswith(expected):
-                return line.strip()
-        self.fail(f"no line {expected!r} within {timeout}s")
+        while True:
+            while b"\n" in pending:
+                raw, pending = pending.split(b"\n", 1)
+                line = raw.decode("utf-8", "replace")
+                if line.startswith(prefix):
+                    self._pending[child.pid] = pending
+                    return line
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.fail(f"no line {prefix!r} from child {child.pid} within {timeout}s")
+            if select.select([fd], [], [], left)[0]:
+                data = os.read(fd, 65536)
+                if not data:
+                    self.fail(
+                        f"child {child.pid} ended (rc={child.poll()}) before printing {prefix!r}: "
+                        f"{self.stderr_of(child)}"
+                    )
+                pending += data
+
+    def stderr_of(self, child: subprocess.Popen) -> str:
+        try:
+            child.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "(still running)"
+        fd = child.stderr.fileno()
+        chunks = []
+        while select.select([fd], [], [], 1)[0]:
+            data = os.read(fd, 65536)
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks).decode("utf-8", "replace")
+
+    def finish(self, child: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
+        """Wait (bounded) for a child to end; its exit status and the rest of its output."""
+        out, err = child.communicate(timeout=timeout)
+        return child.returncode, self._pending.pop(child.pid, b"").decode() + out, err
+
+    def wait_until(self, condition, timeout: float = 10, what: str = "condition") -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                self.fail(f"{what}: not true within {timeout}s")
+            time.sleep(0.01)
+
+
+def process_state(pid: int) -> str | None:
+    """The state letter of a process from /proc (R, S, T, Z, ...), or None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    return process_state(pid) not in (None, "Z", "X")
+
+
+def blocked_flock_waiters() -> set[int]:
+    """Pids blocked in flock() right now, from the kernel's lock table (rows marked '->')."""
+    with open("/proc/locks") as table:
+        rows = [line.split() for line in table]
+    return {int(row[5]) for row in rows if len(row) > 6 and row[1] == "->" and row[2] == "FLOCK"}
 
 
 def file_digest(path: str) -> str | None:

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
-import time
 import unittest
 
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, tree_snapshot
+from tests.support import NODEFLOW, PYTHON, ClusterTestCase, alive, blocked_flock_waiters, tree_snapshot
 
 # A command that announces itself, then waits (at most 30 s) for a file named "release" in its folder.
 WAIT_FOR_RELEASE = """
@@ -46,72 +44,7 @@ os._exit(99)
 """
 
 
-def process_state(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    return process_state(pid) not in (None, "Z", "X")
-
-
-def blocked_flock_waiters() -> set[int]:
-    """Pids blocked in flock() right now, from the kernel's lock table (rows marked '->')."""
-    with open("/proc/locks") as table:
-        rows = [line.split() for line in table]
-    return {int(row[5]) for row in rows if len(row) > 6 and row[1] == "->" and row[2] == "FLOCK"}
-
-
 class LockCliTestCase(ClusterTestCase):
-    def setUp(self) -> None:
-        super().setUp()
-        self._pending: dict[int, bytes] = {}
-        self.extra_pids: list[int] = []
-
-    def tearDown(self) -> None:
-        for pid in self.extra_pids:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        super().tearDown()
-
-    def read_line(self, child: subprocess.Popen, prefix: str, timeout: float = 20) -> str:
-        """The next stdout line starting with ``prefix``; fails on EOF or after ``timeout`` s."""
-        fd = child.stdout.fileno()
-        pending = self._pending.get(child.pid, b"")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in pending:
-                raw, pending = pending.split(b"\n", 1)
-                line = raw.decode("utf-8", "replace")
-                if line.startswith(prefix):
-                    self._pending[child.pid] = pending
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.fail(f"no line {prefix!r} from child {child.pid} within {timeout}s")
-            if select.select([fd], [], [], left)[0]:
-                data = os.read(fd, 65536)
-                if not data:
-                    self.fail(f"child {child.pid} ended (rc={child.poll()}) before printing {prefix!r}")
-                pending += data
-
-    def finish(self, child: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
-        out, err = child.communicate(timeout=timeout)
-        return child.returncode, self._pending.pop(child.pid, b"").decode() + out, err
-
-    def wait_until(self, condition, timeout: float = 10, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"{what}: not true within {timeout}s")
-            time.sleep(0.01)
-
     def lock(self, name: str, *command: str, timeout: str | None = None) -> subprocess.CompletedProcess:
         options = ["--timeout", timeout] if timeout is not None else []
         return self.cli("lock", name, *options, "--", *command)

@@ -13,7 +13,6 @@ import asyncio
 import itertools
 import os
 import re
-import select
 import signal
 import subprocess
 import threading
@@ -21,7 +20,7 @@ import time
 import unittest
 
 import nodeflow
-from tests.support import ClusterTestCase
+from tests.support import ClusterTestCase, alive, blocked_flock_waiters, process_state
 
 # A child that takes a lock, says so, and keeps it until a line (or EOF) arrives on its stdin.
 HOLDER = """
@@ -94,91 +93,14 @@ COUNTER_WORKER = """
 LOCK_FILE = re.compile(r"[0-9a-f]{16,}\.lock")
 
 
-def process_state(pid: int) -> str | None:
-    """The state letter of a process from /proc (R, S, T, Z, ...), or None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError, IndexError):
-        return None
-
-
-def alive(pid: int) -> bool:
-    return process_state(pid) not in (None, "Z", "X")
-
-
-def blocked_flock_waiters() -> set[int]:
-    """Pids blocked in flock() right now, from the kernel's lock table (rows marked '->')."""
-    with open("/proc/locks") as table:
-        rows = [line.split() for line in table]
-    return {int(row[5]) for row in rows if len(row) > 6 and row[1] == "->" and row[2] == "FLOCK"}
-
-
 class LockTestCase(ClusterTestCase):
-    """ClusterTestCase plus an open handle, bounded line reads, and clean-up of grandchildren."""
+    """ClusterTestCase plus an open handle on the cluster and helpers that start lock children."""
 
     def setUp(self) -> None:
         super().setUp()
         self.nf = nodeflow.connect(self.db)
         self.addCleanup(self.nf.close)
         self.lock_dir = os.path.join(self.db + ".d", "locks")
-        self.extra_pids: list[int] = []  # grandchildren (forked) to kill at the end
-        self._pending: dict[int, bytes] = {}
-
-    def tearDown(self) -> None:
-        for pid in self.extra_pids:
-            if alive(pid):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-        super().tearDown()
-
-    # Reading children without ever blocking for longer than asked -----------------------------
-
-    def read_line(self, child: subprocess.Popen, prefix: str, timeout: float = 20) -> str:
-        """The next stdout line starting with ``prefix``; fails on EOF or after ``timeout`` s."""
-        fd = child.stdout.fileno()
-        pending = self._pending.get(child.pid, b"")
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in pending:
-                raw, pending = pending.split(b"\n", 1)
-                line = raw.decode("utf-8", "replace")
-                if line.startswith(prefix):
-                    self._pending[child.pid] = pending
-                    return line
-            left = deadline - time.monotonic()
-            if left <= 0:
-                self.fail(f"no line {prefix!r} from child {child.pid} within {timeout}s")
-            ready, _, _ = select.select([fd], [], [], left)
-            if ready:
-                data = os.read(fd, 65536)
-                if not data:
-                    self.fail(
-                        f"child {child.pid} ended (rc={child.poll()}) before printing {prefix!r}: "
-                        f"{self.stderr_of(child)}"
-                    )
-                pending += data
-
-    def stderr_of(self, child: subprocess.Popen) -> str:
-        try:
-            child.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            return "(still running)"
-        fd = child.stderr.fileno()
-        chunks = []
-        while select.select([fd], [], [], 1)[0]:
-            data = os.read(fd, 65536)
-            if not data:
-                break
-            chunks.append(data)
-        return b"".join(chunks).decode("utf-8", "replace")
-
-    def finish(self, child: subprocess.Popen, timeout: float = 30) -> tuple[int, str, str]:
-        """Wait (bounded) for a child to end; its exit status and the rest of its output."""
-        out, err = child.communicate(timeout=timeout)
-        return child.returncode, self._pending.pop(child.pid, b"").decode() + out, err
 
     def tell(self, child: subprocess.Popen, line: str = "go") -> None:
         child.stdin.write(line + "\n")
@@ -200,13 +122,6 @@ class LockTestCase(ClusterTestCase):
 
     def lock_files(self) -> list[str]:
         return sorted(os.listdir(self.lock_dir))
-
-    def wait_until(self, condition, timeout: float = 10, what: str = "condition") -> None:
-        deadline = time.monotonic() + timeout
-        while not condition():
-            if time.monotonic() > deadline:
-                self.fail(f"{what}: not true within {timeout}s")
-            time.sleep(0.01)
 
     def join_new_threads(self, before: set[threading.Thread], timeout: float = 15) -> None:
         """Wait until every thread started since ``before`` has ended (abandoned lock waiters)."""

@@ -108,7 +108,7 @@ class NewDatabase(ClusterTestCase):
             """,
             stdin=subprocess.PIPE,
         )
-        modes = json.loads(self.wait_for_line(child, "{"))
+        modes = json.loads(self.read_line(child, "{"))
         expected = {"db": 0o600, "wal": 0o600, "shm": 0o600, "dir": 0o700, "locks": 0o700, "lock_file": 0o600}
         self.assertEqual({k: oct(v) for k, v in modes.items()}, {k: oct(v) for k, v in expected.items()})
         # The same, seen from another process while the child's connection is open.
@@ -118,7 +118,7 @@ class NewDatabase(ClusterTestCase):
         self.assertEqual(mode_of(self.db + ".d"), 0o700)
         child.stdin.write("\n")
         child.stdin.flush()
-        self.wait_for_line(child, "closed")
+        self.read_line(child, "closed")
         self.assertEqual(child.wait(timeout=20), 0, child.stderr.read())
         self.assertEqual(mode_of(self.db), 0o600)
         self.assertFalse(os.path.exists(self.db + "-wal"), "the last close should checkpoint and remove the WAL")
@@ -166,7 +166,7 @@ class NewDatabase(ClusterTestCase):
                 """
                 children = [self.spawn_python(code, db, barrier) for _ in range(children_per_round)]
                 for child in children:
-                    self.wait_for_line(child, "ready")
+                    self.read_line(child, "ready")
                 self.assertFalse(os.path.exists(db))
                 open(barrier, "w").close()
                 results = []
@@ -520,7 +520,7 @@ class Writes(ClusterTestCase):
     def test_write_waits_for_another_writer(self) -> None:
         with nodeflow.connect(self.db) as nf:
             child = self.spawn_python(HOLD_WRITE_LOCK, "1.5")
-            self.wait_for_line(child, "locked")
+            self.read_line(child, "locked")
             with nf.lock("x") as held:
                 # 42: the fenced write ran after the child's transaction (fence 41) committed.
                 self.assertEqual(held.fence, 42)
@@ -533,7 +533,7 @@ class Writes(ClusterTestCase):
         make_nodeflow_db(self.db)
         with nodeflow.connect(self.db, settings=nodeflow.Settings(busy_timeout=0.5)) as nf:
             child = self.spawn_python(HOLD_WRITE_LOCK, "5")
-            self.wait_for_line(child, "locked")
+            self.read_line(child, "locked")
             started = time.monotonic()
             with self.assertRaises(nodeflow.StoreBusy) as caught:
                 nf.lock("x")
