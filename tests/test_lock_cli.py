@@ -25,7 +25,7 @@ while not os.path.exists("release") and time.monotonic() < deadline:
 sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
 """
 
-# A command that traps SIGTERM and SIGINT: it writes the signal's name to a marker file and exits
+# A command that traps SIGTERM, SIGINT and SIGHUP: it writes the signal's name to a marker file and exits
 # with the code it was given.
 TRAPPER = """
 import os, signal, sys, time
@@ -36,6 +36,7 @@ def caught(signo, frame):
     os._exit(code)
 signal.signal(signal.SIGTERM, caught)
 signal.signal(signal.SIGINT, caught)
+signal.signal(signal.SIGHUP, caught)
 print("ready", os.getpid(), flush=True)
 deadline = time.monotonic() + 30
 while time.monotonic() < deadline:
@@ -117,8 +118,8 @@ class ExitStatus(LockCliTestCase):
 
 
 class Signals(LockCliTestCase):
-    def test_sigterm_and_sigint_are_forwarded_to_the_command(self) -> None:
-        for signo, code in ((signal.SIGTERM, 7), (signal.SIGINT, 9)):
+    def test_sigterm_sigint_and_sighup_are_forwarded_to_the_command(self) -> None:
+        for signo, code in ((signal.SIGTERM, 7), (signal.SIGINT, 9), (signal.SIGHUP, 11)):
             with self.subTest(signal=signo.name):
                 marker = os.path.join(self.dir, f"marker-{signo.name}")
                 runner = self.spawn_cli("lock", "sig", "--", PYTHON, "-c", TRAPPER, marker, str(code))
