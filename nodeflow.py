@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import ctypes
 import datetime
 import errno
@@ -509,12 +510,34 @@ _FORK_ORPHANS: list[Any] = []
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 LOCK_NAME_MAX_BYTES = 4096
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35, 0)
 
 # Every descriptor of a lock file this process has open, and the mutex that keeps that set in
 # step with the descriptors across fork(): a child closes them all, so it never keeps a lock
 # of its parent's alive after the parent releases it.
 _LOCK_FDS: set[int] = set()
 _LOCK_FDS_MUTEX = threading.Lock()
+
+# Releasing a lock parks its descriptor here, unlocked, rather than removing the file: the next
+# acquisition of that name in this process then skips open(O_CREAT) and the first write to a
+# new file, which were most of the cost of a lock, and a waiter in another process gets the
+# same file at once instead of retrying on a new one. A parked file is removed, under LOCK_EX as
+# a release once did, when it has been idle IDLE_LOCK_LINGER seconds, when more than
+# IDLE_LOCK_FILES are parked, when its handle is closed and at exit: lock files never pile up.
+IDLE_LOCK_LINGER = 0.5
+IDLE_LOCK_FILES = 64
+
+
+@dataclass(slots=True)
+class _ParkedLockFile:
+    fd: int
+    inode: int
+    until: float  # time.monotonic() when the sweeper removes it
+
+
+_PARKED: dict[str, _ParkedLockFile] = {}  # by path, oldest first; guarded by _LOCK_FDS_MUTEX
+_PARKED_SWEEP = threading.Condition(_LOCK_FDS_MUTEX)
+_PARKED_SWEEPER: threading.Thread | None = None
 
 
 def _before_fork() -> None:
@@ -526,12 +549,15 @@ def _after_fork_in_parent() -> None:
 
 
 def _after_fork_in_child() -> None:
+    global _PARKED_SWEEP, _PARKED_SWEEPER
     for fd in _LOCK_FDS:
         try:
             os.close(fd)  # never LOCK_UN: that would release the parent's lock too
         except OSError:
             pass
     _LOCK_FDS.clear()
+    _PARKED.clear()
+    _PARKED_SWEEP, _PARKED_SWEEPER = threading.Condition(_LOCK_FDS_MUTEX), None  # the sweeper stayed behind
     _LOCK_FDS_MUTEX.release()
     for store in list(_LIVE_STORES):
         store._abandon_after_fork()
@@ -633,7 +659,7 @@ class HeldLock:
             return  # a forked child's copy: its descriptor was closed at fork; the lock is the parent's
         if self._owner_set is not None:
             self._owner_set.discard((self._locks.directory, self.name))
-        _release_lock_file(fd, self._inode, self._path)
+        _park_lock_file(fd, self._inode, self._path)
 
     def __enter__(self) -> HeldLock:
         return self
@@ -651,16 +677,75 @@ class HeldLock:
         return f"<HeldLock {_show_name(self.name)} fence={self.fence} held={self.held}>"
 
 
-def _release_lock_file(fd: int, inode: int, path: str) -> None:
-    """Remove the lock file while still holding it, then close: waiters see the file is gone."""
-    with _LOCK_FDS_MUTEX:
+def _close_lock_fd(fd: int) -> None:
+    """Close a lock descriptor; the caller holds _LOCK_FDS_MUTEX."""
+    _LOCK_FDS.discard(fd)
+    os.close(fd)
+
+
+def _remove_parked(path: str, parked: _ParkedLockFile) -> None:
+    """Remove a parked lock file if nobody holds it, then close it; caller holds _LOCK_FDS_MUTEX.
+
+    The file is unlinked while we hold LOCK_EX on it, so whoever locks it next sees, by its
+    inode check, that it is no longer the file at the path, and retries on a new one.
+    """
+    try:
+        fcntl.flock(parked.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        pass  # held now, by us through another descriptor or by another process: theirs to remove
+    else:
         try:
-            if os.stat(path, follow_symlinks=False).st_ino == inode:
+            if os.stat(path, follow_symlinks=False).st_ino == parked.inode:
                 os.unlink(path)
         except FileNotFoundError:
-            pass  # the lock folder was removed under us; the lock is freed by the close below
-        _LOCK_FDS.discard(fd)
-        os.close(fd)
+            pass
+    _close_lock_fd(parked.fd)
+
+
+def _sweep_parked_lock_files() -> None:
+    global _PARKED_SWEEPER
+    with _LOCK_FDS_MUTEX:
+        while _PARKED:
+            path, parked = next(iter(_PARKED.items()))  # the oldest is due first
+            due_in = parked.until - time.monotonic()
+            if due_in > 0:
+                _PARKED_SWEEP.wait(due_in)
+                continue
+            del _PARKED[path]
+            _remove_parked(path, parked)
+        _PARKED_SWEEPER = None
+
+
+def _park_lock_file(fd: int, inode: int, path: str) -> None:
+    """Release a lock and keep its descriptor for the next acquisition of the same name."""
+    global _PARKED_SWEEPER
+    with _LOCK_FDS_MUTEX:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        if path in _PARKED:  # another thread of ours released this name first
+            _close_lock_fd(fd)
+            return
+        _PARKED[path] = _ParkedLockFile(fd, inode, time.monotonic() + IDLE_LOCK_LINGER)
+        while len(_PARKED) > IDLE_LOCK_FILES:
+            oldest = next(iter(_PARKED))
+            _remove_parked(oldest, _PARKED.pop(oldest))
+        if _PARKED_SWEEPER is None:
+            _PARKED_SWEEPER = threading.Thread(target=_sweep_parked_lock_files, name="nodeflow-lock-sweep", daemon=True)
+            _PARKED_SWEEPER.start()
+
+
+def _unpark_lock_file(path: str) -> _ParkedLockFile | None:
+    with _LOCK_FDS_MUTEX:
+        return _PARKED.pop(path, None)
+
+
+def remove_idle_lock_files(directory: str | None = None) -> None:
+    """Remove now the lock files this process parked (in ``directory``, or everywhere)."""
+    with _LOCK_FDS_MUTEX:
+        for path in [path for path in _PARKED if directory is None or os.path.dirname(path) == directory]:
+            _remove_parked(path, _PARKED.pop(path))
+
+
+atexit.register(remove_idle_lock_files)
 
 
 class _LockAttempt:
@@ -750,21 +835,25 @@ class LockManager:
 
     def _close_unheld(self, fd: int) -> None:
         with _LOCK_FDS_MUTEX:
-            _LOCK_FDS.discard(fd)
-            os.close(fd)
+            _close_lock_fd(fd)
 
     def _lock_file(self, path: str, blocking: bool, give_up: Callable[[], bool]) -> tuple[int, os.stat_result] | None:
         """Lock the file that is at ``path`` now; None when busy (non-blocking) or given up."""
+        parked = _unpark_lock_file(path)
         while not give_up():
-            fd = self._open_lock_file(path)
+            fd = parked.fd if parked is not None else self._open_lock_file(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                self._close_unheld(fd)
+                if parked is not None:
+                    _park_lock_file(fd, parked.inode, path)  # still good for the next try
+                else:
+                    self._close_unheld(fd)
                 return None
             except BaseException:
                 self._close_unheld(fd)
                 raise
+            parked = None
             info = os.fstat(fd)
             try:
                 current = os.stat(path, follow_symlinks=False).st_ino
@@ -772,8 +861,10 @@ class LockManager:
                 current = None
             if current == info.st_ino:
                 return fd, info
-            # The last holder removed this file after we opened it: the lock is now a new file.
+            # This file was removed (idle) after we opened it: the lock is now a new file.
             self._close_unheld(fd)
+        if parked is not None:  # given up before the first try
+            _park_lock_file(parked.fd, parked.inode, path)
         return None
 
     def _acquire_now(
@@ -786,7 +877,7 @@ class LockManager:
         fd, info = locked
         inode = info.st_ino
         if give_up():
-            _release_lock_file(fd, inode, path)
+            _park_lock_file(fd, inode, path)
             return None
         try:
             token = self._next_fence(name) if fence else None
@@ -799,19 +890,21 @@ class LockManager:
             except OSError:
                 pass
         except BaseException:
-            _release_lock_file(fd, inode, path)
+            _park_lock_file(fd, inode, path)
             raise
         return HeldLock(self, name, token, path, fd, inode)
 
     def _next_fence(self, name: str) -> int:
         def bump(conn: sqlite3.Connection) -> int:
-            conn.execute(
+            row = conn.execute(
                 "INSERT INTO lock_fences (name, fence, acquired, pid, node) VALUES (?, 1, ?, ?, ?) "
                 "ON CONFLICT (name) DO UPDATE SET fence = fence + 1, acquired = excluded.acquired, "
-                "pid = excluded.pid, node = excluded.node",
+                "pid = excluded.pid, node = excluded.node" + (" RETURNING fence" if _HAS_RETURNING else ""),
                 (name, time.time(), os.getpid(), self.node),
-            )
-            return int(conn.execute("SELECT fence FROM lock_fences WHERE name = ?", (name,)).fetchone()[0])
+            ).fetchall()
+            if not row:
+                row = conn.execute("SELECT fence FROM lock_fences WHERE name = ?", (name,)).fetchall()
+            return int(row[0][0])
 
         return self.store.write(bump)
 
@@ -997,6 +1090,7 @@ class Cluster:
         return self.locks.held()
 
     def close(self) -> None:
+        remove_idle_lock_files(self.locks.directory)
         self.store.close()
 
     def __enter__(self) -> Cluster:

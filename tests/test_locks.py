@@ -123,10 +123,16 @@ class LockTestCase(ClusterTestCase):
     def lock_files(self) -> list[str]:
         return sorted(os.listdir(self.lock_dir))
 
+    def assert_lock_files_removed(self, what: str = "lock files removed once idle") -> None:
+        # A released lock's file is parked for IDLE_LOCK_LINGER seconds, then removed.
+        self.wait_until(lambda: self.lock_files() == [], nodeflow.IDLE_LOCK_LINGER + 10, what)
+
     def join_new_threads(self, before: set[threading.Thread], timeout: float = 15) -> None:
         """Wait until every thread started since ``before`` has ended (abandoned lock waiters)."""
         deadline = time.monotonic() + timeout
         for thread in set(threading.enumerate()) - before:
+            if thread.name == "nodeflow-lock-sweep":  # removes parked lock files; ends when none are left
+                continue
             thread.join(max(0.0, deadline - time.monotonic()))
             self.assertFalse(thread.is_alive(), f"thread {thread.name} still running after {timeout}s")
 
@@ -173,7 +179,7 @@ class MutualExclusion(LockTestCase):
         for fences in per_process:
             self.assertEqual(len(fences), rounds)
             self.assertEqual(fences, sorted(set(fences)), "each process's own fences strictly increase")
-        self.assertEqual(self.lock_files(), [], "the lock file must be removed after the last release")
+        self.assert_lock_files_removed("the lock file must be removed after the last release")
         self.assertIsNone(self.nf.holder("counter"))
 
     def test_control_without_the_lock_updates_are_lost(self) -> None:
@@ -195,7 +201,7 @@ class DeadAndStoppedHolders(LockTestCase):
         with self.nf.lock("job", timeout=0) as held:
             self.assertGreater(held.fence, fence)
             self.assertEqual(self.nf.holder("job").pid, os.getpid())
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
     def test_sigkill_of_holder_wakes_a_blocked_waiter_in_another_process(self) -> None:
         holder, fence = self.start_holder("job")
@@ -215,7 +221,7 @@ class DeadAndStoppedHolders(LockTestCase):
         self.assertEqual(len(self.lock_files()), 1, "a SIGKILLed holder cannot remove its lock file")
         with self.nf.lock("left-behind", timeout=0) as held:
             self.assertGreater(held.fence, fence)
-        self.assertEqual(self.lock_files(), [], "the new holder removes the leftover file on release")
+        self.assert_lock_files_removed("the new holder removes the leftover file on release")
         word, _ = self.probe("left-behind")
         self.assertEqual(word, "got")
 
@@ -254,7 +260,7 @@ class DeadAndStoppedHolders(LockTestCase):
         self.join_new_threads(before)  # the abandoned waiter got the lock and gave it back
         with self.nf.lock("frozen", timeout=10) as held:
             self.assertGreater(held.fence, fence)
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
 
 class FencingTokens(LockTestCase):
@@ -284,7 +290,7 @@ class FencingTokens(LockTestCase):
             self.assertIsNone(held.fence)
             word, _ = self.probe("plain")
             self.assertEqual(word, "busy", "fence=False is still a lock")
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
 
 class TimeoutsAndCancellation(LockTestCase):
@@ -308,7 +314,7 @@ class TimeoutsAndCancellation(LockTestCase):
         word, _ = self.probe(name, timeout=0)
         self.assertEqual(word, "got", "an abandoned waiter in this process kept the lock")
         self.assertIsNone(self.nf.holder(name))
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
     def test_sync_waiter_that_timed_out_never_holds_the_lock(self) -> None:
         for ending in self.ENDINGS:
@@ -420,7 +426,7 @@ class TimeoutsAndCancellation(LockTestCase):
                 self.assertIsInstance(held.fence, int)
 
         asyncio.run(free())
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
     def test_lock_timeout_is_a_timeout_error_and_a_nodeflow_error(self) -> None:
         self.assertTrue(issubclass(nodeflow.LockTimeout, TimeoutError))
@@ -476,7 +482,7 @@ class TimeoutsAndCancellation(LockTestCase):
         self.join_new_threads(before)
         word, _ = self.probe("race", timeout=0)
         self.assertEqual(word, "got", "a waiter that gave up kept the lock")
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
 
 class LockNames(LockTestCase):
@@ -515,7 +521,7 @@ class LockNames(LockTestCase):
                     self.assertEqual([i.name for i in self.nf.held()], [name])
                     word, pid = self.probe(name)
                     self.assertEqual((word, pid), ("busy", os.getpid()))
-                self.assertEqual(self.lock_files(), [], "the lock file must be removed on release")
+                self.assert_lock_files_removed("the lock file must be removed on release")
                 self.assertIsNone(self.nf.holder(name))
 
     def test_odd_names_are_distinct_locks(self) -> None:
@@ -526,7 +532,7 @@ class LockNames(LockTestCase):
         finally:
             for lock in held:
                 lock.release()
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
     def test_a_4096_byte_name_works_from_another_process(self) -> None:
         name = "é" * 2047 + "xy"
@@ -538,7 +544,7 @@ class LockNames(LockTestCase):
             self.nf.lock(name, timeout=0)
         self.tell(holder, "release")
         self.read_line(holder, "released")
-        self.assertEqual(self.lock_files(), [])
+        self.assert_lock_files_removed()
 
     def test_invalid_names_are_refused_and_create_nothing(self) -> None:
         for name in self.INVALID:
@@ -551,8 +557,100 @@ class LockNames(LockTestCase):
                     self.nf.holder(name)
                 with self.assertRaises(nodeflow.InvalidInput):
                     asyncio.run(asyncio.wait_for(self.nf.alock(name, timeout=0), 20))
-                self.assertEqual(self.lock_files(), [])
+                self.assertEqual(self.lock_files(), [], "an invalid name must create no file")
         self.assertEqual(self.nf.held(), [])
+
+
+# A child that takes and releases a lock, then keeps running (its parked file outlives the
+# release) until told to exit, normally or by os._exit (which skips atexit).
+PARKER = """
+    import os, sys, nodeflow
+    nf = nodeflow.connect(os.environ["NODEFLOW_DB"])
+    with nf.lock(sys.argv[1], timeout=20) as held:
+        pass
+    print("released", held.fence, flush=True)
+    how = sys.stdin.readline().strip()
+    if how == "crash":
+        os._exit(0)
+"""
+
+
+class ParkedLockFiles(LockTestCase):
+    """A released lock keeps its file open, unlocked, for a short while: cheaper re-acquisition."""
+
+    def inode_of(self, name: str) -> int:
+        return os.stat(os.path.join(self.lock_dir, nodeflow.lock_file_name(name))).st_ino
+
+    def test_a_quick_reacquisition_reuses_the_file_and_the_file_goes_after_the_linger(self) -> None:
+        with self.nf.lock("again"):
+            first = self.inode_of("again")
+        with self.nf.lock("again"):
+            self.assertEqual(self.inode_of("again"), first, "the parked file was not reused")
+        self.assertEqual(len(self.lock_files()), 1, "a just-released lock's file is parked, not removed")
+        self.assertIsNone(self.nf.holder("again"), "a parked file is not a held lock")
+        self.assertEqual(self.nf.held(), [])
+        self.assertEqual(self.probe("again")[0], "got", "another process can take a parked lock")
+        self.assert_lock_files_removed("a parked lock file must be removed after the linger")
+
+    def test_parked_files_are_bounded_and_removed_on_close(self) -> None:
+        count = nodeflow.IDLE_LOCK_FILES + 20
+        for number in range(count):
+            with self.nf.lock(f"many-{number}", fence=False):
+                pass
+        self.assertLessEqual(len(self.lock_files()), nodeflow.IDLE_LOCK_FILES)
+        self.nf.close()
+        self.assertEqual(self.lock_files(), [], "closing the handle removes its parked files at once")
+
+    def test_a_process_that_exits_removes_its_parked_files_and_a_crashed_one_blocks_nobody(self) -> None:
+        for how, files_left in (("exit", 0), ("crash", 1)):
+            with self.subTest(how):
+                child = self.spawn_python(PARKER, f"parked-{how}", stdin=subprocess.PIPE)
+                fence = int(self.read_line(child, "released").split()[1])
+                self.tell(child, how)
+                rc, _, err = self.finish(child)
+                self.assertEqual(rc, 0, err)
+                self.assertEqual(len(self.lock_files()), files_left)
+                with self.nf.lock(f"parked-{how}", timeout=0) as held:
+                    self.assertGreater(held.fence, fence)
+                self.nf.close()
+                self.nf = nodeflow.connect(self.db)
+                self.assertEqual(self.lock_files(), [])
+
+    def test_a_file_removed_by_another_process_while_we_keep_it_parked_still_excludes(self) -> None:
+        with self.nf.lock("swapped"):
+            pass
+        parked_inode = self.inode_of("swapped")
+        # Another process removes the file (as its own sweeper would) and takes the lock on a
+        # new file: our parked descriptor now points at a removed inode.
+        os.unlink(os.path.join(self.lock_dir, nodeflow.lock_file_name("swapped")))
+        holder, fence = self.start_holder("swapped")
+        self.assertNotEqual(self.inode_of("swapped"), parked_inode)
+        with self.assertRaises(nodeflow.LockTimeout):
+            self.nf.lock("swapped", timeout=0)
+        with self.assertRaises(nodeflow.LockTimeout):
+            self.nf.lock("swapped", timeout=0.3)
+        self.tell(holder, "release")
+        self.read_line(holder, "released")
+        with self.nf.lock("swapped", timeout=0) as held:
+            self.assertGreater(held.fence, fence)
+            self.assertEqual(self.nf.holder("swapped").pid, os.getpid())
+
+    def test_a_waiter_in_another_process_gets_the_same_file_on_release(self) -> None:
+        held = self.nf.lock("handoff")
+        inode = self.inode_of("handoff")
+        waiter = self.spawn_python(HOLDER, "handoff", stdin=subprocess.PIPE)
+        self.wait_until(lambda: waiter.pid in blocked_flock_waiters(), 20, "waiter blocked in flock()")
+        held.release()
+        got = int(self.read_line(waiter, "held", timeout=20).split()[1])
+        self.assertGreater(got, held.fence)
+        self.assertEqual(self.inode_of("handoff"), inode, "the hand-off must not need a new file")
+        self.assertEqual(self.nf.holder("handoff").pid, waiter.pid)
+        self.tell(waiter, "release")
+        self.read_line(waiter, "released")
+        self.tell(waiter, "exit")
+        rc, _, err = self.finish(waiter)
+        self.assertEqual(rc, 0, err)
+        self.assert_lock_files_removed()
 
 
 FORKER = """
