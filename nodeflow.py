@@ -17,16 +17,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import contextlib
 import ctypes
 import datetime
 import errno
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
+import secrets
+import select
 import signal
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -36,7 +41,7 @@ import time
 import weakref
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 __all__ = [
     "NodeflowError",
@@ -61,6 +66,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 T = TypeVar("T")
+log = logging.getLogger("nodeflow")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -166,11 +172,23 @@ class Settings:
 
     busy_timeout: float = 10.0  # longest a write waits for another writer, in seconds
     synchronous: str = "FULL"  # FULL: durable on return; NORMAL: may lose the last commits on power loss
+    poll_interval: float = 1.0  # a waiter re-reads the database this often when no doorbell rings
+    max_deliveries: int = 5  # deliveries of one message before it becomes a dead letter
+    max_body_bytes: int = 1 << 20  # a message body, as JSON text
+    instruction_max_age: float = 2 * 86400.0  # instructions older than this are pruned
+    instruction_max_count: int = 100_000  # and beyond this many, the oldest
 
     def __post_init__(self) -> None:
         if self.synchronous not in ("FULL", "NORMAL"):
             raise InvalidInput(f"synchronous must be FULL or NORMAL, not {self.synchronous!r}")
-        object.__setattr__(self, "busy_timeout", parse_duration(self.busy_timeout, "busy_timeout"))
+        for name in ("busy_timeout", "poll_interval", "instruction_max_age"):
+            object.__setattr__(self, name, parse_duration(getattr(self, name), name))
+        if self.poll_interval <= 0:
+            raise InvalidInput("poll_interval must be more than zero, such as 1s or 200ms")
+        for name in ("max_deliveries", "max_body_bytes", "instruction_max_count"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInput(f"{name} must be a whole number of at least 1, not {value!r}")
 
 
 def default_db_path() -> str:
@@ -190,7 +208,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -201,6 +219,50 @@ _MIGRATIONS: dict[int, str] = {
             acquired REAL NOT NULL,
             pid      INTEGER NOT NULL,
             node     TEXT
+        ) WITHOUT ROWID;
+    """,
+    2: """
+        CREATE TABLE messages (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            queue        TEXT NOT NULL,
+            body         TEXT NOT NULL,
+            priority     INTEGER NOT NULL,
+            available_at REAL NOT NULL,
+            lease_owner  TEXT,
+            attempts     INTEGER NOT NULL DEFAULT 0,
+            dedup_key    TEXT,
+            created      REAL NOT NULL,
+            last_error   TEXT
+        );
+        CREATE INDEX messages_next ON messages (queue, priority DESC, available_at);
+        CREATE UNIQUE INDEX messages_dedup ON messages (queue, dedup_key) WHERE dedup_key IS NOT NULL;
+        CREATE INDEX messages_leased ON messages (lease_owner) WHERE lease_owner IS NOT NULL;
+        CREATE TABLE dead_letters (
+            id         INTEGER PRIMARY KEY,
+            queue      TEXT NOT NULL,
+            body       TEXT NOT NULL,
+            priority   INTEGER NOT NULL,
+            attempts   INTEGER NOT NULL,
+            created    REAL NOT NULL,
+            died       REAL NOT NULL,
+            last_error TEXT
+        );
+        CREATE INDEX dead_letters_queue ON dead_letters (queue, id);
+        CREATE TABLE instructions (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            topic   TEXT NOT NULL,
+            payload TEXT NOT NULL,
+            origin  TEXT NOT NULL,
+            created REAL NOT NULL
+        );
+        CREATE TABLE instruction_cursors (
+            node     TEXT PRIMARY KEY,
+            position INTEGER NOT NULL,
+            updated  REAL NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE meta (
+            key   TEXT PRIMARY KEY,
+            value ANY
         ) WITHOUT ROWID;
     """,
 }
@@ -281,9 +343,11 @@ class Store:
         self.settings = settings or Settings()
         self.path = os.path.abspath(path)
         self.lock_dir = self.path + ".d"
-        self._mutex = threading.Lock()
+        self._mutex = threading.Lock()  # the read connection
+        self._write_mutex = threading.Lock()  # the write connection: reads never wait for a commit
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
+        self._write_conn: sqlite3.Connection | None = None
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise InvalidInput(f"database folder {folder} does not exist; create it or choose another --db")
@@ -421,37 +485,90 @@ class Store:
         with self._mutex:
             self._connection()
 
+    def _writer(self) -> sqlite3.Connection:
+        """The write connection, opened on first use; the caller holds _write_mutex."""
+        with self._mutex:
+            self._connection()
+        if self._write_conn is None:
+            self._write_conn = self._connect(self.path)
+        return self._write_conn
+
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one ``BEGIN IMMEDIATE`` transaction and commit; retried while busy."""
+        ok, outcome = self.write_batch([work])[0]
+        if not ok:
+            raise outcome
+        return outcome  # type: ignore[no-any-return]
+
+    def write_batch(self, works: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+        """Run several pieces of work in one transaction, each in its own savepoint.
+
+        A piece that raises is rolled back alone; the others commit together. Returns, per
+        piece, (True, its result) or (False, its exception). Retried while another writer holds
+        the database, up to ``busy_timeout``, then every piece gets StoreBusy.
+        """
         deadline = time.monotonic() + self.settings.busy_timeout
         pause = 0.001
         while True:
-            with self._mutex:
-                conn = self._connection()
+            with self._write_mutex:
+                conn = self._writer()
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as error:
                     if not _is_busy(error):
                         raise self._translate(error) from error
                 else:
-                    try:
-                        result = work(conn)
-                        conn.execute("COMMIT")
-                        return result
-                    except BaseException as error:
-                        if conn.in_transaction:
-                            conn.execute("ROLLBACK")
-                        if isinstance(error, sqlite3.Error):
-                            raise self._translate(error) from error
-                        raise
+                    return self._run_in_transaction(conn, works)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise StoreBusy(
+                busy = StoreBusy(
                     f"{self.path} stayed locked by another writer for {_format_seconds(self.settings.busy_timeout)}; "
                     "retry, or find the process holding a long write transaction"
                 )
+                return [(False, busy) for _ in works]
             time.sleep(min(pause, left))
             pause = min(pause * 2, 0.05)
+
+    def _run_in_transaction(
+        self, conn: sqlite3.Connection, works: list[Callable[[sqlite3.Connection], Any]]
+    ) -> list[tuple[bool, Any]]:
+        outcomes: list[tuple[bool, Any]] = []
+        try:
+            for work in works:
+                if not conn.in_transaction:  # an earlier piece's error ended the transaction
+                    outcomes.append((False, StoreError("the transaction was rolled back by an earlier error")))
+                    continue
+                single = len(works) == 1
+                if not single:
+                    conn.execute("SAVEPOINT piece")
+                try:
+                    result = work(conn)
+                except BaseException as error:
+                    if not single and conn.in_transaction:
+                        conn.execute("ROLLBACK TO piece")
+                        conn.execute("RELEASE piece")
+                    if isinstance(error, sqlite3.Error):
+                        error = self._translate(error)
+                    elif not isinstance(error, Exception):
+                        raise  # KeyboardInterrupt and the like: roll everything back below
+                    outcomes.append((False, error))
+                    continue
+                if not single:
+                    conn.execute("RELEASE piece")
+                outcomes.append((True, result))
+            if all(not ok for ok, _ in outcomes):
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                return outcomes
+            conn.execute("COMMIT")
+            return outcomes
+        except BaseException as error:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(error, sqlite3.Error):
+                failed = self._translate(error)
+                return [(False, failed) for _ in works]
+            raise
 
     def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one short read transaction (one consistent snapshot)."""
@@ -488,17 +605,18 @@ class Store:
         return StoreError(f"{path}: {text}")
 
     def close(self) -> None:
-        with self._mutex:
-            conn, self._conn = self._conn, None
-            if conn is not None and self._pid == os.getpid():
-                conn.close()
+        with self._write_mutex, self._mutex:
+            conns = [conn for conn in (self._write_conn, self._conn) if conn is not None]
+            self._conn = self._write_conn = None
+            if self._pid == os.getpid():
+                for conn in conns:
+                    conn.close()
         _LIVE_STORES.discard(self)
 
     def _abandon_after_fork(self) -> None:
         # A connection must not be used, nor closed, in a forked child: closing could checkpoint
-        # and delete the WAL under the parent. Keep the object alive so it is never finalized.
-        if self._conn is not None:
-            _FORK_ORPHANS.append(self._conn)
+        # and delete the WAL under the parent. Keep the objects alive so they are never finalized.
+        _FORK_ORPHANS.extend(conn for conn in (self._conn, self._write_conn) if conn is not None)
 
 
 _LIVE_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
@@ -1034,6 +1152,1263 @@ class LockManager:
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
+# 4. Doorbells: a datagram socket per listening process in PATH.d/nodes/, rung after commits.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+# A ring is a hint that something changed; a lost one costs latency (a waiter re-reads the
+# database every poll_interval), never correctness. A datagram carries topics, one per line:
+# "q:QUEUE" (a message became ready in QUEUE) or "i" (an instruction was appended).
+RING_INSTRUCTIONS = "i"
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; longer paths go through /proc/self/fd
+
+
+def check_node_id(node: object) -> str:
+    if not isinstance(node, str) or not _NODE_ID.fullmatch(node):
+        raise InvalidInput(
+            f"node id {node!r} is not valid; use 1 to 128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return node
+
+
+def _ring_topic_for_queue(queue: str) -> str:
+    return "q:" + queue
+
+
+class Doorbells:
+    """This process's doorbell (bound on first use) and the ringing of everyone else's."""
+
+    def __init__(self, lock_dir: str, node: str) -> None:
+        self.node = node
+        self.lock_dir = lock_dir
+        self.directory = os.path.join(lock_dir, "nodes")  # made by the first node that listens
+        self._dir_fd: int | None = None
+        self._sender: socket.socket | None = None
+        self._receiver: socket.socket | None = None
+        self._liveness_fd: int | None = None
+        self._mutex = threading.Lock()
+        self.rings_sent = 0
+
+    def _address(self, name: str) -> str:
+        path = os.path.join(self.directory, name)
+        if len(path.encode()) <= _SOCKET_PATH_MAX:
+            return path
+        if self._dir_fd is None:
+            self._dir_fd = os.open(self.directory, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self._dir_fd}/{name}"
+
+    # The listening side -------------------------------------------------------------------
+
+    def bind(self) -> socket.socket:
+        """Take this node's liveness lock and bind its doorbell; refused if the id is in use."""
+        with self._mutex:
+            if self._receiver is not None:
+                return self._receiver
+            _private_directory(self.lock_dir, create=True)
+            _private_directory(self.directory, create=True)
+            fd = self._take_liveness_lock()
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            name = f"{self.node}.sock"
+            temporary = f".{self.node}.{os.getpid()}.sock"
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, temporary))
+                receiver.bind(self._address(temporary))
+                os.chmod(os.path.join(self.directory, temporary), 0o600)
+                os.rename(os.path.join(self.directory, temporary), os.path.join(self.directory, name))
+                receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+            except BaseException:
+                receiver.close()
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(fd)
+                raise
+            self._receiver, self._liveness_fd = receiver, fd
+            return receiver
+
+    def _take_liveness_lock(self) -> int:
+        lock_path = os.path.join(self.directory, f"{self.node}.lock")
+        for attempt in range(20):
+            with _LOCK_FDS_MUTEX:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                _LOCK_FDS.add(fd)  # a forked child must not keep this node looking alive
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(fd)
+                if attempt < 3:  # perhaps a ringer removing the dead node's files: let it finish
+                    time.sleep(0.02)
+                    continue
+                pid = None
+                with contextlib.suppress(OSError):
+                    info = os.stat(lock_path)
+                    pid = (_kernel_flock_owners() or {}).get(
+                        (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
+                    )
+                raise NodeflowError(
+                    f"node id {self.node} is in use by a live process{f' (pid {pid})' if pid else ''}; "
+                    "choose another id or stop that process"
+                ) from None
+            try:
+                same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            with _LOCK_FDS_MUTEX:  # removed as a dead node's file after we opened it: again
+                _close_lock_fd(fd)
+        raise NodeflowError(f"could not take the liveness lock of node {self.node}; retry")
+
+    def close(self) -> None:
+        with self._mutex:
+            receiver, self._receiver = self._receiver, None
+            fd, self._liveness_fd = self._liveness_fd, None
+            if receiver is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.directory, f"{self.node}.sock"))
+                receiver.close()
+            if fd is not None:
+                with _LOCK_FDS_MUTEX:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.directory, f"{self.node}.lock"))  # while still locked
+                    _close_lock_fd(fd)
+            if self._sender is not None:
+                self._sender.close()
+                self._sender = None
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
+
+    # The ringing side ---------------------------------------------------------------------
+
+    def ring(self, topics: Iterable[str]) -> None:
+        """Send the topics to every other node's doorbell; never blocks, never raises."""
+        data = "\n".join(sorted(set(topics))).encode("utf-8", "replace")[:4096]
+        if not data:
+            return
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        own = f"{self.node}.sock"
+        with self._mutex:
+            if self._sender is None:
+                self._sender = socket.socket(
+                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                )
+            sender = self._sender
+        for name in names:
+            if not name.endswith(".sock") or name == own or name.startswith("."):
+                continue
+            try:
+                sender.sendto(data, self._address(name))
+                self.rings_sent += 1
+            except (BlockingIOError, FileNotFoundError):
+                pass  # its queue is full (it has rings to read) or it just left
+            except ConnectionRefusedError:
+                self._remove_if_dead(name[: -len(".sock")])
+            except OSError:
+                pass
+
+    def _remove_if_dead(self, node: str) -> None:
+        """Remove a doorbell nobody listens on, if its node's liveness lock is free."""
+        lock_path = os.path.join(self.directory, f"{node}.lock")
+        try:
+            fd = os.open(lock_path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            fd = None  # no liveness lock at all: the socket is a leftover
+        try:
+            if fd is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.directory, f"{node}.sock"))
+            if fd is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)
+        except OSError:
+            pass  # alive (a node between bind and rename, or stopped): leave it
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def remove_dead(self) -> None:
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return
+        for name in names:
+            if name.endswith(".sock") and not name.startswith(".") and name != f"{self.node}.sock":
+                try:
+                    probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                    try:
+                        probe.connect(self._address(name))
+                    finally:
+                        probe.close()
+                except ConnectionRefusedError:
+                    self._remove_if_dead(name[: -len(".sock")])
+                except OSError:
+                    pass
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# 5. Bus: group commit, durable queues with leases, retries, dead letters, wake-ups.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+QUEUE_NAME_MAX_BYTES = 200
+GROUP_COMMIT_MAX = 256  # pieces of work in one shared transaction
+
+
+class LeaseLost(NodeflowError):
+    """The message's lease ran out and it was delivered again (or it was removed): the ack is refused."""
+
+
+def check_queue_name(queue: object) -> str:
+    if not isinstance(queue, str):
+        raise InvalidInput(f"a queue name is a string, not {type(queue).__name__}")
+    if not queue or not queue.isprintable():
+        raise InvalidInput(f"queue name {queue!r} must be non-empty printable text (no NUL, newline or tab)")
+    if len(queue.encode("utf-8", "replace")) > QUEUE_NAME_MAX_BYTES:
+        raise InvalidInput(f"queue name {_show_name(queue)} is longer than {QUEUE_NAME_MAX_BYTES} bytes")
+    return queue
+
+
+def encode_body(body: Any, limit: int) -> str:
+    """A message body as compact JSON text; InvalidInput when it is not JSON or too large."""
+    try:
+        text = json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidInput(f"a message body must be JSON data: {error}") from None
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise InvalidInput(f"the message body is {size} bytes of JSON; the limit is {limit} bytes")
+    return text
+
+
+def _check_priority(priority: object) -> int:
+    if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
+        raise InvalidInput(f"priority must be a whole number (higher is delivered first), not {priority!r}")
+    return priority
+
+
+@dataclass(frozen=True)
+class Message:
+    """A leased message: ack it, nack it, or extend its lease before ``lease_until``."""
+
+    id: int
+    queue: str
+    body: Any
+    attempts: int  # deliveries so far, this one included
+    priority: int
+    created: float
+    lease_until: float
+    last_error: str | None
+    owner: str  # who holds the lease
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    id: int
+    queue: str
+    body: Any
+    attempts: int
+    priority: int
+    created: float
+    died: float
+    last_error: str | None
+
+
+class _Piece:
+    """One caller's work waiting for the group committer."""
+
+    __slots__ = ("work", "rings", "state", "ok", "outcome", "event", "loop", "future")
+
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], rings: Iterable[str]) -> None:
+        self.work, self.rings = work, frozenset(rings)
+        self.state = "queued"  # -> running -> done, or queued -> abandoned
+        self.ok = False
+        self.outcome: Any = None
+        self.event: threading.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future[Any] | None = None
+
+
+def _settle_future(future: asyncio.Future[Any], ok: bool, outcome: Any) -> None:
+    if not future.done():
+        if ok:
+            future.set_result(outcome)
+        else:
+            future.set_exception(outcome)
+
+
+class GroupCommitter:
+    """Runs the writes of one handle's threads and coroutines in shared transactions.
+
+    One thread takes whatever is queued (up to GROUP_COMMIT_MAX pieces), runs each piece in a
+    savepoint of one ``BEGIN IMMEDIATE`` transaction, commits once, rings the doorbells the
+    committed pieces asked for, then answers each caller: an operation returns only after its
+    own commit, and a durable commit is paid once per batch, not once per operation. Around
+    each transaction it holds ``PATH.d/writer.lock``: the kernel queues writers of all nodes
+    there, which shares the database fairly where SQLite's busy handler would starve some.
+    """
+
+    def __init__(self, store: Store, ring: Callable[[set[str]], None]) -> None:
+        self._store, self._ring = store, ring
+        self._cond = threading.Condition()
+        self._pending: list[_Piece] = []
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._writer_fd: int | None = None
+        self._busy = False  # a batch is being run, by the committer thread or by a leading caller
+        self._pid = os.getpid()
+        self.batches = 0
+        self.pieces = 0
+
+    def _enqueue(self, piece: _Piece, may_lead: bool) -> bool:
+        """Queue a piece; True when the caller should run the next batch itself (nobody is)."""
+        with self._cond:
+            if self._closed or self._pid != os.getpid():
+                raise NodeflowError(f"the handle on {self._store.path} is closed")
+            self._pending.append(piece)
+            if may_lead and not self._busy:
+                self._busy = True
+                return True
+            self._wake_thread()
+            return False
+
+    def _wake_thread(self) -> None:
+        """Start or wake the committer thread; the caller holds _cond."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="nodeflow-commit", daemon=True)
+            self._thread.start()
+        else:
+            self._cond.notify()
+
+    def submit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = ()) -> T:
+        """Run ``work`` in the next shared transaction; returns once that has committed."""
+        self._store.check_open()
+        piece = _Piece(work, rings)
+        piece.event = threading.Event()
+        if self._enqueue(piece, may_lead=True):
+            self._lead()
+        if not piece.event.wait(self._store.settings.busy_timeout + 5):
+            with self._cond:
+                if piece.state == "queued":
+                    piece.state = "abandoned"
+                    raise StoreBusy(
+                        f"{self._store.path}: no write slot within "
+                        f"{_format_seconds(self._store.settings.busy_timeout)}; another process holds the "
+                        "writer lock or a long transaction; retry"
+                    )
+            piece.event.wait()  # running: SQLite's own busy timeout bounds it
+        if not piece.ok:
+            raise piece.outcome
+        return piece.outcome  # type: ignore[no-any-return]
+
+    async def asubmit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = ()) -> T:
+        self._store.check_open()
+        piece = _Piece(work, rings)
+        piece.loop = asyncio.get_running_loop()
+        piece.future = piece.loop.create_future()
+        self._enqueue(piece, may_lead=False)  # an event loop must never wait for a disk flush
+        try:
+            async with asyncio.timeout(self._store.settings.busy_timeout + 5):
+                return await asyncio.shield(piece.future)
+        except TimeoutError:
+            with self._cond:
+                if piece.state == "queued":
+                    piece.state = "abandoned"
+                    raise StoreBusy(f"{self._store.path}: no write slot in time; retry") from None
+            return await piece.future  # type: ignore[no-any-return]
+        except asyncio.CancelledError:
+            with self._cond:
+                if piece.state == "queued":
+                    piece.state = "abandoned"  # never runs; a piece already running may still commit
+            raise
+
+    def _take_batch(self) -> list[_Piece]:
+        with self._cond:
+            batch, self._pending = self._pending[:GROUP_COMMIT_MAX], self._pending[GROUP_COMMIT_MAX:]
+            batch = [piece for piece in batch if piece.state == "queued"]
+            for piece in batch:
+                piece.state = "running"
+            return batch
+
+    def _lead(self) -> None:
+        """Run one batch in the caller's thread, saving two thread switches, if the writer lock is
+        free at once; else leave it to the committer thread, whose wait for the lock is unbounded."""
+        try:
+            if self._lock_writer(blocking=False):
+                try:
+                    self._commit(self._take_batch())
+                finally:
+                    self._unlock_writer()
+        finally:
+            with self._cond:
+                self._busy = False
+                if self._pending:
+                    self._wake_thread()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending or self._busy:
+                    if self._closed and not self._pending:
+                        return
+                    self._cond.wait()
+                self._busy = True
+            try:
+                self._lock_writer(blocking=True)
+                try:
+                    self._commit(self._take_batch())
+                finally:
+                    self._unlock_writer()
+            except BaseException as error:  # the lock folder is gone, ...: answer, never hang
+                failed = error if isinstance(error, Exception) else NodeflowError(repr(error))
+                for piece in self._take_batch():
+                    self._answer(piece, False, failed)
+            finally:
+                with self._cond:
+                    self._busy = False
+
+    def _commit(self, batch: list[_Piece]) -> None:
+        if not batch:
+            return
+        try:
+            outcomes = self._store.write_batch([piece.work for piece in batch])
+        except BaseException as error:  # the store is closed, the disk is gone, ...
+            outcomes = [(False, error if isinstance(error, Exception) else NodeflowError(repr(error)))] * len(batch)
+        self.batches += 1
+        self.pieces += len(batch)
+        rings: set[str] = set()
+        for piece, (ok, _) in zip(batch, outcomes, strict=True):
+            if ok:
+                rings |= piece.rings
+        if rings:
+            try:
+                self._ring(rings)
+            except Exception:
+                log.exception("ringing doorbells failed")
+        for piece, (ok, outcome) in zip(batch, outcomes, strict=True):
+            self._answer(piece, ok, outcome)
+
+    def _answer(self, piece: _Piece, ok: bool, outcome: Any) -> None:
+        with self._cond:
+            piece.state, piece.ok, piece.outcome = "done", ok, outcome
+        if piece.event is not None:
+            piece.event.set()
+        elif piece.loop is not None and piece.future is not None:
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to tell
+                piece.loop.call_soon_threadsafe(_settle_future, piece.future, ok, outcome)
+
+    def _lock_writer(self, blocking: bool) -> bool:
+        if self._writer_fd is None:
+            path = os.path.join(self._store.lock_dir, "writer.lock")
+            with _LOCK_FDS_MUTEX:
+                try:
+                    self._writer_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                except FileNotFoundError:
+                    _private_directory(self._store.lock_dir, create=True)
+                    self._writer_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                _LOCK_FDS.add(self._writer_fd)
+        try:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True
+
+    def _unlock_writer(self) -> None:
+        if self._writer_fd is not None:
+            fcntl.flock(self._writer_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the thread."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread() and self._pid == os.getpid():
+            thread.join(self._store.settings.busy_timeout + 5)
+        if self._writer_fd is not None and self._pid == os.getpid():
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(self._writer_fd)
+            self._writer_fd = None
+
+
+class Wakeups:
+    """Per-topic generation counters that waiters in threads and coroutines sleep on."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._generations: dict[str, int] = {}
+        self._futures: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]]] = {}
+
+    def generation(self, topic: str) -> int:
+        with self._cond:
+            return self._generations.get(topic, 0)
+
+    def bump(self, topics: Iterable[str]) -> None:
+        woken: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        with self._cond:
+            for topic in topics:
+                self._generations[topic] = self._generations.get(topic, 0) + 1
+                woken += self._futures.pop(topic, [])
+            self._cond.notify_all()
+        for loop, future in woken:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_future, future, True, None)
+
+    def wait(self, topic: str, seen: int, timeout: float) -> bool:
+        """Sleep until ``topic`` moves past generation ``seen`` or ``timeout`` ends; True if it moved."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._generations.get(topic, 0) != seen, max(0.0, timeout))
+
+    async def await_change(self, topic: str, seen: int, timeout: float) -> bool:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._cond:
+            if self._generations.get(topic, 0) != seen:
+                return True
+            self._futures.setdefault(topic, []).append((loop, future))
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                await future
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with self._cond:
+                waiting = self._futures.get(topic, [])
+                if (loop, future) in waiting:
+                    waiting.remove((loop, future))
+
+
+def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: float) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO dead_letters (id, queue, body, priority, attempts, created, died, last_error) "
+        "SELECT id, queue, body, priority, attempts, created, ?, ? FROM messages WHERE id = ?",
+        (now, error, message_id),
+    )
+    conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+
+class Bus:
+    """Durable queues with competing consumers, for one handle (its lease owner is ``owner``)."""
+
+    def __init__(self, store: Store, committer: GroupCommitter, owner: str, wakeups: Wakeups) -> None:
+        self.store, self.committer, self.owner, self.wakeups = store, committer, owner, wakeups
+        self.settings = store.settings
+
+    # The pieces of work, each run inside a shared transaction ------------------------------
+
+    def _send_work(
+        self, queue: str, body: str, delay: float, priority: int, key: str | None
+    ) -> Callable[[sqlite3.Connection], int]:
+        def send(conn: sqlite3.Connection) -> int:
+            now = time.time()
+            cursor = conn.execute(
+                "INSERT INTO messages (queue, body, priority, available_at, dedup_key, created) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (queue, dedup_key) WHERE dedup_key IS NOT NULL DO NOTHING",
+                (queue, body, priority, now + delay, key, now),
+            )
+            if cursor.rowcount == 1 and cursor.lastrowid is not None:
+                return cursor.lastrowid
+            return int(
+                conn.execute("SELECT id FROM messages WHERE queue = ? AND dedup_key = ?", (queue, key)).fetchone()[0]
+            )
+
+        return send
+
+    def _claim_work(self, queue: str, lease: float, count: int) -> Callable[[sqlite3.Connection], list[Message]]:
+        owner, limit = self.owner, self.settings.max_deliveries
+
+        def claim(conn: sqlite3.Connection) -> list[Message]:
+            now = time.time()
+            taken: list[Message] = []
+            while len(taken) < count:
+                rows = conn.execute(
+                    "SELECT id, body, priority, attempts, created, last_error, lease_owner FROM messages "
+                    "WHERE queue = ? AND available_at <= ? ORDER BY priority DESC, available_at LIMIT ?",
+                    (queue, now, count - len(taken)),
+                ).fetchall()
+                if not rows:
+                    break
+                for message_id, body, priority, attempts, created, last_error, previous in rows:
+                    if previous is not None:  # its lease ran out without an ack or a nack
+                        last_error = f"lease of {previous} expired after delivery {attempts}"
+                    if attempts >= limit:  # delivered the most times allowed: a poison message
+                        _bury(conn, message_id, last_error, now)
+                        continue
+                    conn.execute(
+                        "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, "
+                        "last_error = ? WHERE id = ?",
+                        (owner, now + lease, last_error, message_id),
+                    )
+                    taken.append(
+                        Message(
+                            message_id, queue, json.loads(body), attempts + 1, priority, created, now + lease,
+                            last_error, owner,
+                        )
+                    )  # fmt: skip
+            return taken
+
+        return claim
+
+    # Sending ------------------------------------------------------------------------------
+
+    def _prepare_send(
+        self, queue: str, body: Any, delay: float | str, priority: int, key: str | None
+    ) -> tuple[Callable[[sqlite3.Connection], int], tuple[str, ...]]:
+        queue = check_queue_name(queue)
+        text = encode_body(body, self.settings.max_body_bytes)
+        wait = parse_duration(delay, "delay")
+        priority = _check_priority(priority)
+        if key is not None and (not isinstance(key, str) or not key or len(key) > 1024):
+            raise InvalidInput(f"a deduplication key is a non-empty string of at most 1024 characters, not {key!r}")
+        rings = (_ring_topic_for_queue(queue),) if wait == 0 else ()
+        return self._send_work(queue, text, wait, priority, key), rings
+
+    def send(self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None) -> int:
+        work, rings = self._prepare_send(queue, body, delay, priority, key)
+        return self.committer.submit(work, rings)
+
+    async def asend(
+        self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None
+    ) -> int:
+        work, rings = self._prepare_send(queue, body, delay, priority, key)
+        return await self.committer.asubmit(work, rings)
+
+    # Receiving ----------------------------------------------------------------------------
+
+    def _check_receive(self, queue: str, lease: float | str, wait: float | str, batch: int) -> tuple[str, float, float]:
+        queue = check_queue_name(queue)
+        lease_s = parse_duration(lease, "lease")
+        if lease_s <= 0:
+            raise InvalidInput("a lease must be longer than zero, such as 30s")
+        wait_s = parse_duration(wait, "wait")
+        if isinstance(batch, bool) or not isinstance(batch, int) or not 1 <= batch <= 1000:
+            raise InvalidInput(f"batch must be a whole number from 1 to 1000, not {batch!r}")
+        return queue, lease_s, wait_s
+
+    def _ready_or_next_due(self, queue: str) -> float | None:
+        """0 when a message is ready now, else the wall-clock time the next one becomes ready."""
+
+        def look(conn: sqlite3.Connection) -> float | None:
+            now = time.time()
+            if conn.execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? LIMIT 1", (queue, now)
+            ).fetchone():
+                return 0.0
+            due = conn.execute("SELECT MIN(available_at) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
+            return float(due) if due is not None else None
+
+        return self.store.read(look)
+
+    def _sleep_for(self, due: float | None, deadline: float) -> float:
+        left = deadline - time.monotonic()
+        pause = min(left, self.settings.poll_interval)
+        if due is not None:
+            pause = min(pause, max(0.0, due - time.time()) + 0.001)
+        return pause
+
+    def receive(self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1) -> list[Message]:
+        queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
+        topic = _ring_topic_for_queue(queue)
+        deadline = time.monotonic() + wait_s
+        while True:
+            seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
+            due = self._ready_or_next_due(queue)
+            if due == 0.0:
+                taken = self.committer.submit(self._claim_work(queue, lease_s, batch))
+                if taken:
+                    return taken
+                continue  # another consumer took it first; look again
+            if time.monotonic() >= deadline:
+                return []
+            self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
+
+    async def areceive(
+        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1
+    ) -> list[Message]:
+        queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
+        topic = _ring_topic_for_queue(queue)
+        deadline = time.monotonic() + wait_s
+        while True:
+            seen = self.wakeups.generation(topic)
+            due = self._ready_or_next_due(queue)  # a short WAL read on its own connection
+            if due == 0.0:
+                taken = await self.committer.asubmit(self._claim_work(queue, lease_s, batch))
+                if taken:
+                    return taken
+                continue
+            if time.monotonic() >= deadline:
+                return []
+            await self.wakeups.await_change(topic, seen, self._sleep_for(due, deadline))
+
+    # Settling -----------------------------------------------------------------------------
+
+    def _ack_work(self, message: Message, also: Callable[[sqlite3.Connection], T] | None) -> Callable[..., T | None]:
+        def ack(conn: sqlite3.Connection) -> T | None:
+            result = also(conn) if also is not None else None
+            gone = conn.execute(
+                "DELETE FROM messages WHERE id = ? AND attempts = ? AND lease_owner = ?",
+                (message.id, message.attempts, message.owner),
+            ).rowcount
+            if not gone:
+                raise LeaseLost(
+                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner} "
+                    "(its lease ran out and it was delivered again); the ack and its writes were rolled back"
+                )
+            return result
+
+        return ack
+
+    def ack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
+        """Delete a handled message; ``also(conn)`` runs in the same transaction (all or nothing)."""
+        return self.committer.submit(self._ack_work(message, also))
+
+    async def aack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
+        return await self.committer.asubmit(self._ack_work(message, also))
+
+    def _nack_work(self, message: Message, delay: float, error: str | None) -> Callable[[sqlite3.Connection], str]:
+        limit = self.settings.max_deliveries
+
+        def nack(conn: sqlite3.Connection) -> str:
+            now = time.time()
+            changed = conn.execute(
+                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? "
+                "WHERE id = ? AND attempts = ? AND lease_owner = ?",
+                (now + delay, error, message.id, message.attempts, message.owner),
+            ).rowcount
+            if not changed:
+                raise LeaseLost(
+                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
+                )
+            if message.attempts >= limit:
+                _bury(conn, message.id, error, now)
+                return "dead"
+            return "queued"
+
+        return nack
+
+    def _prepare_nack(self, message: Message, delay: float | str, error: str | None) -> tuple[Any, tuple[str, ...]]:
+        wait = parse_duration(delay, "nack delay")
+        text = None if error is None else str(error)[:4000]
+        return self._nack_work(message, wait, text), (_ring_topic_for_queue(message.queue),) if wait == 0 else ()
+
+    def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
+        """Hand a message back for another try after ``delay``; "dead" once it has had its deliveries."""
+        work, rings = self._prepare_nack(message, delay, error)
+        return self.committer.submit(work, rings)  # type: ignore[no-any-return]
+
+    async def anack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
+        work, rings = self._prepare_nack(message, delay, error)
+        return await self.committer.asubmit(work, rings)
+
+    def extend(self, message: Message, lease: float | str) -> float:
+        """Push the lease to ``lease`` seconds from now; returns the new lease end (wall clock)."""
+        seconds = parse_duration(lease, "lease")
+
+        def extend(conn: sqlite3.Connection) -> float:
+            until = time.time() + seconds
+            changed = conn.execute(
+                "UPDATE messages SET available_at = ? WHERE id = ? AND attempts = ? AND lease_owner = ?",
+                (until, message.id, message.attempts, message.owner),
+            ).rowcount
+            if not changed:
+                raise LeaseLost(
+                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
+                )
+            return until
+
+        return self.committer.submit(extend)
+
+    def release_leases(self, owner: str) -> int:
+        """Hand back at once every message leased by ``owner`` (a node known to be gone)."""
+
+        def release(conn: sqlite3.Connection) -> tuple[int, list[str]]:
+            queues = [
+                row[0] for row in conn.execute("SELECT DISTINCT queue FROM messages WHERE lease_owner = ?", (owner,))
+            ]
+            count = conn.execute(
+                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
+                (time.time(), f"the lease holder {owner} went away", owner),
+            ).rowcount
+            return count, queues
+
+        count, queues = self.committer.submit(release)
+        if queues:
+            self.committer._ring({_ring_topic_for_queue(queue) for queue in queues})
+        return count
+
+    # Dead letters and depths --------------------------------------------------------------
+
+    def dead_letters(self, queue: str, limit: int = 1000) -> list[DeadLetter]:
+        queue = check_queue_name(queue)
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT id, queue, body, attempts, priority, created, died, last_error FROM dead_letters "
+                "WHERE queue = ? ORDER BY id LIMIT ?",
+                (queue, limit),
+            ).fetchall()
+        )
+        return [DeadLetter(row[0], row[1], json.loads(row[2]), *row[3:]) for row in rows]
+
+    def retry_dead(self, queue: str, ids: Iterable[int] | None = None) -> int:
+        """Queue dead letters again with a fresh delivery count; returns how many."""
+        queue = check_queue_name(queue)
+        chosen = None if ids is None else sorted({int(i) for i in ids})
+
+        def retry(conn: sqlite3.Connection) -> int:
+            where, args = self._dead_filter(queue, chosen)
+            now = time.time()
+            moved = conn.execute(
+                "INSERT INTO messages (id, queue, body, priority, available_at, attempts, created, last_error) "
+                f"SELECT id, queue, body, priority, ?, 0, created, last_error FROM dead_letters WHERE {where}",
+                (now, *args),
+            ).rowcount
+            conn.execute(f"DELETE FROM dead_letters WHERE {where}", args)
+            return moved
+
+        return self.committer.submit(retry, (_ring_topic_for_queue(queue),))
+
+    def purge_dead(self, queue: str, ids: Iterable[int] | None = None) -> int:
+        queue = check_queue_name(queue)
+        chosen = None if ids is None else sorted({int(i) for i in ids})
+
+        def purge(conn: sqlite3.Connection) -> int:
+            where, args = self._dead_filter(queue, chosen)
+            return conn.execute(f"DELETE FROM dead_letters WHERE {where}", args).rowcount
+
+        return self.committer.submit(purge)
+
+    @staticmethod
+    def _dead_filter(queue: str, ids: list[int] | None) -> tuple[str, tuple[Any, ...]]:
+        if ids is None:
+            return "queue = ?", (queue,)
+        return f"queue = ? AND id IN ({','.join('?' * len(ids))})", (queue, *ids)
+
+    def depths(self) -> dict[str, dict[str, int]]:
+        """Per queue: ready now, leased, delayed (not ready yet) and dead."""
+
+        def count(conn: sqlite3.Connection) -> dict[str, dict[str, int]]:
+            now = time.time()
+            found: dict[str, dict[str, int]] = {}
+            for queue, ready, leased, delayed in conn.execute(
+                "SELECT queue, SUM(available_at <= :now), SUM(lease_owner IS NOT NULL AND available_at > :now), "
+                "SUM(lease_owner IS NULL AND available_at > :now) FROM messages GROUP BY queue",
+                {"now": now},
+            ):
+                found[queue] = {"ready": ready, "leased": leased, "delayed": delayed, "dead": 0}
+            for queue, dead in conn.execute("SELECT queue, COUNT(*) FROM dead_letters GROUP BY queue"):
+                found.setdefault(queue, {"ready": 0, "leased": 0, "delayed": 0, "dead": 0})["dead"] = dead
+            return dict(sorted(found.items()))
+
+        return self.store.read(count)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# 6. Instructions and cache signals: an ordered log with a cursor per node, change tokens,
+#    and a local memory cache whose entries expire when their tokens fire.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+SIGNAL_TOPIC = "signal"  # an instruction whose payload is the key of a change token
+PRUNE_EVERY = 256  # every this many instructions, the appender also prunes the log
+SIGNAL_KEY_MAX_BYTES = 1024
+
+
+def check_signal_key(key: object) -> str:
+    if not isinstance(key, str) or not key or "\0" in key or len(key.encode("utf-8", "replace")) > SIGNAL_KEY_MAX_BYTES:
+        raise InvalidInput(f"a signal key is non-empty text of at most {SIGNAL_KEY_MAX_BYTES} bytes, not {key!r}")
+    return key
+
+
+def prune_instructions(conn: sqlite3.Connection, max_age: float, max_count: int) -> int:
+    """Delete the oldest instructions beyond ``max_count`` or older than ``max_age``; returns how many.
+
+    Only a prefix of the log is ever deleted, and the last id deleted is kept as the horizon:
+    a node whose cursor is below it has missed instructions and must cold-boot.
+    """
+    horizon = _pruned_through(conn)
+    newest = conn.execute("SELECT MAX(id) FROM instructions").fetchone()[0] or 0
+    by_count = newest - max_count
+    by_age = conn.execute("SELECT MAX(id) FROM instructions WHERE created < ?", (time.time() - max_age,)).fetchone()[0]
+    cut = max(by_count, by_age or 0)
+    if cut <= horizon:
+        return 0
+    deleted = conn.execute("DELETE FROM instructions WHERE id <= ?", (cut,)).rowcount
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('instructions_pruned_through', ?)", (cut,))
+    return deleted
+
+
+def _pruned_through(conn: sqlite3.Connection) -> int:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'instructions_pruned_through'").fetchone()
+    return int(row[0]) if row else 0
+
+
+class ChangeToken:
+    """Fires once ``key`` is triggered, by any process on the host, after the token was made.
+
+    Read ``.changed``, register ``on_change(callback)``, ``wait(timeout)`` in a thread, or
+    ``await token`` in a coroutine. Callbacks run in the handle's listener thread.
+    """
+
+    __slots__ = ("key", "_signals", "_fired", "_callbacks", "_event", "_futures", "__weakref__")
+
+    def __init__(self, signals: Signals, key: str) -> None:
+        self.key = key
+        self._signals = signals
+        self._fired = False
+        self._callbacks: list[Callable[[ChangeToken], None]] = []
+        self._event = threading.Event()
+        self._futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    @property
+    def changed(self) -> bool:
+        if not self._fired:
+            self._signals.catch_up()  # exact, even between a trigger and the ring that follows it
+        return self._fired
+
+    def on_change(self, callback: Callable[[ChangeToken], None]) -> None:
+        self._signals.listen()
+        with self._signals.mutex:
+            if not self._fired:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self._signals.listen()
+        return self.changed or self._event.wait(timeout)
+
+    def __await__(self) -> Generator[Any, None, bool]:
+        return self._await().__await__()
+
+    async def _await(self) -> bool:
+        self._signals.listen()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        with self._signals.mutex:
+            if self._fired:
+                return True
+            self._futures.append((loop, future))
+        await future
+        return True
+
+    def _fire(self) -> None:
+        """Mark fired and run the callbacks; the caller holds no lock."""
+        with self._signals.mutex:
+            if self._fired:
+                return
+            self._fired = True
+            callbacks, self._callbacks = self._callbacks, []
+            futures, self._futures = self._futures, []
+        self._event.set()
+        for loop, future in futures:
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_settle_future, future, True, None)
+        for callback in callbacks:
+            try:
+                callback(self)
+            except Exception:
+                log.exception("a change-token callback for %r failed", self.key)
+
+    def __repr__(self) -> str:
+        return f"<ChangeToken {self.key!r} changed={self._fired}>"
+
+
+class Signals:
+    """One handle's view of the instruction log: its cursor, its tokens, its handlers."""
+
+    def __init__(
+        self, store: Store, committer: GroupCommitter, node: str, persistent: bool, listen: Callable[[], None]
+    ) -> None:
+        self.store, self.committer, self.node, self.persistent = store, committer, node, persistent
+        self.listen = listen  # starts the handle's listener thread (doorbell + poll)
+        self.listening = False
+        self.mutex = threading.Lock()  # tokens and callbacks
+        self._catch_up_mutex = threading.Lock()  # one reader of the log at a time, in order
+        self._tokens: dict[str, weakref.WeakSet[ChangeToken]] = {}
+        self._handlers: dict[str, list[Callable[[str, Any], None]]] = {}
+        self._cold_boot_handlers: list[Callable[[str], None]] = []
+        self.cursor: int | None = None
+        self.applied = 0
+        self.cold_boots = 0
+
+    # Tokens -------------------------------------------------------------------------------
+
+    def token(self, key: str) -> ChangeToken:
+        key = check_signal_key(key)
+        self.catch_up()  # what was triggered before the token was made must not fire it
+        made = ChangeToken(self, key)
+        with self.mutex:
+            self._tokens.setdefault(key, weakref.WeakSet()).add(made)
+        return made
+
+    def _fire_key(self, key: str) -> None:
+        with self.mutex:
+            tokens = list(self._tokens.pop(key, ()))
+        for token in tokens:
+            token._fire()
+
+    def _fire_all(self) -> None:
+        with self.mutex:
+            tokens = [token for group in self._tokens.values() for token in group]
+            self._tokens.clear()
+        for token in tokens:
+            token._fire()
+
+    def on_instruction(self, topic: str, handler: Callable[[str, Any], None]) -> None:
+        """Call ``handler(topic, payload)`` for each instruction of ``topic`` another node appends."""
+        self._handlers.setdefault(topic, []).append(handler)
+
+    def on_cold_boot(self, handler: Callable[[str], None]) -> None:
+        self._cold_boot_handlers.append(handler)
+
+    # Appending ----------------------------------------------------------------------------
+
+    def _append_work(self, topic: str, payload: str) -> Callable[[sqlite3.Connection], int]:
+        settings, node = self.store.settings, self.node
+
+        def append(conn: sqlite3.Connection) -> int:
+            number = conn.execute(
+                "INSERT INTO instructions (topic, payload, origin, created) VALUES (?, ?, ?, ?)",
+                (topic, payload, node, time.time()),
+            ).lastrowid
+            assert number is not None
+            if number % PRUNE_EVERY == 0:
+                prune_instructions(conn, settings.instruction_max_age, settings.instruction_max_count)
+            return number
+
+        return append
+
+    def append(self, topic: str, payload: Any) -> int:
+        """Append an instruction for every other node; returns its position in the log."""
+        return self.committer.submit(self._append_work(topic, json.dumps(payload)), (RING_INSTRUCTIONS,))
+
+    def trigger(self, key: str) -> int:
+        """Fire ``key``'s tokens here at once and, through the log, on every node."""
+        key = check_signal_key(key)
+        number = self.committer.submit(self._append_work(SIGNAL_TOPIC, json.dumps(key)), (RING_INSTRUCTIONS,))
+        self._fire_key(key)
+        return number
+
+    async def atrigger(self, key: str) -> int:
+        key = check_signal_key(key)
+        number = await self.committer.asubmit(self._append_work(SIGNAL_TOPIC, json.dumps(key)), (RING_INSTRUCTIONS,))
+        self._fire_key(key)
+        return number
+
+    # Reading ------------------------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Apply, in order, every instruction after the cursor that another node appended."""
+        with self._catch_up_mutex:
+            if self.cursor is None:
+                self._start()
+            applied = 0
+            while True:
+                start = self.cursor or 0
+
+                def read(conn: sqlite3.Connection, after: int = start) -> tuple[int, list[tuple[Any, ...]]]:
+                    rows = conn.execute(
+                        "SELECT id, topic, payload, origin FROM instructions WHERE id > ? ORDER BY id LIMIT 1000",
+                        (after,),
+                    ).fetchall()
+                    return _pruned_through(conn), rows
+
+                horizon, rows = self.store.read(read)
+                if start < horizon:
+                    self._cold_boot(f"its cursor {start} is behind the pruned horizon {horizon}")
+                    continue
+                for number, topic, payload, origin in rows:
+                    if origin != self.node:
+                        self._apply(topic, payload)
+                        applied += 1
+                    self.cursor = number
+                if len(rows) < 1000:
+                    break
+            if applied or (rows and self.persistent):
+                self._save_cursor()
+            self.applied += applied
+            return applied
+
+    def _start(self) -> None:
+        newest, horizon, saved = self.store.read(
+            lambda conn: (
+                conn.execute("SELECT COALESCE(MAX(id), 0) FROM instructions").fetchone()[0],
+                _pruned_through(conn),
+                conn.execute("SELECT position FROM instruction_cursors WHERE node = ?", (self.node,)).fetchone(),
+            )
+        )
+        newest = max(newest, horizon)
+        if not self.persistent:
+            self.cursor = newest  # a passing handle has no cache to be stale: start from now
+        elif saved is None:
+            self.cursor = 0
+            self._cold_boot("it has never synced")
+        else:
+            self.cursor = int(saved[0])
+
+    def _cold_boot(self, why: str) -> None:
+        """Everything this node cached may be stale: drop it all and start from the log's end."""
+        newest = self.store.read(
+            lambda conn: max(
+                conn.execute("SELECT COALESCE(MAX(id), 0) FROM instructions").fetchone()[0], _pruned_through(conn)
+            )
+        )
+        self.cold_boots += 1
+        log.warning(
+            "node %s: cold boot (%s): dropping all cached state; resuming at instruction %d", self.node, why, newest
+        )
+        self.cursor = newest
+        for handler in self._cold_boot_handlers:
+            try:
+                handler(why)
+            except Exception:
+                log.exception("a cold-boot handler failed")
+        self._fire_all()
+        self._save_cursor()
+
+    def _apply(self, topic: str, payload: str) -> None:
+        try:
+            value = json.loads(payload)
+        except ValueError:
+            log.warning("node %s: skipped an instruction of topic %r whose payload is not JSON", self.node, topic)
+            return
+        if topic == SIGNAL_TOPIC and isinstance(value, str):
+            self._fire_key(value)
+        for handler in self._handlers.get(topic, ()):
+            try:
+                handler(topic, value)
+            except Exception:
+                log.exception("node %s: the handler of instruction topic %r failed", self.node, topic)
+
+    def _save_cursor(self) -> None:
+        if not self.persistent or self.cursor is None:
+            return
+        node, position = self.node, self.cursor
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO instruction_cursors (node, position, updated) VALUES (?, ?, ?) "
+                "ON CONFLICT (node) DO UPDATE SET position = MAX(position, excluded.position), "
+                "updated = excluded.updated",
+                (node, position, time.time()),
+            )
+
+        self.committer.submit(save)
+
+    def prune(self, max_age: float | str | None = None, max_count: int | None = None) -> int:
+        settings = self.store.settings
+        age = settings.instruction_max_age if max_age is None else parse_duration(max_age, "max_age")
+        count = settings.instruction_max_count if max_count is None else int(max_count)
+        if count < 0:
+            raise InvalidInput("max_count cannot be negative")
+        return self.committer.submit(lambda conn: prune_instructions(conn, age, count))
+
+
+class MemoryCache:
+    """A process-local cache whose entries are evicted when a change token they depend on fires.
+
+    ``get_or_create(key, factory, tokens=("definitions",), ttl=60)`` returns the cached value,
+    or calls ``factory()`` and caches its result. The tokens are made before the factory runs,
+    so a change triggered while it runs evicts what it built.
+    """
+
+    def __init__(self, signals: Signals) -> None:
+        self._signals = signals
+        self._mutex = threading.Lock()
+        self._entries: dict[Any, tuple[Any, list[ChangeToken], float | None]] = {}
+        self.hits = 0
+        self.misses = 0
+        signals.on_cold_boot(lambda why: self.clear())
+
+    def _lookup(self, key: Any) -> tuple[bool, Any]:
+        with self._mutex:
+            entry = self._entries.get(key)
+        if entry is not None:
+            value, tokens, expires = entry
+            if not any(token._fired for token in tokens) and (expires is None or time.monotonic() < expires):
+                self.hits += 1
+                return True, value
+            self.evict(key, entry)
+        self.misses += 1
+        return False, None
+
+    def _tokens(self, key: Any, tokens: Iterable[str]) -> list[ChangeToken]:
+        self._signals.listen()  # entries are only as fresh as the listener keeps the tokens
+        made = [self._signals.token(name) for name in tokens]
+
+        def evict(_token: ChangeToken) -> None:
+            self._evict_if_stale(key)
+
+        for token in made:
+            token.on_change(evict)
+        return made
+
+    def _store(self, key: Any, value: Any, tokens: list[ChangeToken], ttl: float | None) -> None:
+        expires = None if ttl is None else time.monotonic() + ttl
+        if any(token._fired for token in tokens):
+            return  # changed while the factory ran: do not cache a value that may be stale
+        with self._mutex:
+            self._entries[key] = (value, tokens, expires)
+
+    def get_or_create(
+        self, key: Any, factory: Callable[[], T], *, tokens: Iterable[str] = (), ttl: float | str | None = None
+    ) -> T:
+        found, value = self._lookup(key)
+        if found:
+            return value  # type: ignore[no-any-return]
+        seconds = None if ttl is None else parse_duration(ttl, "ttl")
+        made = self._tokens(key, tokens)
+        value = factory()
+        self._store(key, value, made, seconds)
+        return value
+
+    async def aget_or_create(
+        self,
+        key: Any,
+        factory: Callable[[], Any],
+        *,
+        tokens: Iterable[str] = (),
+        ttl: float | str | None = None,
+    ) -> Any:
+        found, value = self._lookup(key)
+        if found:
+            return value
+        seconds = None if ttl is None else parse_duration(ttl, "ttl")
+        made = self._tokens(key, tokens)
+        value = factory()
+        if asyncio.iscoroutine(value) or isinstance(value, asyncio.Future):
+            value = await value
+        self._store(key, value, made, seconds)
+        return value
+
+    def _evict_if_stale(self, key: Any) -> None:
+        with self._mutex:
+            entry = self._entries.get(key)
+            if entry is not None and any(token._fired for token in entry[1]):
+                del self._entries[key]
+
+    def evict(self, key: Any, entry: Any = None) -> None:
+        with self._mutex:
+            if entry is None or self._entries.get(key) is entry:
+                self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._mutex:
+            self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Any) -> bool:
+        return self._lookup(key)[0]
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
 # Python API: connect() and the handle it returns, over the pieces above (not a DESIGN.md layer).
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
@@ -1057,8 +2432,63 @@ class _AsyncLockRequest:
             self._held.release()
 
 
+class _Listener:
+    """The thread that makes a handle current: doorbell rings and, failing those, the poll interval."""
+
+    def __init__(self, doorbells: Doorbells, wakeups: Wakeups, signals: Signals, poll_interval: float) -> None:
+        self._doorbells, self._wakeups, self._signals = doorbells, wakeups, signals
+        self._poll = poll_interval
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.rings_heard = 0
+
+    def start(self) -> None:
+        receiver = self._doorbells.bind()
+        receiver.setblocking(False)
+        self._doorbells.remove_dead()
+        self._thread = threading.Thread(target=self._run, args=(receiver,), name="nodeflow-listen", daemon=True)
+        self._thread.start()
+
+    def _run(self, receiver: socket.socket) -> None:
+        while not self._stopping.is_set():
+            topics: set[str] = set()
+            try:
+                ready, _, _ = select.select([receiver], [], [], self._poll)
+                while ready:  # drain every ring that arrived: one catch-up serves them all
+                    data = receiver.recv(4096)
+                    topics.update(data.decode("utf-8", "replace").split("\n"))
+                    self.rings_heard += 1
+            except BlockingIOError:
+                pass
+            except OSError:
+                if self._stopping.is_set():
+                    return
+                time.sleep(self._poll)  # the socket was removed under us: poll until closed
+            if self._stopping.is_set():
+                return
+            if topics:
+                self._wakeups.bump(topics)
+            if RING_INSTRUCTIONS in topics or not topics:  # a ring, or the poll interval passed
+                try:
+                    self._signals.catch_up()
+                except Exception as error:
+                    log.warning("node %s: reading the instruction log failed: %s", self._signals.node, error)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
+                waker.sendto(b"", self._doorbells._address(f"{self._doorbells.node}.sock"))
+            thread.join(self._poll + 5)
+
+
 class Cluster:
-    """A synchronous handle on a cluster, with ``a``-prefixed coroutine twins for asyncio code."""
+    """A synchronous handle on a cluster, with ``a``-prefixed coroutine twins for asyncio code.
+
+    ``node`` names this handle as a node: its instruction cursor is kept in the database across
+    restarts and its lock notes carry the name. Without it the handle is a passing client.
+    """
 
     def __init__(
         self,
@@ -1068,13 +2498,46 @@ class Cluster:
         create: bool = True,
         settings: Settings | None = None,
     ) -> None:
+        if node is not None:
+            check_node_id(node)
         self.store = Store(path or default_db_path(), create=create, settings=settings)
         self.path = self.store.path
+        self.settings = self.store.settings
+        self.node = node
+        self.id = node or f"p{os.getpid()}-{secrets.token_hex(3)}"
         try:
             self.locks = LockManager(self.store, node)
+            self.doorbells = Doorbells(self.store.lock_dir, self.id)
         except BaseException:
             self.store.close()
             raise
+        self.wakeups = Wakeups()
+        self.committer = GroupCommitter(self.store, self._ring)
+        self.bus = Bus(self.store, self.committer, self.id, self.wakeups)
+        self.signals = Signals(self.store, self.committer, self.id, node is not None, self._listen)
+        self.cache = MemoryCache(self.signals)
+        self._listener: _Listener | None = None
+        self._listen_mutex = threading.Lock()
+        self._closed = False
+
+    def _ring(self, topics: set[str]) -> None:
+        self.wakeups.bump(topics)  # waiters on this very handle
+        self.doorbells.ring(topics)  # everyone else's
+
+    def _listen(self) -> None:
+        """Start the listener thread once: from then on rings and polls keep this handle current."""
+        if self._listener is not None:
+            return
+        with self._listen_mutex:
+            if self._listener is None:
+                self.store.check_open()
+                listener = _Listener(self.doorbells, self.wakeups, self.signals, self.settings.poll_interval)
+                listener.start()
+                self.signals.catch_up()
+                self.signals.listening = True
+                self._listener = listener
+
+    # Locks --------------------------------------------------------------------------------
 
     def lock(self, name: str, timeout: float | str | None = None, *, fence: bool = True) -> HeldLock:
         """Acquire ``name`` now; ``timeout=0`` tries once; raises LockTimeout when time runs out."""
@@ -1089,7 +2552,110 @@ class Cluster:
     def held(self) -> list[LockInfo]:
         return self.locks.held()
 
+    # Queues -------------------------------------------------------------------------------
+
+    def send(self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None) -> int:
+        """Queue ``body`` (JSON data); durable when this returns; ``key`` makes the send idempotent."""
+        return self.bus.send(queue, body, delay, priority, key)
+
+    async def asend(
+        self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None
+    ) -> int:
+        return await self.bus.asend(queue, body, delay, priority, key)
+
+    @overload
+    def receive(
+        self, queue: str, lease: float | str = ..., wait: float | str = ..., batch: None = ...
+    ) -> Message | None: ...
+    @overload
+    def receive(
+        self, queue: str, lease: float | str = ..., wait: float | str = ..., *, batch: int
+    ) -> list[Message]: ...
+
+    def receive(
+        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int | None = None
+    ) -> Message | list[Message] | None:
+        """Lease the next message (or up to ``batch`` of them), waiting up to ``wait`` seconds."""
+        if parse_duration(wait, "wait") > 0:
+            self._listen()
+        taken = self.bus.receive(queue, lease, wait, 1 if batch is None else batch)
+        return taken if batch is not None else (taken[0] if taken else None)
+
+    @overload
+    async def areceive(
+        self, queue: str, lease: float | str = ..., wait: float | str = ..., batch: None = ...
+    ) -> Message | None: ...
+    @overload
+    async def areceive(
+        self, queue: str, lease: float | str = ..., wait: float | str = ..., *, batch: int
+    ) -> list[Message]: ...
+
+    async def areceive(
+        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int | None = None
+    ) -> Message | list[Message] | None:
+        if parse_duration(wait, "wait") > 0:
+            self._listen()
+        taken = await self.bus.areceive(queue, lease, wait, 1 if batch is None else batch)
+        return taken if batch is not None else (taken[0] if taken else None)
+
+    def ack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
+        """Delete a handled message. ``also(conn)`` runs in the ack's transaction: both or neither."""
+        return self.bus.ack(message, also)
+
+    async def aack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
+        return await self.bus.aack(message, also)
+
+    def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
+        """Give a message back for a later try; returns "queued", or "dead" after its last delivery."""
+        return self.bus.nack(message, delay, error)
+
+    async def anack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
+        return await self.bus.anack(message, delay, error)
+
+    def extend(self, message: Message, lease: float | str) -> float:
+        return self.bus.extend(message, lease)
+
+    def release_leases(self, owner: str) -> int:
+        return self.bus.release_leases(owner)
+
+    def dead_letters(self, queue: str, limit: int = 1000) -> list[DeadLetter]:
+        return self.bus.dead_letters(queue, limit)
+
+    def retry_dead_letters(self, queue: str, ids: Iterable[int] | None = None) -> int:
+        return self.bus.retry_dead(queue, ids)
+
+    def purge_dead_letters(self, queue: str, ids: Iterable[int] | None = None) -> int:
+        return self.bus.purge_dead(queue, ids)
+
+    def queues(self) -> dict[str, dict[str, int]]:
+        """Depth of every queue: ready, leased, delayed and dead messages."""
+        return self.bus.depths()
+
+    # Instructions and cache signals -------------------------------------------------------
+
+    def trigger(self, key: str) -> int:
+        """Fire the change token ``key`` in this process and, through the log, on every node."""
+        return self.signals.trigger(key)
+
+    async def atrigger(self, key: str) -> int:
+        return await self.signals.atrigger(key)
+
+    def token(self, key: str) -> ChangeToken:
+        return self.signals.token(key)
+
+    def prune_instructions(self, max_age: float | str | None = None, max_count: int | None = None) -> int:
+        return self.signals.prune(max_age, max_count)
+
+    # Lifecycle ----------------------------------------------------------------------------
+
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._listener is not None:
+            self._listener.stop()
+        self.committer.close()
+        self.doorbells.close()
         remove_idle_lock_files(self.locks.directory)
         self.store.close()
 
@@ -1138,10 +2704,17 @@ def _lock_entry(info: LockInfo) -> dict[str, Any]:
 def cmd_status(args: argparse.Namespace) -> int:
     with Cluster(args.db, create=False) as nf:
         locks = nf.held()
+        queues = nf.queues()
         if args.json:
-            print(json.dumps({"nodes": [], "scheduler": None, "queues": {}, "locks": [_lock_entry(i) for i in locks]}))
+            report = {"nodes": [], "scheduler": None, "queues": queues, "locks": [_lock_entry(i) for i in locks]}
+            print(json.dumps(report))
             return 0
         print(f"cluster {nf.path}")
+        if not queues:
+            print("queues: none")
+        for queue, depth in queues.items():
+            counts = ", ".join(f"{count} {kind}" for kind, count in depth.items())
+            print(f"queue {_show_name(queue)}: {counts}")
         if not locks:
             print("locks: none held")
         for info in locks:
@@ -1202,6 +2775,77 @@ def cmd_lock(args: argparse.Namespace) -> int:
             held.release()
 
 
+def _json_argument(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        raise InvalidInput(
+            f'{what} is not valid JSON ({error}); quote it for the shell, as in \'{{"to": "a@b.c"}}\''
+        ) from None
+
+
+def _whole_number(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise InvalidInput(f"{what} must be a whole number, not {text!r}") from None
+
+
+def cmd_send(args: argparse.Namespace) -> int:
+    queue = check_queue_name(args.queue)
+    body = _json_argument(args.body, "the message body")
+    encode_body(body, Settings().max_body_bytes)
+    delay = parse_duration(args.delay, "--delay")
+    priority = _check_priority(_whole_number(args.priority, "--priority"))
+    key = args.key
+    if key is not None and not key:
+        raise InvalidInput("--key cannot be empty")
+    with Cluster(args.db) as nf:
+        print(nf.send(queue, body, delay=delay, priority=priority, key=key))
+    return 0
+
+
+def _message_entry(message: Message) -> dict[str, Any]:
+    return {"id": message.id, "queue": message.queue, "body": message.body, "attempts": message.attempts}
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    queue = check_queue_name(args.queue)
+    wait = parse_duration(args.wait, "--wait")
+    with Cluster(args.db, create=False) as nf:
+        message = nf.receive(queue, lease=60, wait=wait)
+        if message is None:
+            raise NodeflowError(f"no message in queue {_show_name(queue)} within {_format_seconds(wait)}")
+        print(json.dumps(_message_entry(message) if args.json else message.body), flush=True)
+        nf.ack(message)  # printed first: a crash before the ack redelivers it, never loses it
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    queue = check_queue_name(args.queue)
+    ids = [_whole_number(text, "--id") for text in args.id] if args.id else None
+    with Cluster(args.db, create=False) as nf:
+        if args.action == "list":
+            letters = [letter for letter in nf.dead_letters(queue) if ids is None or letter.id in ids]
+            if args.json:
+                entries = [
+                    {"id": d.id, "body": d.body, "attempts": d.attempts, "died": _iso(d.died), "error": d.last_error}
+                    for d in letters
+                ]
+                print(json.dumps({"queue": queue, "dead_letters": entries}))
+            else:
+                for d in letters:
+                    print(
+                        f"{d.id}\t{d.attempts} deliveries\t{_iso(d.died)}\t{d.last_error or '-'}\t{json.dumps(d.body)}"
+                    )
+                print(f"{len(letters)} dead letter(s) in queue {_show_name(queue)}", file=sys.stderr)
+        elif args.action == "retry":
+            print(f"{nf.retry_dead_letters(queue, ids)} dead letter(s) queued again in {_show_name(queue)}")
+        else:
+            print(f"{nf.purge_dead_letters(queue, ids)} dead letter(s) purged from {_show_name(queue)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="nodeflow.py", description="Cooperating processes on one host.")
     parser.add_argument("--db", default=None, help="cluster database (default $NODEFLOW_DB or ./nodeflow.db)")
@@ -1217,6 +2861,29 @@ def build_parser() -> argparse.ArgumentParser:
     lock.add_argument("name", help="lock name")
     lock.add_argument("--timeout", default=None, help="give up after this long (a duration; 0 tries once)")
     lock.set_defaults(run=cmd_lock)
+
+    send = verbs.add_parser("send", help="queue a message (QUEUE JSON); prints its id")
+    send.add_argument("queue")
+    send.add_argument("body", help="the message body, JSON")
+    send.add_argument("--delay", default="0", help="deliver no sooner than this (a duration)")
+    send.add_argument("--priority", default="0", help="higher is delivered first (a whole number)")
+    send.add_argument(
+        "--key", default=None, help="deduplication key: a second send while the first is queued is a no-op"
+    )
+    send.set_defaults(run=cmd_send)
+
+    receive = verbs.add_parser("receive", help="print one message's body and ack it")
+    receive.add_argument("queue")
+    receive.add_argument("--wait", default="0", help="wait this long for a message (a duration)")
+    receive.add_argument("--json", action="store_true", help="print id, queue, body and attempts as one JSON object")
+    receive.set_defaults(run=cmd_receive)
+
+    dead = verbs.add_parser("dead-letters", help="list, retry or purge the dead letters of a queue")
+    dead.add_argument("action", choices=["list", "retry", "purge"])
+    dead.add_argument("queue")
+    dead.add_argument("--id", action="append", help="only this dead letter (repeatable)")
+    dead.add_argument("--json", action="store_true", help="list as one JSON object")
+    dead.set_defaults(run=cmd_dead_letters)
     return parser
 
 
