@@ -8,8 +8,10 @@ Architecture in ten lines:
   - Locks: kernel ``flock`` on one open file description per held lock in ``PATH.d/locks/``;
     the kernel wakes a blocked waiter the moment the lock is free and frees a dead holder's lock.
   - Fencing: every acquisition takes the next token for its name from SQLite, in one commit.
+  - Doorbells: a datagram socket per listening process in ``PATH.d/nodes/``, rung after commits.
+  - Bus: queues in SQLite with leases and dead letters; one process's writes share transactions.
+  - Instructions: an ordered log with a cursor per node, under change tokens and a memory cache.
   - The handle returned by ``connect()`` is the Python API; ``main()`` is the command line.
-  - Everything is the standard library; a section only uses the sections above it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ __all__ = [
     "Store",
     "LockInfo",
     "HeldLock",
+    "LeaseLost",
+    "Message",
+    "DeadLetter",
+    "ChangeToken",
+    "MemoryCache",
     "Cluster",
     "connect",
     "main",
