@@ -1193,6 +1193,7 @@ class Doorbells:
         self._dir_fd: int | None = None
         self._sender: socket.socket | None = None
         self._receiver: socket.socket | None = None
+        self._bound_inode = 0
         self._liveness_fd: int | None = None
         self._mutex = threading.Lock()
         self.rings_sent = 0
@@ -1214,7 +1215,7 @@ class Doorbells:
                 return self._receiver
             _private_directory(self.lock_dir, create=True)
             _private_directory(self.directory, create=True)
-            fd = self._take_liveness_lock()
+            fd = self._liveness_fd if self._liveness_fd is not None else self._take_liveness_lock()
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             name = f"{self.node}.sock"
@@ -1225,11 +1226,13 @@ class Doorbells:
                 receiver.bind(self._address(temporary))
                 os.chmod(os.path.join(self.directory, temporary), 0o600)
                 os.rename(os.path.join(self.directory, temporary), os.path.join(self.directory, name))
-                receiver.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                self._bound_inode = os.stat(os.path.join(self.directory, name)).st_ino
+                receiver.setblocking(False)
             except BaseException:
                 receiver.close()
-                with _LOCK_FDS_MUTEX:
-                    _close_lock_fd(fd)
+                if fd != self._liveness_fd:
+                    with _LOCK_FDS_MUTEX:
+                        _close_lock_fd(fd)
                 raise
             self._receiver, self._liveness_fd = receiver, fd
             return receiver
@@ -1267,6 +1270,31 @@ class Doorbells:
             with _LOCK_FDS_MUTEX:  # removed as a dead node's file after we opened it: again
                 _close_lock_fd(fd)
         raise NodeflowError(f"could not take the liveness lock of node {self.node}; retry")
+
+    def is_bound_here(self, receiver: socket.socket) -> bool:
+        """Whether our socket file is still in place (it may have been removed by hand)."""
+        try:
+            return os.stat(os.path.join(self.directory, f"{self.node}.sock")).st_ino == self._bound_inode
+        except OSError:
+            return False
+
+    def rebind(self) -> socket.socket:
+        """Bind a new doorbell in place of one that was removed; the liveness lock is kept."""
+        with self._mutex:
+            old, self._receiver = self._receiver, None
+            if old is not None:
+                old.close()
+            if self._liveness_fd is not None:
+                liveness_path = os.path.join(self.directory, f"{self.node}.lock")
+                try:
+                    same = os.stat(liveness_path).st_ino == os.fstat(self._liveness_fd).st_ino
+                except OSError:
+                    same = False
+                if not same:  # the whole folder went: give up the old lock, take the id again
+                    with _LOCK_FDS_MUTEX:
+                        _close_lock_fd(self._liveness_fd)
+                    self._liveness_fd = None
+        return self.bind()
 
     def close(self) -> None:
         with self._mutex:
@@ -2082,6 +2110,7 @@ class ChangeToken:
         with self._signals.mutex:
             if not self._fired:
                 self._callbacks.append(callback)
+                self._signals.kept.add(self)  # a token with a callback lives until it fires
                 return
         callback(self)
 
@@ -2111,6 +2140,7 @@ class ChangeToken:
             self._fired = True
             callbacks, self._callbacks = self._callbacks, []
             futures, self._futures = self._futures, []
+            self._signals.kept.discard(self)
         self._event.set()
         for loop, future in futures:
             with contextlib.suppress(RuntimeError):
@@ -2136,7 +2166,9 @@ class Signals:
         self.listening = False
         self.mutex = threading.Lock()  # tokens and callbacks
         self._catch_up_mutex = threading.Lock()  # one reader of the log at a time, in order
+        self._applying: int | None = None  # the thread inside catch_up, whose callbacks may call back
         self._tokens: dict[str, weakref.WeakSet[ChangeToken]] = {}
+        self.kept: set[ChangeToken] = set()  # tokens with callbacks, which nobody else may hold
         self._handlers: dict[str, list[Callable[[str, Any], None]]] = {}
         self._cold_boot_handlers: list[Callable[[str], None]] = []
         self.cursor: int | None = None
@@ -2211,35 +2243,44 @@ class Signals:
 
     def catch_up(self) -> int:
         """Apply, in order, every instruction after the cursor that another node appended."""
+        if self._applying == threading.get_ident():
+            return 0  # a callback of this very catch-up (making its next token, say): nothing to do
         with self._catch_up_mutex:
-            if self.cursor is None:
-                self._start()
-            applied = 0
-            while True:
-                start = self.cursor or 0
+            self._applying = threading.get_ident()
+            try:
+                return self._catch_up_in_order()
+            finally:
+                self._applying = None
 
-                def read(conn: sqlite3.Connection, after: int = start) -> tuple[int, list[tuple[Any, ...]]]:
-                    rows = conn.execute(
-                        "SELECT id, topic, payload, origin FROM instructions WHERE id > ? ORDER BY id LIMIT 1000",
-                        (after,),
-                    ).fetchall()
-                    return _pruned_through(conn), rows
+    def _catch_up_in_order(self) -> int:
+        if self.cursor is None:
+            self._start()
+        applied = 0
+        while True:
+            start = self.cursor or 0
 
-                horizon, rows = self.store.read(read)
-                if start < horizon:
-                    self._cold_boot(f"its cursor {start} is behind the pruned horizon {horizon}")
-                    continue
-                for number, topic, payload, origin in rows:
-                    if origin != self.node:
-                        self._apply(topic, payload)
-                        applied += 1
-                    self.cursor = number
-                if len(rows) < 1000:
-                    break
-            if applied or (rows and self.persistent):
-                self._save_cursor()
-            self.applied += applied
-            return applied
+            def read(conn: sqlite3.Connection, after: int = start) -> tuple[int, list[tuple[Any, ...]]]:
+                rows = conn.execute(
+                    "SELECT id, topic, payload, origin FROM instructions WHERE id > ? ORDER BY id LIMIT 1000",
+                    (after,),
+                ).fetchall()
+                return _pruned_through(conn), rows
+
+            horizon, rows = self.store.read(read)
+            if start < horizon:
+                self._cold_boot(f"its cursor {start} is behind the pruned horizon {horizon}")
+                continue
+            for number, topic, payload, origin in rows:
+                if origin != self.node:
+                    self._apply(topic, payload)
+                    applied += 1
+                self.cursor = number
+            if len(rows) < 1000:
+                break
+        if applied or (rows and self.persistent):
+            self._save_cursor()
+        self.applied += applied
+        return applied
 
     def _start(self) -> None:
         newest, horizon, saved = self.store.read(
@@ -2447,47 +2488,67 @@ class _Listener:
         self._poll = poll_interval
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._wake_read, self._wake_write = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)  # stop() needs no socket file
         self.rings_heard = 0
+        self.rebinds = 0
 
     def start(self) -> None:
         receiver = self._doorbells.bind()
-        receiver.setblocking(False)
         self._doorbells.remove_dead()
         self._thread = threading.Thread(target=self._run, args=(receiver,), name="nodeflow-listen", daemon=True)
         self._thread.start()
 
     def _run(self, receiver: socket.socket) -> None:
-        while not self._stopping.is_set():
-            topics: set[str] = set()
-            try:
-                ready, _, _ = select.select([receiver], [], [], self._poll)
-                while ready:  # drain every ring that arrived: one catch-up serves them all
-                    data = receiver.recv(4096)
-                    topics.update(data.decode("utf-8", "replace").split("\n"))
-                    self.rings_heard += 1
-            except BlockingIOError:
-                pass
-            except OSError:
+        last_read = time.monotonic()
+        try:
+            while not self._stopping.is_set():
+                topics: set[str] = set()
+                try:
+                    ready, _, _ = select.select([receiver.fileno(), self._wake_read], [], [], self._poll)
+                    while receiver.fileno() in ready:  # drain every ring that arrived: one catch-up serves them all
+                        data = receiver.recv(4096, socket.MSG_DONTWAIT)
+                        topics.update(data.decode("utf-8", "replace").split("\n"))
+                        self.rings_heard += 1
+                except BlockingIOError:
+                    pass
                 if self._stopping.is_set():
                     return
-                time.sleep(self._poll)  # the socket was removed under us: poll until closed
-            if self._stopping.is_set():
-                return
-            if topics:
-                self._wakeups.bump(topics)
-            if RING_INSTRUCTIONS in topics or not topics:  # a ring, or the poll interval passed
-                try:
-                    self._signals.catch_up()
-                except Exception as error:
-                    log.warning("node %s: reading the instruction log failed: %s", self._signals.node, error)
+                topics.discard("")
+                if topics:
+                    self._wakeups.bump(topics)
+                # A ring for the log, or a poll interval without one: rings to a full socket are
+                # dropped, and queue rings arriving often must not starve the log of its poll.
+                if RING_INSTRUCTIONS in topics or time.monotonic() - last_read >= self._poll:
+                    last_read = time.monotonic()
+                    try:
+                        self._signals.catch_up()
+                    except Exception as error:
+                        log.warning("node %s: reading the instruction log failed: %s", self._signals.node, error)
+                    receiver = self._rebind_if_removed(receiver)
+        finally:
+            os.close(self._wake_read)
+
+    def _rebind_if_removed(self, receiver: socket.socket) -> socket.socket:
+        """Someone removed our doorbell file (or the lock folder): bind a new one, so rings reach us."""
+        if self._doorbells.is_bound_here(receiver):
+            return receiver
+        try:
+            fresh = self._doorbells.rebind()
+        except (OSError, NodeflowError) as error:
+            log.warning("node %s: cannot bind its doorbell again (%s); polling instead", self._doorbells.node, error)
+            return receiver
+        self.rebinds += 1
+        log.warning("node %s: its doorbell was removed; bound a new one", self._doorbells.node)
+        return fresh
 
     def stop(self) -> None:
         self._stopping.set()
+        with contextlib.suppress(OSError):
+            os.write(self._wake_write, b"x")
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
-            with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as waker:
-                waker.sendto(b"", self._doorbells._address(f"{self._doorbells.node}.sock"))
             thread.join(self._poll + 5)
+        os.close(self._wake_write)
 
 
 class Cluster:
