@@ -1413,12 +1413,28 @@ def encode_body(body: Any, limit: int) -> str:
     """A message body as compact JSON text; InvalidInput when it is not JSON or too large."""
     try:
         text = json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError, RecursionError) as error:
         raise InvalidInput(f"a message body must be JSON data: {error}") from None
-    size = len(text.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidInput("a message body must be valid Unicode text; it holds a lone surrogate") from None
     if size > limit:
         raise InvalidInput(f"the message body is {size} bytes of JSON; the limit is {limit} bytes")
     return text
+
+
+def check_dedup_key(key: object, what: str = "a deduplication key") -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not key or len(key) > 1024:
+        shown = _show_name(key) if isinstance(key, str) else repr(key)
+        raise InvalidInput(f"{what} is a non-empty string of at most 1024 characters, not {shown}")
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidInput(f"{what} {_show_name(key)} is not valid Unicode text") from None
+    return key
 
 
 def _check_priority(priority: object) -> int:
@@ -1799,10 +1815,9 @@ class Bus:
         text = encode_body(body, self.settings.max_body_bytes)
         wait = parse_duration(delay, "delay")
         priority = _check_priority(priority)
-        if key is not None and (not isinstance(key, str) or not key or len(key) > 1024):
-            raise InvalidInput(f"a deduplication key is a non-empty string of at most 1024 characters, not {key!r}")
-        rings = (_ring_topic_for_queue(queue),) if wait == 0 else ()
-        return self._send_work(queue, text, wait, priority, key), rings
+        key = check_dedup_key(key)
+        # A delayed message rings too: a receiver asleep until its next poll learns the new due time.
+        return self._send_work(queue, text, wait, priority, key), (_ring_topic_for_queue(queue),)
 
     def send(self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None) -> int:
         work, rings = self._prepare_send(queue, body, delay, priority, key)
@@ -1930,7 +1945,7 @@ class Bus:
     def _prepare_nack(self, message: Message, delay: float | str, error: str | None) -> tuple[Any, tuple[str, ...]]:
         wait = parse_duration(delay, "nack delay")
         text = None if error is None else str(error)[:4000]
-        return self._nack_work(message, wait, text), (_ring_topic_for_queue(message.queue),) if wait == 0 else ()
+        return self._nack_work(message, wait, text), (_ring_topic_for_queue(message.queue),)
 
     def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         """Hand a message back for another try after ``delay``; "dead" once it has had its deliveries."""
@@ -2846,7 +2861,7 @@ def cmd_lock(args: argparse.Namespace) -> int:
 def _json_argument(text: str, what: str) -> Any:
     try:
         return json.loads(text)
-    except ValueError as error:
+    except (ValueError, RecursionError) as error:
         raise InvalidInput(
             f'{what} is not valid JSON ({error}); quote it for the shell, as in \'{{"to": "a@b.c"}}\''
         ) from None
@@ -2865,9 +2880,7 @@ def cmd_send(args: argparse.Namespace) -> int:
     encode_body(body, Settings().max_body_bytes)
     delay = parse_duration(args.delay, "--delay")
     priority = _check_priority(_whole_number(args.priority, "--priority"))
-    key = args.key
-    if key is not None and not key:
-        raise InvalidInput("--key cannot be empty")
+    key = check_dedup_key(args.key, "--key")
     with Cluster(args.db) as nf:
         print(nf.send(queue, body, delay=delay, priority=priority, key=key))
     return 0
@@ -2894,7 +2907,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     ids = [_whole_number(text, "--id") for text in args.id] if args.id else None
     with Cluster(args.db, create=False) as nf:
         if args.action == "list":
-            letters = [letter for letter in nf.dead_letters(queue) if ids is None or letter.id in ids]
+            every = nf.dead_letters(queue, limit=sys.maxsize)  # the API's default page is 1000
+            letters = [letter for letter in every if ids is None or letter.id in ids]
             if args.json:
                 entries = [
                     {"id": d.id, "body": d.body, "attempts": d.attempts, "died": _iso(d.died), "error": d.last_error}
