@@ -20,9 +20,11 @@ lint: $(DEV)
 
 bench: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py
+	$(VENV)/bin/python bench/bench_bus.py
 
 bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py --quick
+	$(VENV)/bin/python bench/bench_bus.py --quick
 
 run:
 	$(PYTHON) examples/counter.py
