@@ -545,13 +545,15 @@ class Store:
                 if not conn.in_transaction:  # an earlier piece's error ended the transaction
                     outcomes.append((False, StoreError("the transaction was rolled back by an earlier error")))
                     continue
-                single = len(works) == 1
-                if not single:
+                # A piece of one statement (or that raises before writing) needs no savepoint:
+                # SQLite undoes a failed statement by itself.
+                savepoint = len(works) > 1 and not getattr(work, "single_statement", False)
+                if savepoint:
                     conn.execute("SAVEPOINT piece")
                 try:
                     result = work(conn)
                 except BaseException as error:
-                    if not single and conn.in_transaction:
+                    if savepoint and conn.in_transaction:
                         conn.execute("ROLLBACK TO piece")
                         conn.execute("RELEASE piece")
                     if isinstance(error, sqlite3.Error):
@@ -560,7 +562,7 @@ class Store:
                         raise  # KeyboardInterrupt and the like: roll everything back below
                     outcomes.append((False, error))
                     continue
-                if not single:
+                if savepoint:
                     conn.execute("RELEASE piece")
                 outcomes.append((True, result))
             if all(not ok for ok, _ in outcomes):
@@ -933,12 +935,13 @@ class _LockAttempt:
 class LockManager:
     """Named locks of one cluster for one process."""
 
-    def __init__(self, store: Store, node: str | None = None) -> None:
+    def __init__(self, store: Store, node: str | None = None, folder: str = "locks") -> None:
         self.store = store
         self.node = node
-        self.directory = os.path.join(store.lock_dir, "locks")
+        self.directory = os.path.join(store.lock_dir, folder)
         self._mine = threading.local()  # names each thread holds through the blocking API
-        _private_directory(self.directory, create=True)
+        if folder == "locks":  # other folders are made when first used
+            _private_directory(self.directory, create=True)
 
     # The kernel part -----------------------------------------------------------------------
 
@@ -1560,23 +1563,28 @@ class GroupCommitter:
     async def asubmit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = ()) -> T:
         self._store.check_open()
         piece = _Piece(work, rings)
-        piece.loop = asyncio.get_running_loop()
-        piece.future = piece.loop.create_future()
+        loop = piece.loop = asyncio.get_running_loop()
+        piece.future = loop.create_future()
         self._enqueue(piece, may_lead=False)  # an event loop must never wait for a disk flush
+        expiry = loop.call_later(self._store.settings.busy_timeout + 5, self._expire, piece)
         try:
-            async with asyncio.timeout(self._store.settings.busy_timeout + 5):
-                return await asyncio.shield(piece.future)
-        except TimeoutError:
-            with self._cond:
-                if piece.state == "queued":
-                    piece.state = "abandoned"
-                    raise StoreBusy(f"{self._store.path}: no write slot in time; retry") from None
             return await piece.future  # type: ignore[no-any-return]
         except asyncio.CancelledError:
             with self._cond:
                 if piece.state == "queued":
                     piece.state = "abandoned"  # never runs; a piece already running may still commit
             raise
+        finally:
+            expiry.cancel()
+
+    def _expire(self, piece: _Piece) -> None:
+        """An async caller's bound: a piece still queued then is dropped and the caller told."""
+        with self._cond:
+            if piece.state != "queued":
+                return  # running: SQLite's own busy timeout bounds it
+            piece.state = "abandoned"
+        if piece.future is not None and not piece.future.done():
+            piece.future.set_exception(StoreBusy(f"{self._store.path}: no write slot in time; retry"))
 
     def _take_batch(self) -> list[_Piece]:
         with self._cond:
@@ -1590,11 +1598,18 @@ class GroupCommitter:
         """Run one batch in the caller's thread, saving two thread switches, if the writer lock is
         free at once; else leave it to the committer thread, whose wait for the lock is unbounded."""
         try:
-            if self._lock_writer(blocking=False):
+            try:
+                locked = self._lock_writer(blocking=False)
+            except OSError as error:  # the committer thread will meet it too, and answer everyone
+                log.warning("taking the writer lock failed: %s", error)
+                locked = False
+            if locked:
                 try:
-                    self._commit(self._take_batch())
+                    batch = self._take_batch()
+                    outcomes = self._write(batch)
                 finally:
                     self._unlock_writer()
+                self._finish(batch, outcomes)
         finally:
             with self._cond:
                 self._busy = False
@@ -1610,26 +1625,34 @@ class GroupCommitter:
                     self._cond.wait()
                 self._busy = True
             try:
-                self._lock_writer(blocking=True)
                 try:
-                    self._commit(self._take_batch())
+                    self._lock_writer(blocking=True)
+                except OSError as error:  # the lock folder is unusable: answer, never hang
+                    batch, failed = self._take_batch(), StoreError(f"cannot take the writer lock: {error}")
+                    self._finish(batch, [(False, failed)] * len(batch))
+                    continue
+                try:
+                    batch = self._take_batch()
+                    outcomes = self._write(batch)
                 finally:
                     self._unlock_writer()
-            except BaseException as error:  # the lock folder is gone, ...: answer, never hang
-                failed = error if isinstance(error, Exception) else NodeflowError(repr(error))
-                for piece in self._take_batch():
-                    self._answer(piece, False, failed)
+                self._finish(batch, outcomes)  # after the unlock: the next writer need not wait for it
             finally:
                 with self._cond:
                     self._busy = False
 
-    def _commit(self, batch: list[_Piece]) -> None:
+    def _write(self, batch: list[_Piece]) -> list[tuple[bool, Any]]:
+        if not batch:
+            return []
+        try:
+            return self._store.write_batch([piece.work for piece in batch])
+        except BaseException as error:  # the store is closed, the disk is gone, ...
+            return [(False, error if isinstance(error, Exception) else NodeflowError(repr(error)))] * len(batch)
+
+    def _finish(self, batch: list[_Piece], outcomes: list[tuple[bool, Any]]) -> None:
+        """Ring the doorbells the committed pieces asked for, then answer every caller."""
         if not batch:
             return
-        try:
-            outcomes = self._store.write_batch([piece.work for piece in batch])
-        except BaseException as error:  # the store is closed, the disk is gone, ...
-            outcomes = [(False, error if isinstance(error, Exception) else NodeflowError(repr(error)))] * len(batch)
         self.batches += 1
         self.pieces += len(batch)
         rings: set[str] = set()
@@ -1735,6 +1758,21 @@ class Wakeups:
                     waiting.remove((loop, future))
 
 
+# The earliest time any message of a queue is available, from the (queue, priority DESC,
+# available_at) index alone: walk the distinct priorities (a seek each) and take the first entry
+# of each, so a queue of a million delayed messages costs a few seeks, not a scan.
+_NEXT_DUE = """
+    WITH RECURSIVE levels(priority) AS (
+        SELECT MAX(priority) FROM messages WHERE queue = :queue
+        UNION ALL
+        SELECT (SELECT MAX(priority) FROM messages WHERE queue = :queue AND priority < levels.priority)
+        FROM levels WHERE levels.priority IS NOT NULL
+    )
+    SELECT MIN((SELECT MIN(available_at) FROM messages WHERE queue = :queue AND priority = levels.priority))
+    FROM levels WHERE levels.priority IS NOT NULL
+"""
+
+
 def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: float) -> None:
     conn.execute(
         "INSERT OR REPLACE INTO dead_letters (id, queue, body, priority, attempts, created, died, last_error) "
@@ -1750,6 +1788,10 @@ class Bus:
     def __init__(self, store: Store, committer: GroupCommitter, owner: str, wakeups: Wakeups) -> None:
         self.store, self.committer, self.owner, self.wakeups = store, committer, owner, wakeups
         self.settings = store.settings
+        self.turns = LockManager(store, owner, folder="receivers")  # whose turn it is to wait, per queue
+        # Queues whose last claim here got a message: the next receive claims at once, without
+        # first reading whether one is ready (it most likely is).
+        self._busy_queues: set[str] = set()
 
     # The pieces of work, each run inside a shared transaction ------------------------------
 
@@ -1769,6 +1811,7 @@ class Bus:
                 conn.execute("SELECT id FROM messages WHERE queue = ? AND dedup_key = ?", (queue, key)).fetchone()[0]
             )
 
+        send.single_statement = True  # type: ignore[attr-defined]
         return send
 
     def _claim_work(self, queue: str, lease: float, count: int) -> Callable[[sqlite3.Connection], list[Message]]:
@@ -1777,14 +1820,20 @@ class Bus:
         def claim(conn: sqlite3.Connection) -> list[Message]:
             now = time.time()
             taken: list[Message] = []
-            while len(taken) < count:
+            # Priority by priority, highest first, each an index range of what is available now:
+            # one ORDER BY over the whole queue would scan every delayed or leased message.
+            level = conn.execute("SELECT MAX(priority) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
+            while level is not None and len(taken) < count:
                 rows = conn.execute(
                     "SELECT id, body, priority, attempts, created, last_error, lease_owner FROM messages "
-                    "WHERE queue = ? AND available_at <= ? ORDER BY priority DESC, available_at LIMIT ?",
-                    (queue, now, count - len(taken)),
+                    "WHERE queue = ? AND priority = ? AND available_at <= ? ORDER BY available_at LIMIT ?",
+                    (queue, level, now, count - len(taken)),
                 ).fetchall()
                 if not rows:
-                    break
+                    level = conn.execute(
+                        "SELECT MAX(priority) FROM messages WHERE queue = ? AND priority < ?", (queue, level)
+                    ).fetchone()[0]
+                    continue
                 for message_id, body, priority, attempts, created, last_error, previous in rows:
                     if previous is not None:  # its lease ran out without an ack or a nack
                         last_error = f"lease of {previous} expired after delivery {attempts}"
@@ -1845,13 +1894,10 @@ class Bus:
         """0 when a message is ready now, else the wall-clock time the next one becomes ready."""
 
         def look(conn: sqlite3.Connection) -> float | None:
-            now = time.time()
-            if conn.execute(
-                "SELECT 1 FROM messages WHERE queue = ? AND available_at <= ? LIMIT 1", (queue, now)
-            ).fetchone():
-                return 0.0
-            due = conn.execute("SELECT MIN(available_at) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
-            return float(due) if due is not None else None
+            due = conn.execute(_NEXT_DUE, {"queue": queue}).fetchone()[0]
+            if due is None:
+                return None
+            return 0.0 if due <= time.time() else float(due)
 
         return self.store.read(look)
 
@@ -1866,17 +1912,34 @@ class Bus:
         queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
         topic = _ring_topic_for_queue(queue)
         deadline = time.monotonic() + wait_s
-        while True:
-            seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
-            due = self._ready_or_next_due(queue)
-            if due == 0.0:
-                taken = self.committer.submit(self._claim_work(queue, lease_s, batch))
-                if taken:
-                    return taken
-                continue  # another consumer took it first; look again
-            if time.monotonic() >= deadline:
-                return []
-            self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
+        waiting_turn: HeldLock | None = None
+        try:
+            while True:
+                seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
+                due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)
+                if due == 0.0:
+                    taken = self.committer.submit(self._claim_work(queue, lease_s, batch))
+                    if taken:
+                        self._busy_queues.add(queue)
+                        return taken
+                    self._busy_queues.discard(queue)
+                    continue  # another consumer took it first, or it has run dry; look again
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return []
+                if waiting_turn is None:
+                    # One waiting receiver per queue on the host watches for messages; the others
+                    # queue in the kernel behind it. A message then wakes one receiver, not a herd
+                    # of them that all read, all claim, and all but one come away empty.
+                    try:
+                        waiting_turn = self.turns.acquire(queue, left, fence=False)
+                    except LockTimeout:
+                        return []
+                    continue  # our turn: look again before sleeping
+                self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
+        finally:
+            if waiting_turn is not None:
+                waiting_turn.release()  # the next receiver in line watches from now on
 
     async def areceive(
         self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1
@@ -1886,11 +1949,13 @@ class Bus:
         deadline = time.monotonic() + wait_s
         while True:
             seen = self.wakeups.generation(topic)
-            due = self._ready_or_next_due(queue)  # a short WAL read on its own connection
+            due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)  # a short WAL read
             if due == 0.0:
                 taken = await self.committer.asubmit(self._claim_work(queue, lease_s, batch))
                 if taken:
+                    self._busy_queues.add(queue)
                     return taken
+                self._busy_queues.discard(queue)
                 continue
             if time.monotonic() >= deadline:
                 return []
@@ -1912,6 +1977,7 @@ class Bus:
                 )
             return result
 
+        ack.single_statement = also is None  # type: ignore[attr-defined]
         return ack
 
     def ack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
@@ -2740,6 +2806,7 @@ class Cluster:
         self.committer.close()
         self.doorbells.close()
         remove_idle_lock_files(self.locks.directory)
+        remove_idle_lock_files(self.bus.turns.directory)
         self.store.close()
 
     def __enter__(self) -> Cluster:
