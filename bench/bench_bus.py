@@ -810,8 +810,8 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
         idle_deep = row("idle_receive_deep", f"receive(wait=0) finding none ready, {plan.depth:,} delayed", "ms")
         idle_deep.value = time_empty_receive(dbs["delayed"])
         idle_deep.note = (
-            f"{idle_empty:.3f} ms on an empty queue; each look scans the queue's index entries "
-            "(ready check + MIN(available_at)), as does every wake of a waiting receive"
+            f"{idle_empty:.3f} ms on an empty queue; the next due time comes from one index seek "
+            "per distinct priority, as on every wake of a waiting receive"
         )
         for repeat in range(plan.op_repeats):
             progress(f"send / receive run {repeat + 1}/{plan.op_repeats}")
