@@ -58,13 +58,10 @@ with when it is importable (else the issue's 2,100/s stands in for it).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import math
 import multiprocessing
 import os
-import platform
 import random
 import shutil
 import sqlite3
@@ -74,13 +71,17 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# benchlib: bench/benchlib.py, found because Python puts the script's folder first on sys.path
+import benchlib  # noqa: E402
+from benchlib import Row, percentile, verdict  # noqa: E402
 
 import nodeflow  # noqa: E402
 
@@ -561,13 +562,6 @@ def empty_queue(db: str) -> None:
     conn.close()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
 def measure_signals(db: str, rounds: int, poll_interval: float, doorbells: bool) -> dict[str, Any]:
     nodeflow.connect(db).close()
     trigger = nodeflow.connect(db, settings=settings())
@@ -643,37 +637,6 @@ def measure_idle(db: str, seconds: float) -> dict[str, Any]:
 # The run ----------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    key: str
-    label: str
-    unit: str
-    value: float | None = None
-    runs: list[float] = field(default_factory=list)
-    spread: str = ""
-    target: str = "-"
-    result: str = "-"
-    note: str = ""
-
-    def settle(self) -> None:
-        if self.runs:
-            self.value = statistics.median(self.runs)
-            if len(self.runs) > 1:
-                self.spread = f"{format_number(min(self.runs), self.unit)}..{format_number(max(self.runs), self.unit)}"
-
-
-def format_number(value: float, unit: str) -> str:
-    if unit in ("msg/s", "kB"):
-        return f"{value:,.0f}"
-    if unit in ("x", "share"):
-        return f"{value:.2f}"
-    return f"{value:.3f}"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
 def ratio_row(key: str, label: str, top: Row, bottom: Row, target: float, note: str = "") -> Row:
     row = Row(key, label, "x", note=note)
     if top.value is None or bottom.value is None:
@@ -699,7 +662,7 @@ def nodeflow_commit() -> str:
     return head + ("" if clean == 0 else "+modified")
 
 
-def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
+def run_benchmark(plan: Plan, progress: benchlib.Progress) -> tuple[list[Row], dict[str, Any]]:
     bench_dir = REPO / "bench"
     folder = tempfile.mkdtemp(prefix="tmp-bus-", dir=bench_dir)
     try:
@@ -709,13 +672,7 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
     except ImportError:
         huey_version = None
     meta: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "filesystem": nodeflow.filesystem_type(folder),
-        "folder": str(bench_dir),
-        "sqlite": sqlite3.sqlite_version,
+        **benchlib.environment(nodeflow.filesystem_type(folder), str(bench_dir)),
         "huey": huey_version,
         "commit": nodeflow_commit(),
         "repeats": plan.repeats,
@@ -960,88 +917,36 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
     rss_empty.note = "VmRSS of the consumer process, from /proc/self/status"
     rss_deep.note = f"database file {meta['deep_db_bytes'] / 1e6:,.0f} MB"
     out += [rss_empty, rss_deep]
-    meta["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["loadavg_at_end"] = benchlib.loadavg()
     return out, meta
 
 
-def format_value(row: Row) -> str:
-    return "n/a" if row.value is None else format_number(row.value, row.unit)
-
-
 def render(rows: list[Row], meta: dict[str, Any], quick: bool) -> str:
-    header = ("measurement", "median", "unit", "spread", "target", "result", "note")
-    table = [header] + [
-        (row.label, format_value(row), row.unit, row.spread or "-", row.target, row.result, row.note) for row in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    right = {1}  # numbers right-aligned
-
-    def line(cells: tuple[str, ...]) -> str:
-        parts = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
     plan = meta["plan"]
-    out = [
-        f"nodeflow bus benchmark{' (--quick)' if quick else ''} at {meta['commit']}: Python {meta['python']}, "
-        f"SQLite {meta['sqlite']}, "
-        f"{meta['cpus']} CPUs, {meta['filesystem']} at {meta['folder']}, huey {meta['huey'] or 'not installed'}, "
-        "load average at start "
-        + " ".join(f"{x:.2f}" for x in meta["loadavg_at_start"])
-        + ", at end "
-        + " ".join(f"{x:.2f}" for x in meta["loadavg_at_end"]),
+    intro = [
+        benchlib.headline(
+            "nodeflow bus benchmark", meta, quick, f"huey {meta['huey'] or 'not installed'}", at=f" at {meta['commit']}"
+        ),
         f"end to end: median of {meta['repeats']} runs of {plan['e2e']:,} messages ({plan['async_e2e']:,} for huey "
         "and the asyncio row with 16 asend in flight), producer sending concurrently in its own process, consumers "
         "in their own; rate = messages / (producer's first send .. last real ack); all synchronous=FULL",
         f"single process: median of {meta['op_repeats']} runs of {plan['send_full']:,} sends "
         f"({plan['send_normal']:,} at NORMAL), {plan['recv']:,} receive+ack; spread = min..max of the runs",
-        "",
-        line(header),
-        line(tuple("-" * w for w in widths)),
     ]
-    out += [line(cells) for cells in table[1:]]
-    return "\n".join(out)
+    return benchlib.render_table(rows, intro)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark nodeflow's message bus and cache signals.")
-    parser.add_argument("--quick", action="store_true", help="fewer runs and messages (a smoke test, < 40 s)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    args = parser.parse_args(argv)
-    plan = QUICK_PLAN if args.quick else FULL_PLAN
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        print(f"[{time.monotonic() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
-
-    rows, meta = run_benchmark(plan, progress)
-    meta["elapsed_s"] = round(time.monotonic() - started, 2)
-    meta["quick"] = args.quick
-    print(render(rows, meta, args.quick))
-    progress("done")
-    if args.json:
-        document = {
-            "meta": meta,
-            "rows": [
-                {
-                    "key": row.key,
-                    "label": row.label,
-                    "unit": row.unit,
-                    "median": row.value,
-                    "runs": row.runs,
-                    "target": None if row.target == "-" else row.target,
-                    "result": None if row.result == "-" else row.result,
-                    "note": row.note or None,
-                }
-                for row in rows
-            ],
-        }
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2)
-            out.write("\n")
-    return 0
+    return benchlib.main(
+        argv,
+        description="Benchmark nodeflow's message bus and cache signals.",
+        quick_help="fewer runs and messages (a smoke test, < 40 s)",
+        full_plan=FULL_PLAN,
+        quick_plan=QUICK_PLAN,
+        run=run_benchmark,
+        render=render,
+        say_done=True,
+    )
 
 
 if __name__ == "__main__":

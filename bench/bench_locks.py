@@ -15,21 +15,16 @@ The standard library only; filelock is compared with when it is importable.
 
 from __future__ import annotations
 
-import argparse
 import fcntl
-import json
-import math
 import multiprocessing
 import os
-import platform
 import shutil
 import sqlite3
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
 from types import ModuleType
@@ -37,6 +32,10 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+# benchlib: bench/benchlib.py, found because Python puts the script's folder first on sys.path
+import benchlib  # noqa: E402
+from benchlib import Row, percentile, verdict  # noqa: E402
 
 import nodeflow  # noqa: E402
 
@@ -241,13 +240,6 @@ def handoff_worker(
     report.close()
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
-    return ordered[rank - 1]
-
-
 def measure_handoff(kind: str, folder: str, turns: int, hold: float) -> dict[str, Any]:
     ctx = multiprocessing.get_context("spawn")  # clean children: no inherited handles or threads
     db = os.path.join(folder, f"handoff-{kind}.db")
@@ -306,39 +298,12 @@ def measure_handoff(kind: str, folder: str, turns: int, hold: float) -> dict[str
 # The run --------------------------------------------------------------------------------------
 
 
-@dataclass
-class Row:
-    key: str
-    label: str
-    unit: str
-    value: float | None = None
-    runs: list[float] = field(default_factory=list)
-    spread: str = ""
-    target: str = "-"
-    result: str = "-"
-    note: str = ""
-
-
-def fmt_rate(value: float) -> str:
-    return f"{value:,.0f}"
-
-
-def verdict(ok: bool) -> str:
-    return "PASS" if ok else "MISS"
-
-
-def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row], dict[str, Any]]:
+def run_benchmark(plan: Plan, progress: benchlib.Progress) -> tuple[list[Row], dict[str, Any]]:
     bench_dir = REPO / "bench"
     folder = tempfile.mkdtemp(prefix="bench-locks-", dir=bench_dir)
     meta: dict[str, Any] = {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "filesystem": nodeflow.filesystem_type(folder),
-        "folder": str(bench_dir),
+        **benchlib.environment(nodeflow.filesystem_type(folder), str(bench_dir)),
         "filelock": getattr(filelock, "__version__", None) if filelock is not None else None,
-        "sqlite": sqlite3.sqlite_version,
         "repeats": plan.repeats,
         "iterations": {
             "raw_flock": plan.raw,
@@ -397,8 +362,7 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
                 row.runs.append(n / run(n))
         for row, _, (_, close) in timers:
             close()
-            row.value = statistics.median(row.runs)
-            row.spread = f"{fmt_rate(min(row.runs))}..{fmt_rate(max(row.runs))}"
+            row.settle()
         kinds = ["nodeflow-nofence", "nodeflow-fence"] + (["filelock"] if filelock is not None else [])
         for kind in kinds:
             progress(f"hand-off {kind}, {plan.handoffs} turns")
@@ -412,7 +376,7 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
     by_key = {row.key: row for row in rows}
     full = by_key["nodeflow_fence_full"]
     if full.value is not None:
-        full.target = f">= {fmt_rate(TARGET_FENCED_OPS)}/s"
+        full.target = f">= {benchlib.format_number(TARGET_FENCED_OPS, full.unit)}/s"
         full.result = verdict(full.value >= TARGET_FENCED_OPS)
 
     nofence, fl = by_key["nodeflow_nofence"], by_key["filelock"]
@@ -460,90 +424,31 @@ def run_benchmark(plan: Plan, progress: Callable[[str], None]) -> tuple[list[Row
                     row.result = verdict(row.value < limit)
             rows.append(row)
     meta["handoff"] = handoff
-    meta["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    meta["loadavg_at_end"] = benchlib.loadavg()
     return rows, meta
 
 
-def format_value(row: Row) -> str:
-    if row.value is None:
-        return "n/a"
-    if row.unit == "ops/s":
-        return fmt_rate(row.value)
-    if row.unit == "x":
-        return f"{row.value:.2f}"
-    return f"{row.value:.3f}"
-
-
 def render(rows: list[Row], meta: dict[str, Any], quick: bool) -> str:
-    header = ("measurement", "median", "unit", "spread", "target", "result", "note")
-    table = [header] + [
-        (row.label, format_value(row), row.unit, row.spread or "-", row.target, row.result, row.note) for row in rows
-    ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    right = {1}  # numbers right-aligned
-
-    def line(cells: tuple[str, ...]) -> str:
-        parts = [
-            cell.rjust(w) if i in right else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    out = [
-        f"nodeflow lock benchmark{' (--quick)' if quick else ''}: Python {meta['python']}, SQLite {meta['sqlite']}, "
-        f"{meta['cpus']} CPUs, {meta['filesystem']} at {meta['folder']}, "
-        f"filelock {meta['filelock'] or 'not installed'}, load average at start "
-        + " ".join(f"{x:.2f}" for x in meta["loadavg_at_start"])
-        + ", at end "
-        + " ".join(f"{x:.2f}" for x in meta["loadavg_at_end"]),
+    intro = [
+        benchlib.headline("nodeflow lock benchmark", meta, quick, f"filelock {meta['filelock'] or 'not installed'}"),
         f"throughput: median of {meta['repeats']} runs, spread = min..max of the runs, iterations per run "
         + ", ".join(f"{k} {v}" for k, v in meta["iterations"].items()),
         f"hand-off: two processes, {meta['handoff_turns']} turns, holder keeps the lock "
         f"{meta['handoff_hold_ms']:g} ms; latency = waiter's acquire return - holder's release call",
-        "",
-        line(header),
-        line(tuple("-" * w for w in widths)),
     ]
-    out += [line(cells) for cells in table[1:]]
-    return "\n".join(out)
+    return benchlib.render_table(rows, intro)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Benchmark nodeflow's named locks.")
-    parser.add_argument("--quick", action="store_true", help="fewer runs and iterations (a smoke test, < 15 s)")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-    args = parser.parse_args(argv)
-    plan = QUICK_PLAN if args.quick else FULL_PLAN
-    started = time.monotonic()
-
-    def progress(message: str) -> None:
-        print(f"[{time.monotonic() - started:5.1f}s] {message}", file=sys.stderr, flush=True)
-
-    rows, meta = run_benchmark(plan, progress)
-    meta["elapsed_s"] = round(time.monotonic() - started, 2)
-    meta["quick"] = args.quick
-    print(render(rows, meta, args.quick))
-    if args.json:
-        document = {
-            "meta": meta,
-            "rows": [
-                {
-                    "key": row.key,
-                    "label": row.label,
-                    "unit": row.unit,
-                    "median": row.value,
-                    "runs": row.runs,
-                    "target": None if row.target == "-" else row.target,
-                    "result": None if row.result == "-" else row.result,
-                    "note": row.note or None,
-                }
-                for row in rows
-            ],
-        }
-        with open(args.json, "w", encoding="utf-8") as out:
-            json.dump(document, out, indent=2)
-            out.write("\n")
-    return 0
+    return benchlib.main(
+        argv,
+        description="Benchmark nodeflow's named locks.",
+        quick_help="fewer runs and iterations (a smoke test, < 15 s)",
+        full_plan=FULL_PLAN,
+        quick_plan=QUICK_PLAN,
+        run=run_benchmark,
+        render=render,
+    )
 
 
 if __name__ == "__main__":
