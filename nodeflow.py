@@ -24,6 +24,7 @@ import ctypes
 import datetime
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -67,6 +68,10 @@ __all__ = [
     "MemoryCache",
     "Cluster",
     "connect",
+    "Node",
+    "NodeIdInUse",
+    "LostOffice",
+    "Timer",
     "main",
 ]
 
@@ -127,6 +132,14 @@ class CorruptDatabase(StoreError):
 
 class SchemaTooNew(StoreError):
     """The database was written by a newer nodeflow; it is left untouched."""
+
+
+class NodeIdInUse(NodeflowError):
+    """Another live process already runs as this node id."""
+
+
+class LostOffice(NodeflowError):
+    """The scheduler's election epoch is no longer the current one: another node holds office."""
 
 
 _DURATION_UNITS = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
@@ -215,7 +228,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -271,6 +284,36 @@ _MIGRATIONS: dict[int, str] = {
             key   TEXT PRIMARY KEY,
             value ANY
         ) WITHOUT ROWID;
+    """,
+    3: """
+        CREATE TABLE nodes (
+            id        TEXT PRIMARY KEY,
+            pid       INTEGER NOT NULL,
+            host      TEXT NOT NULL,
+            role      TEXT NOT NULL,
+            started   REAL NOT NULL,
+            heartbeat REAL NOT NULL,
+            state     TEXT NOT NULL
+        ) WITHOUT ROWID;
+        CREATE TABLE election (
+            id    INTEGER PRIMARY KEY CHECK (id = 1),
+            epoch INTEGER NOT NULL,
+            node  TEXT,
+            since REAL
+        );
+        INSERT INTO election (id, epoch, node, since) VALUES (1, 0, NULL, NULL);
+        CREATE TABLE timers (
+            name       TEXT PRIMARY KEY,
+            queue      TEXT NOT NULL,
+            body       TEXT NOT NULL,
+            cron       TEXT,
+            tz         TEXT,
+            due        REAL,
+            created    REAL NOT NULL,
+            fired      INTEGER NOT NULL DEFAULT 0,
+            last_fired REAL
+        ) WITHOUT ROWID;
+        CREATE INDEX timers_due ON timers (due) WHERE due IS NOT NULL;
     """,
 }
 
@@ -1260,7 +1303,7 @@ class Doorbells:
                     pid = (_kernel_flock_owners() or {}).get(
                         (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)
                     )
-                raise NodeflowError(
+                raise NodeIdInUse(
                     f"node id {self.node} is in use by a live process{f' (pid {pid})' if pid else ''}; "
                     "choose another id or stop that process"
                 ) from None
@@ -2538,6 +2581,190 @@ class MemoryCache:
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
+# 7. Membership and election: who is alive (liveness locks), who schedules (scheduler.lock).
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+NODE_STATES = ("running", "stalled", "stopped", "dead")
+
+
+def _lock_file_holders(directory: str, suffix: str) -> dict[str, int | None]:
+    """name -> pid holding a flock on ``directory/<name><suffix>`` (None: the file is there, unheld)."""
+    owners = _kernel_flock_owners() or {}
+    found: dict[str, int | None] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return found
+    for entry in names:
+        if not entry.endswith(suffix) or entry.startswith("."):
+            continue
+        try:
+            info = os.stat(os.path.join(directory, entry), follow_symlinks=False)
+        except OSError:
+            continue
+        found[entry[: -len(suffix)]] = owners.get((os.major(info.st_dev), os.minor(info.st_dev), info.st_ino))
+    return found
+
+
+def live_nodes(lock_dir: str) -> dict[str, int]:
+    """node id -> pid of every node whose liveness lock is held now (the kernel's word, not a heartbeat)."""
+    return {
+        node: pid
+        for node, pid in _lock_file_holders(os.path.join(lock_dir, "nodes"), ".lock").items()
+        if pid is not None
+    }
+
+
+def scheduler_pid(lock_dir: str) -> int | None:
+    return _lock_file_holders(lock_dir, ".lock").get("scheduler")
+
+
+class _FlockWaiter:
+    """Waits in a thread for an exclusive flock on a file, then calls ``on_granted(fd)`` there.
+
+    The kernel wakes the thread the moment the holder releases or dies. ``stop()`` gives up:
+    a lock the thread gets after that is closed (released) at once, never kept.
+    """
+
+    def __init__(self, path: str, on_granted: Callable[[int], None], name: str) -> None:
+        self.path, self._on_granted, self._name = path, on_granted, name
+        self._stopped = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    @property
+    def done(self) -> bool:
+        return self._thread is not None and not self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            with _LOCK_FDS_MUTEX:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+                _LOCK_FDS.add(fd)
+        except OSError as error:
+            log.warning("cannot open %s: %s", self.path, error)
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:
+            log.warning("waiting for %s failed: %s", self.path, error)
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(fd)
+            return
+        if self._stopped.is_set():
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(fd)
+            return
+        try:
+            self._on_granted(fd)
+        except Exception:
+            log.exception("handling %s failed", self.path)
+
+
+def take_office(conn: sqlite3.Connection, node: str) -> int:
+    """The new scheduler's first act: bump the election epoch, in its own transaction."""
+    conn.execute("UPDATE election SET epoch = epoch + 1, node = ?, since = ? WHERE id = 1", (node, time.time()))
+    return int(conn.execute("SELECT epoch FROM election WHERE id = 1").fetchone()[0])
+
+
+def check_epoch(conn: sqlite3.Connection, epoch: int) -> None:
+    """Every act of the scheduler runs this in its transaction: a deposed scheduler acts no more."""
+    current = conn.execute("SELECT epoch FROM election WHERE id = 1").fetchone()[0]
+    if current != epoch:
+        raise LostOffice(f"the election epoch is {current}, not {epoch}: another node holds office")
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# 8. Scheduler: timers (one-shot and cron) fired exactly once by the node in office.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+
+class CronSchedule:  # CRON-STUB: replaced by the cron engine
+    @staticmethod
+    def parse(expression: str, tz: str | None = None) -> CronSchedule:
+        raise InvalidInput("cron not ready")
+
+    def next_after(self, moment: float) -> float:
+        raise NotImplementedError
+
+
+RING_TIMERS = "t"  # a timer was added or removed: the scheduler looks again at what is due next
+TIMER_NAME_MAX_BYTES = 200
+FIRE_BATCH = 500  # timers fired in one transaction
+
+
+def check_timer_name(name: object) -> str:
+    if not isinstance(name, str) or not name or not name.isprintable():
+        raise InvalidInput(f"a timer name is non-empty printable text, not {name!r}")
+    if len(name.encode("utf-8", "replace")) > TIMER_NAME_MAX_BYTES:
+        raise InvalidInput(f"timer name {_show_name(name)} is longer than {TIMER_NAME_MAX_BYTES} bytes")
+    return name
+
+
+def parse_time(text: str, what: str = "--at") -> float:
+    """ISO 8601 to a Unix time; local time when no offset is given."""
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip())
+    except (ValueError, TypeError):
+        raise InvalidInput(
+            f"{what}: {text!r} is not an ISO 8601 time; use one such as 2026-12-24T18:00 or 2026-12-24T18:00+01:00"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.astimezone()  # local time
+    return moment.timestamp()
+
+
+@dataclass(frozen=True)
+class Timer:
+    name: str
+    queue: str
+    body: Any
+    cron: str | None
+    tz: str | None
+    due: float | None  # None once a one-shot timer has fired
+    fired: int
+    last_fired: float | None
+
+
+def _fire_due_work(epoch: int, now: float) -> Callable[[sqlite3.Connection], tuple[int, set[str]]]:
+    def fire(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+        check_epoch(conn, epoch)
+        rows = conn.execute(
+            "SELECT name, queue, body, cron, tz, due FROM timers WHERE due IS NOT NULL AND due <= ? "
+            "ORDER BY due LIMIT ?",
+            (now, FIRE_BATCH),
+        ).fetchall()
+        queues: set[str] = set()
+        for name, queue, body, cron, tz, _due in rows:
+            conn.execute(
+                "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
+                (queue, body, now, now),
+            )
+            # A cron timer's next slot is the first after now: slots missed while no scheduler
+            # ran are fired once, here, not once each.
+            following = CronSchedule.parse(cron, tz).next_after(now) if cron else None
+            conn.execute(
+                "UPDATE timers SET due = ?, fired = fired + 1, last_fired = ? WHERE name = ?",
+                (following, now, name),
+            )
+            queues.add(queue)
+        return len(rows), queues
+
+    return fire
+
+
+def _next_due(conn: sqlite3.Connection) -> float | None:
+    due = conn.execute("SELECT MIN(due) FROM timers WHERE due IS NOT NULL").fetchone()[0]
+    return None if due is None else float(due)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
 # Python API: connect() and the handle it returns, over the pieces above (not a DESIGN.md layer).
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
@@ -2795,6 +3022,104 @@ class Cluster:
     def prune_instructions(self, max_age: float | str | None = None, max_count: int | None = None) -> int:
         return self.signals.prune(max_age, max_count)
 
+    # Timers -------------------------------------------------------------------------------
+
+    def schedule(
+        self,
+        name: str,
+        queue: str,
+        body: Any,
+        *,
+        cron: str | None = None,
+        tz: str | None = None,
+        at: float | str | None = None,
+        after: float | str | None = None,
+    ) -> Timer:
+        """Add a timer that sends ``body`` to ``queue``: once ``after`` a delay, once ``at`` a time, or on ``cron``.
+
+        The scheduling node fires it, exactly once per due time; ``next`` is known at once.
+        """
+        name = check_timer_name(name)
+        queue = check_queue_name(queue)
+        text = encode_body(body, self.settings.max_body_bytes)
+        if sum(option is not None for option in (cron, at, after)) != 1:
+            raise InvalidInput("give exactly one of cron, at and after")
+        if tz is not None and cron is None:
+            raise InvalidInput("a time zone goes with a cron expression only")
+        now = time.time()
+        if cron is not None:
+            due = CronSchedule.parse(cron, tz).next_after(now)
+        elif at is not None:
+            due = parse_time(at) if isinstance(at, str) else float(at)
+            if not math.isfinite(due):
+                raise InvalidInput(f"at: {at!r} is not a time")
+        else:
+            due = now + parse_duration(after if after is not None else 0, "after")
+
+        def add(conn: sqlite3.Connection) -> None:
+            if conn.execute("SELECT 1 FROM timers WHERE name = ?", (name,)).fetchone():
+                raise NodeflowError(f"a timer named {_show_name(name)} exists already; remove it first")
+            conn.execute(
+                "INSERT INTO timers (name, queue, body, cron, tz, due, created) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (name, queue, text, cron, tz, due, now),
+            )
+
+        self.committer.submit(add, (RING_TIMERS,))
+        return Timer(name, queue, body, cron, tz, due, 0, None)
+
+    def unschedule(self, name: str) -> bool:
+        name = check_timer_name(name)
+        return bool(
+            self.committer.submit(
+                lambda conn: conn.execute("DELETE FROM timers WHERE name = ?", (name,)).rowcount, (RING_TIMERS,)
+            )
+        )
+
+    def timers(self, limit: int | None = None) -> list[Timer]:
+        """Every timer, the next due first (fired one-shot timers last)."""
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT name, queue, body, cron, tz, due, fired, last_fired FROM timers "
+                "ORDER BY due IS NULL, due, name LIMIT ?",
+                (-1 if limit is None else limit,),
+            ).fetchall()
+        )
+        return [Timer(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+
+    # Membership ---------------------------------------------------------------------------
+
+    def nodes(self, stall_after: float = 5.0) -> list[dict[str, Any]]:
+        """Every node that ever ran here: id, pid, host, role, state and heartbeat age (seconds)."""
+        alive = live_nodes(self.store.lock_dir)
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT id, pid, host, role, started, heartbeat, state FROM nodes ORDER BY id"
+            ).fetchall()
+        )
+        now = time.time()
+        found = []
+        for node, pid, host, role, started, heartbeat, state in rows:
+            if alive.get(node) is not None:
+                state = "stalled" if now - heartbeat > stall_after else "running"
+                pid = alive[node]
+            elif state != "stopped":
+                state = "dead"  # its liveness lock is free, whatever its last heartbeat says
+            found.append(
+                {"id": node, "pid": pid, "host": host, "role": role, "state": state,
+                 "heartbeat_age": round(max(0.0, now - heartbeat), 3), "started": started}
+            )  # fmt: skip
+        return found
+
+    def scheduler(self) -> dict[str, Any] | None:
+        """The node in office and its epoch, or None when no node holds scheduler.lock now."""
+        epoch, node = self.store.read(
+            lambda conn: conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
+        )
+        pid = scheduler_pid(self.store.lock_dir)
+        if pid is None or node is None:
+            return None
+        return {"node": node, "epoch": epoch, "pid": pid}
+
     # Lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -2819,6 +3144,363 @@ class Cluster:
 def connect(path: str | None = None, **options: Any) -> Cluster:
     """Open the cluster at ``path`` (default ``$NODEFLOW_DB`` or ``./nodeflow.db``), creating it."""
     return Cluster(path, **options)
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
+# 10. Node: the daemon that `serve` runs: membership, heartbeats, election, the scheduler.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
+
+
+class _NodeLogHandler(logging.Handler):
+    """Library warnings (a cold boot, a failed read) go to the node's log, one line each."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(logging.INFO)
+        self._node = node
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._node.say(f"{record.levelname.lower()}: {record.getMessage()}")
+        except Exception:
+            self.handleError(record)
+
+
+class Node:
+    """One member of a cluster: ``python3 nodeflow.py serve`` runs one; programs may run one in-process.
+
+    ``await Node(path).run()`` joins the cluster (taking the node id's liveness lock), beats its
+    heart, watches its peers' liveness locks, stands for election unless it is a replica, fires
+    timers while in office, and on ``request_stop()`` steps down and leaves cleanly.
+    """
+
+    def __init__(
+        self,
+        path: str | None = None,
+        *,
+        node_id: str | None = None,
+        role: str = "auto",
+        concurrency: int = 8,
+        settings: Settings | None = None,
+        grace: float | str = 10.0,
+        heartbeat: float | str = 1.0,
+        out: Any = None,
+    ) -> None:
+        if role not in ("auto", "replica"):
+            raise InvalidInput(f"role must be auto or replica, not {role!r}")
+        if node_id is not None:
+            check_node_id(node_id)
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int) or not 1 <= concurrency <= 1024:
+            raise InvalidInput(f"concurrency must be a whole number from 1 to 1024, not {concurrency!r}")
+        self.path = path or default_db_path()
+        self.requested_id, self.role, self.concurrency = node_id, role, concurrency
+        self.settings = settings or Settings()
+        self.grace = parse_duration(grace, "grace")
+        self.heartbeat = parse_duration(heartbeat, "heartbeat")
+        if self.heartbeat <= 0:
+            raise InvalidInput("heartbeat must be more than zero, such as 1s")
+        self.out = out if out is not None else sys.stderr
+        self.id = node_id or "?"
+        self.nf: Cluster | None = None
+        self.epoch: int | None = None  # set while in office
+        self.timers_fired = 0
+        self._say_mutex = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_reason = "asked to"
+        self._office_fd: int | None = None
+        self._election: _FlockWaiter | None = None
+        self._peers: dict[str, _FlockWaiter] = {}
+        self._scheduling: asyncio.Task[None] | None = None
+        self._log_handler = _NodeLogHandler(self)
+
+    # The log ------------------------------------------------------------------------------
+
+    @property
+    def label(self) -> str:
+        if self.epoch is not None:
+            return "scheduler"
+        return "replica" if self.role == "replica" else "standby"
+
+    def say(self, event: str) -> None:
+        stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+        with self._say_mutex:
+            print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
+
+    # Joining and leaving ------------------------------------------------------------------
+
+    def _join(self) -> Cluster:
+        """Open the cluster as the requested node id, or the first free of n1, n2, ..."""
+        candidates = [self.requested_id] if self.requested_id else [f"n{number}" for number in range(1, 1000)]
+        for candidate in candidates:
+            nf = Cluster(self.path, node=candidate, settings=self.settings)
+            self.id = candidate
+            try:
+                nf._listen()  # takes PATH.d/nodes/<id>.lock for the node's whole life
+            except NodeIdInUse:
+                nf.close()
+                if self.requested_id:
+                    raise
+                continue
+            except BaseException:
+                nf.close()
+                raise
+            self.id = candidate
+            return nf
+        raise NodeflowError("no free node id among n1 .. n999; give one with --node-id")
+
+    def _register(self, conn: sqlite3.Connection) -> int:
+        now = time.time()
+        conn.execute(
+            "INSERT INTO nodes (id, pid, host, role, started, heartbeat, state) VALUES (?, ?, ?, ?, ?, ?, 'running') "
+            "ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, host = excluded.host, role = excluded.role, "
+            "started = excluded.started, heartbeat = excluded.heartbeat, state = 'running'",
+            (self.id, os.getpid(), socket.gethostname(), self.role, now, now),
+        )
+        # Leases of an earlier life under this id are its own no more: hand them back now.
+        return conn.execute(
+            "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
+            (now, f"node {self.id} restarted", self.id),
+        ).rowcount
+
+    def request_stop(self, reason: str = "asked to") -> None:
+        """Begin a graceful stop; safe from any thread and from signal handlers."""
+        self._stop_reason = reason
+        if self._loop is not None and self._stop is not None:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stop.set)
+
+    async def run(self) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        logging.getLogger("nodeflow").addHandler(self._log_handler)
+        try:
+            nf = self.nf = self._join()
+        except BaseException:
+            logging.getLogger("nodeflow").removeHandler(self._log_handler)
+            raise
+        try:
+            handed_back = await nf.committer.asubmit(self._register)
+            self.say(
+                f"joined {nf.path} (pid {os.getpid()}, role {self.role})"
+                + (f"; handed back {handed_back} leases of its earlier life" if handed_back else "")
+            )
+            self._reap_dead()
+            self._watch_peers()
+            if self.role == "auto":
+                self._stand_for_election()
+            beating = asyncio.create_task(self._beat())
+            await self._stop.wait()
+            self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
+            beating.cancel()
+            await self._step_down()
+            for watcher in self._peers.values():
+                watcher.stop()
+            now = time.time()
+            await nf.committer.asubmit(
+                lambda conn: conn.execute(
+                    "UPDATE nodes SET state = 'stopped', heartbeat = ? WHERE id = ? AND pid = ?",
+                    (now, self.id, os.getpid()),
+                )
+            )
+            self.say("stopped")
+            return 0
+        finally:
+            logging.getLogger("nodeflow").removeHandler(self._log_handler)
+            nf.close()
+
+    # Heartbeats and peers -----------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        assert self.nf is not None
+        node, pid = self.id, os.getpid()
+
+        def beat(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE nodes SET heartbeat = ?, state = 'running' WHERE id = ? AND pid = ?", (time.time(), node, pid)
+            )
+
+        while True:
+            try:
+                await self.nf.committer.asubmit(beat)
+                self._reap_dead()
+                self._watch_peers()
+            except Exception as error:  # a busy or full disk: keep beating, say so
+                self.say(f"heartbeat failed: {error}")
+            await asyncio.sleep(self.heartbeat)
+
+    def _watch_peers(self) -> None:
+        """A thread per live peer waits on its liveness lock: the kernel says when it dies."""
+        assert self.nf is not None
+        directory = self.nf.doorbells.directory
+        for peer, pid in _lock_file_holders(directory, ".lock").items():
+            if peer == self.id or pid is None:
+                continue
+            watcher = self._peers.get(peer)
+            if watcher is not None and not watcher.done:
+                continue
+            watcher = _FlockWaiter(
+                os.path.join(directory, f"{peer}.lock"),
+                functools.partial(self._peer_died, peer),
+                f"nodeflow-watch-{peer}",
+            )
+            self._peers[peer] = watcher
+            watcher.start()
+
+    def _peer_died(self, peer: str, fd: int) -> None:
+        """In a watcher thread holding the dead peer's liveness lock: clear its files, hand back its work."""
+        assert self.nf is not None
+        directory = self.nf.doorbells.directory
+        lock_path = os.path.join(directory, f"{peer}.lock")
+        try:
+            current = os.stat(lock_path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            current = None
+        with _LOCK_FDS_MUTEX:
+            if current == os.fstat(fd).st_ino:  # not cleared yet by another node
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(directory, f"{peer}.sock"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(lock_path)  # while still locked: a restart makes a new file
+            _close_lock_fd(fd)
+        self._reap_dead()
+
+    def _reap_dead(self) -> None:
+        """Mark dead every running node whose liveness lock is free, and hand back its leases."""
+        assert self.nf is not None
+        alive = live_nodes(self.nf.store.lock_dir)
+        rows = self.nf.store.read(
+            lambda conn: conn.execute("SELECT id, pid FROM nodes WHERE state = 'running'").fetchall()
+        )
+        for peer, pid in rows:
+            if peer == self.id or peer in alive:
+                continue
+
+            def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> list[str] | None:
+                # The pid guards against a peer that restarted under the same id meanwhile.
+                if not conn.execute(
+                    "UPDATE nodes SET state = 'dead' WHERE id = ? AND pid = ? AND state = 'running'", (peer, pid)
+                ).rowcount:
+                    return None
+                queues = [q for (q,) in conn.execute("SELECT queue FROM messages WHERE lease_owner = ?", (peer,))]
+                conn.execute(
+                    "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
+                    (time.time(), f"node {peer} died", peer),
+                )
+                return queues
+
+            try:
+                released = self.nf.committer.submit(reap)
+            except NodeflowError as error:
+                self.say(f"could not mark node {peer} dead: {error}")
+                continue
+            if released is not None:
+                self.say(
+                    f"node {peer} (pid {pid}) is gone: its liveness lock is free; handed back {len(released)} leases"
+                )
+                if released:
+                    self.nf._ring({_ring_topic_for_queue(queue) for queue in released})
+
+    # Election and the scheduler -----------------------------------------------------------
+
+    def _stand_for_election(self) -> None:
+        assert self.nf is not None
+        self._election = _FlockWaiter(
+            os.path.join(self.nf.store.lock_dir, "scheduler.lock"), self._won_election, "nodeflow-election"
+        )
+        self._election.start()
+
+    def _won_election(self, fd: int) -> None:
+        """In the election thread, holding scheduler.lock: take office, then schedule on the loop."""
+        assert self.nf is not None and self._loop is not None
+        while True:
+            try:
+                epoch = self.nf.committer.submit(functools.partial(take_office, node=self.id))
+                break
+            except NodeflowError as error:
+                if self._stop is not None and self._stop.is_set():
+                    with _LOCK_FDS_MUTEX:
+                        _close_lock_fd(fd)
+                    return
+                self.say(f"taking office failed ({error}); retrying")
+                time.sleep(0.5)
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._begin_office, fd, epoch)
+
+    def _begin_office(self, fd: int, epoch: int) -> None:
+        assert self._stop is not None
+        if self._stop.is_set():  # won while stopping: leave at once
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(fd)
+            return
+        self._office_fd, self.epoch = fd, epoch
+        self.say(f"took office as the scheduling node (epoch {epoch})")
+        self._scheduling = asyncio.create_task(self._schedule(epoch))
+
+    async def _schedule(self, epoch: int) -> None:
+        """Fire what is due, sleep until the next due time or a ring, and again, while in office."""
+        assert self.nf is not None and self._stop is not None
+        nf = self.nf
+        next_prune = time.monotonic() + PRUNE_INTERVAL
+        while not self._stop.is_set():
+            seen = nf.wakeups.generation(RING_TIMERS)
+            try:
+                fired, queues = await nf.committer.asubmit(_fire_due_work(epoch, time.time()))
+            except LostOffice as error:
+                self.say(f"lost office: {error}")
+                self.epoch = None
+                return
+            except NodeflowError as error:
+                self.say(f"firing timers failed: {error}; retrying")
+                await asyncio.sleep(min(1.0, self.settings.poll_interval))
+                continue
+            if fired:
+                self.timers_fired += fired
+                nf._ring({_ring_topic_for_queue(queue) for queue in queues})
+                if fired == FIRE_BATCH:
+                    continue
+            if time.monotonic() >= next_prune:
+                next_prune = time.monotonic() + PRUNE_INTERVAL
+                with contextlib.suppress(NodeflowError):
+                    pruned = await nf.committer.asubmit(
+                        functools.partial(
+                            prune_instructions,
+                            max_age=self.settings.instruction_max_age,
+                            max_count=self.settings.instruction_max_count,
+                        )
+                    )
+                    if pruned:
+                        self.say(f"pruned {pruned} old instructions")
+            due = nf.store.read(_next_due)
+            # Wake at the next due time, on a ring (a timer added), and at least every second:
+            # a wall-clock step must not leave a timer waiting long.
+            pause = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
+            await nf.wakeups.await_change(RING_TIMERS, seen, pause)
+
+    async def _step_down(self) -> None:
+        """Leave office (if in it) before leaving the cluster, so a standby takes over at once."""
+        assert self.nf is not None
+        if self._election is not None:
+            self._election.stop()
+        if self._scheduling is not None:
+            self._scheduling.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._scheduling
+        if self._office_fd is None:
+            return
+        epoch = self.epoch
+        with contextlib.suppress(NodeflowError):
+            await self.nf.committer.asubmit(
+                lambda conn: conn.execute(
+                    "UPDATE election SET node = NULL, since = NULL WHERE id = 1 AND epoch = ?", (epoch,)
+                )
+            )
+        with _LOCK_FDS_MUTEX:
+            _close_lock_fd(self._office_fd)
+        self._office_fd = None
+        self.say(f"stepped down (epoch {epoch})")
+        self.epoch = None
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -2851,25 +3533,133 @@ def _lock_entry(info: LockInfo) -> dict[str, Any]:
     }
 
 
+def _timer_entry(timer: Timer) -> dict[str, Any]:
+    return {"name": timer.name, "queue": timer.queue, "cron": timer.cron, "tz": timer.tz, "next": _iso(timer.due)}
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    stall_after = parse_duration(args.stall_after, "--stall-after")
     with Cluster(args.db, create=False) as nf:
+        nodes = nf.nodes(stall_after)
+        scheduler = nf.scheduler()
         locks = nf.held()
         queues = nf.queues()
+        timers = [timer for timer in nf.timers(limit=10) if timer.due is not None]
         if args.json:
-            report = {"nodes": [], "scheduler": None, "queues": queues, "locks": [_lock_entry(i) for i in locks]}
+            report = {
+                "nodes": [
+                    {key: node[key] for key in ("id", "pid", "role", "state", "heartbeat_age")} for node in nodes
+                ],
+                "scheduler": None if scheduler is None else {"node": scheduler["node"], "epoch": scheduler["epoch"]},
+                "queues": queues,
+                "locks": [_lock_entry(i) for i in locks],
+                "timers": [_timer_entry(timer) for timer in timers],
+            }
             print(json.dumps(report))
             return 0
         print(f"cluster {nf.path}")
+        if scheduler is None:
+            print("scheduler: none (no eligible node runs; timers wait)")
+        else:
+            print(f"scheduler: {scheduler['node']} (pid {scheduler['pid']}, epoch {scheduler['epoch']})")
+        if not nodes:
+            print("nodes: none has run")
+        for node in nodes:
+            office = " (scheduler)" if scheduler is not None and scheduler["node"] == node["id"] else ""
+            print(
+                f"node {node['id']}{office}: {node['state']}, role {node['role']}, pid {node['pid']}, "
+                f"heartbeat {node['heartbeat_age']:.1f}s ago"
+            )
         if not queues:
             print("queues: none")
         for queue, depth in queues.items():
             counts = ", ".join(f"{count} {kind}" for kind, count in depth.items())
             print(f"queue {_show_name(queue)}: {counts}")
+        for timer in timers:
+            print(f"timer {_show_name(timer.name)}: next {_iso(timer.due)} -> queue {_show_name(timer.queue)}")
         if not locks:
             print("locks: none held")
         for info in locks:
             fence = f"fence {info.fence}" if info.fence is not None else "no fence"
             print(f"lock {_show_name(info.name)}: {fence}, held by {info.describe()}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    node = Node(
+        args.db,
+        node_id=args.node_id,
+        role=args.role,
+        concurrency=_whole_number(args.concurrency, "--concurrency"),
+        grace=args.grace,
+        heartbeat=args.heartbeat,
+    )
+    interrupts = 0
+
+    def on_signal(signum: int) -> None:
+        nonlocal interrupts
+        if signum == signal.SIGINT:
+            interrupts += 1
+            if interrupts > 1:
+                node.say("second interrupt: exiting at once")
+                os._exit(130)
+        node.request_stop(signal.Signals(signum).name)
+
+    async def serve() -> int:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, on_signal, signum)
+        return await node.run()
+
+    return asyncio.run(serve())
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        if not args.name:
+            raise InvalidInput(
+                "schedule add: give the timer's name, as in: schedule add nightly --cron '0 3 * * *' ..."
+            )
+        if args.queue is None or args.body is None:
+            raise InvalidInput("schedule add: --queue and --body are required")
+        name = check_timer_name(args.name)
+        queue = check_queue_name(args.queue)
+        body = _json_argument(args.body, "--body")
+        encode_body(body, Settings().max_body_bytes)
+        chosen = [flag for flag, value in (("--cron", args.cron), ("--at", args.at), ("--after", args.after)) if value]
+        if len(chosen) != 1:
+            raise InvalidInput("schedule add: give exactly one of --cron, --at and --after")
+        if args.tz and not args.cron:
+            raise InvalidInput("schedule add: --tz goes with --cron")
+        if args.cron:
+            CronSchedule.parse(args.cron, args.tz)
+        at = parse_time(args.at) if args.at else None
+        after = parse_duration(args.after, "--after") if args.after else None
+        with Cluster(args.db) as nf:
+            timer = nf.schedule(name, queue, body, cron=args.cron, tz=args.tz, at=at, after=after)
+        print(f"timer {_show_name(timer.name)}: next {_iso(timer.due)} -> queue {_show_name(timer.queue)}")
+        return 0
+    if args.action == "remove":
+        if not args.name:
+            raise InvalidInput("schedule remove: give the timer's name")
+        name = check_timer_name(args.name)
+        with Cluster(args.db, create=False) as nf:
+            if not nf.unschedule(name):
+                raise NodeflowError(f"no timer named {_show_name(name)}")
+        print(f"removed timer {_show_name(name)}")
+        return 0
+    if args.name:
+        raise InvalidInput("schedule list takes no name")
+    with Cluster(args.db, create=False) as nf:
+        timers = nf.timers()
+    if args.json:
+        print(json.dumps({"schedules": [_timer_entry(timer) for timer in timers]}))
+        return 0
+    for timer in timers:
+        when = f"cron {timer.cron!r}" + (f" ({timer.tz})" if timer.tz else "") if timer.cron else "once"
+        print(f"{timer.name}\t{when}\tnext {_iso(timer.due) or 'fired'}\tqueue {timer.queue}\tfired {timer.fired}")
+    if not timers:
+        print("no timers", file=sys.stderr)
     return 0
 
 
@@ -3002,9 +3792,30 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_ArgumentParser)
     verbs.required = True
 
-    status = verbs.add_parser("status", help="nodes, scheduler, queues and locks held")
+    status = verbs.add_parser("status", help="nodes, scheduler, queues, timers and locks held")
     status.add_argument("--json", action="store_true", help="one JSON object")
+    status.add_argument("--stall-after", default="5s", help="a live node's heartbeat older than this is stalled")
     status.set_defaults(run=cmd_status)
+
+    serve = verbs.add_parser("serve", help="run a node of the cluster until SIGTERM or Ctrl-C")
+    serve.add_argument("--node-id", default=None, help="this node's id (default: the first free of n1, n2, ...)")
+    serve.add_argument("--role", choices=["auto", "replica"], default="auto", help="replica: never schedules")
+    serve.add_argument("--concurrency", default="8", help="messages handled at once")
+    serve.add_argument("--grace", default="10s", help="on SIGTERM, how long in-flight work may take to finish")
+    serve.add_argument("--heartbeat", default="1s", help="how often the node records that it is alive")
+    serve.set_defaults(run=cmd_serve)
+
+    schedule = verbs.add_parser("schedule", help="add, list or remove timers (fired by the scheduling node)")
+    schedule.add_argument("action", choices=["add", "list", "remove"])
+    schedule.add_argument("name", nargs="?", default=None)
+    schedule.add_argument("--cron", default=None, help="5-field cron expression or @hourly, @daily, ...")
+    schedule.add_argument("--tz", default=None, help="IANA time zone of the cron expression (default: local)")
+    schedule.add_argument("--at", default=None, help="once, at this ISO 8601 time (local when no offset)")
+    schedule.add_argument("--after", default=None, help="once, after this duration")
+    schedule.add_argument("--queue", default=None, help="the queue each firing sends to")
+    schedule.add_argument("--body", default=None, help="the message each firing sends, JSON")
+    schedule.add_argument("--json", action="store_true", help="list as one JSON object")
+    schedule.set_defaults(run=cmd_schedule)
 
     lock = verbs.add_parser("lock", help="run a command holding a named lock (NAME [--timeout S] -- CMD ...)")
     lock.add_argument("name", help="lock name")
