@@ -3286,8 +3286,7 @@ class Node:
                 f"joined {nf.path} (pid {os.getpid()}, role {self.role})"
                 + (f"; handed back {handed_back} leases of its earlier life" if handed_back else "")
             )
-            self._reap_dead()
-            self._watch_peers()
+            await asyncio.to_thread(self._look_after_peers)
             if self.role == "auto":
                 self._stand_for_election()
             beating = asyncio.create_task(self._beat())
@@ -3324,11 +3323,14 @@ class Node:
         while True:
             try:
                 await self.nf.committer.asubmit(beat)
-                self._reap_dead()
-                self._watch_peers()
+                await asyncio.to_thread(self._look_after_peers)  # may wait for the writer: not on the loop
             except Exception as error:  # a busy or full disk: keep beating, say so
                 self.say(f"heartbeat failed: {error}")
             await asyncio.sleep(self.heartbeat)
+
+    def _look_after_peers(self) -> None:
+        self._reap_dead()
+        self._watch_peers()
 
     def _watch_peers(self) -> None:
         """A thread per live peer waits on its liveness lock: the kernel says when it dies."""
@@ -3447,9 +3449,13 @@ class Node:
             seen = nf.wakeups.generation(RING_TIMERS)
             try:
                 fired, queues = await nf.committer.asubmit(_fire_due_work(epoch, time.time()))
-            except LostOffice as error:
-                self.say(f"lost office: {error}")
-                self.epoch = None
+            except LostOffice as error:  # our scheduler.lock was removed and another node took a new one
+                self.say(f"lost office: {error}; standing again")
+                if self._office_fd is not None:
+                    with _LOCK_FDS_MUTEX:
+                        _close_lock_fd(self._office_fd)
+                self._office_fd, self.epoch, self._scheduling = None, None, None
+                self._stand_for_election()
                 return
             except NodeflowError as error:
                 self.say(f"firing timers failed: {error}; retrying")
