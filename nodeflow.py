@@ -42,6 +42,7 @@ import sys
 import threading
 import time
 import weakref
+import zoneinfo
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
@@ -2685,13 +2686,393 @@ def check_epoch(conn: sqlite3.Connection, epoch: int) -> None:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 
-class CronSchedule:  # CRON-STUB: replaced by the cron engine
+# Cron schedules: Vixie cron's five fields, evaluated in the wall-clock time of an IANA time zone.
+# uses InvalidInput from section 1
+
+# The rules, as in Vixie cron 4.1 and cronie (`man 5 crontab`), and the choices made where they are silent:
+#
+# Fields: minute 0-59, hour 0-23, day-of-month 1-31, month 1-12 (or jan..dec), day-of-week 0-7 (or sun..sat;
+# 0 and 7 are both Sunday). A field is a comma-separated list of items; an item is `*`, a number, a name or a
+# range `a-b` (`mon-fri`), and `*` or a range may take a step (`*/15`, `10-50/20`). Names are three letters, in
+# any case, as in Vixie. A lone value with a step (`5/10`) is refused: Vixie refuses it, and the crons that
+# accept it disagree on its meaning. So is a step longer than its field (`*/90`: cron has no "every 90 minutes").
+#
+# Days: when day-of-month and day-of-week are both restricted, a day matches when EITHER matches (`0 0 13 * fri`
+# runs on every 13th and on every Friday). When either field is unrestricted, a day must match BOTH, which comes
+# to "only the other counts" for a plain `*`. Like Vixie (its DOM_STAR and DOW_STAR flags) "unrestricted" means
+# the field text starts with `*`, so `0 0 */2 * mon` runs on Mondays that fall on an odd day of the month, not
+# on every odd day and every Monday.
+#
+# Time zones: the fields are matched against the wall clock of `tz` (None: this machine's local time zone).
+# Around daylight-saving changes we follow Vixie cron's split between jobs whose minute or hour field starts
+# with `*` ("wildcard" jobs, its MIN_STAR and HR_STAR flags) and all others ("fixed-time" jobs):
+#   - Wildcard jobs (`*/30 * * * *`, `0 * * * *`, `*/15 2 * * *`) run at every real instant whose wall-clock
+#     time matches. The hour a spring-forward skips has no such instant, so nothing runs for it; the hour a
+#     fall-back repeats is run through twice. `0 * * * *` thus keeps firing once per real hour.
+#   - Fixed-time jobs (`30 2 * * *`, `0 1-3 * * *`) run once per matching wall-clock time. A time that a
+#     spring-forward skips runs at the first instant after the gap (03:00 when 02:00-02:59 is skipped), once
+#     even when several skipped times match; a time that a fall-back repeats runs at its first occurrence only.
+#   Vixie cron reaches the same result by watching its clock jump; we compute it, so it also holds for
+#   gaps longer than the three hours Vixie would treat as a DST change.
+
+
+_CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
+_CRON_BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
+_CRON_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
+_CRON_WEEKDAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat")
+_CRON_NAMES: tuple[dict[str, int], ...] = (
+    {},
+    {},
+    {},
+    {name: number for number, name in enumerate(_CRON_MONTH_NAMES, start=1)},
+    {name: number for number, name in enumerate(_CRON_WEEKDAY_NAMES)},
+)
+_CRON_MONTH_TITLES = ("January", "February", "March", "April", "May", "June",
+                      "July", "August", "September", "October", "November", "December")  # fmt: skip
+# The longest each month can be: February has a 29th in leap years.
+_CRON_LONGEST_MONTHS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+_CRON_SHORTHANDS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+# The Gregorian calendar, weekdays included, repeats every 400 years (146,097 days, a whole number of weeks):
+# an expression that parse() accepted therefore matches some day in any 401 consecutive years.
+_CRON_SEARCH_YEARS = 401
+_CRON_NUMBER = re.compile(r"[0-9]+")  # ASCII digits only: int() would also take other scripts' digits
+_CRON_NAME = re.compile(r"[A-Za-z]+")
+_CRON_QUARTZ = re.compile(r"\?|L|LW|[0-9]*L|[0-9]+W|[0-9]+#[0-9]+")  # Quartz-only syntax, named in the error
+_CRON_EPOCH = datetime.datetime(1970, 1, 1)
+
+
+def _cron_quote(text: str) -> str:
+    """Text in double quotes for a one-line message; escaped like repr() when it holds control characters."""
+    return f'"{text}"' if text.isprintable() else repr(text)
+
+
+def _cron_error(expression: str, problem: str) -> InvalidInput:
+    return InvalidInput(f"bad cron expression {_cron_quote(expression)}: {problem}")
+
+
+def _cron_zone(tz: str | None) -> zoneinfo.ZoneInfo | None:
+    """The ZoneInfo for an IANA name; None stands for the machine's local time (see _cron_wall_clock)."""
+    if tz is None:
+        return None
+    if not isinstance(tz, str):
+        raise InvalidInput(f"a time zone is an IANA name such as Europe/Paris, not {type(tz).__name__}")
+    try:
+        return zoneinfo.ZoneInfo(tz)  # cached by zoneinfo itself
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        # ValueError: empty, absolute or ".." keys and files that are not TZif; OSError: names too long.
+        raise InvalidInput(f"unknown time zone {_cron_quote(tz)}; use an IANA name such as Europe/Paris") from None
+
+
+def _cron_wall_clock(moment: float, zone: zoneinfo.ZoneInfo | None) -> datetime.datetime:
+    """The naive wall-clock time at `moment`, with fold=1 when it is the second pass of a repeated time."""
+    if zone is None:
+        return datetime.datetime.fromtimestamp(moment)  # local time; sets fold like ZoneInfo does (PEP 495)
+    return datetime.datetime.fromtimestamp(moment, zone).replace(tzinfo=None)
+
+
+def _cron_instant(wall: datetime.datetime, fold: int, zone: zoneinfo.ZoneInfo | None) -> float:
+    """The Unix time of a naive wall-clock time. PEP 495: for a repeated time fold=0 is the first pass and
+    fold=1 the second; for a skipped time fold=0 reads it with the offset from before the change (landing
+    after the gap) and fold=1 with the offset from after it (landing before the gap)."""
+    if zone is None:
+        return wall.replace(fold=fold).timestamp()
+    return wall.replace(tzinfo=zone, fold=fold).timestamp()
+
+
+def _cron_utc_offset(moment: int, zone: zoneinfo.ZoneInfo | None) -> datetime.timedelta:
+    return _cron_wall_clock(moment, zone) - (_CRON_EPOCH + datetime.timedelta(seconds=moment))
+
+
+def _cron_gap_end(before_gap: int, after_gap: int, zone: zoneinfo.ZoneInfo | None) -> float:
+    """The first instant after a skipped stretch of wall-clock time, found by bisection between an instant
+    before the change and one after it: zoneinfo does not list its transitions."""
+    offset_before = _cron_utc_offset(before_gap, zone)
+    while after_gap - before_gap > 1:
+        middle = (before_gap + after_gap) // 2
+        if _cron_utc_offset(middle, zone) == offset_before:
+            before_gap = middle
+        else:
+            after_gap = middle
+    return float(after_gap)
+
+
+def _cron_first_at_least(values: tuple[int, ...], least: int) -> int | None:
+    """The smallest of the sorted `values` that is >= `least` (a field holds 60 values at most: a plain loop)."""
+    for value in values:
+        if value >= least:
+            return value
+    return None
+
+
+def _cron_days_in_month(year: int, month: int) -> int:
+    if month == 2 and not (year % 4 == 0 and (year % 100 != 0 or year % 400 == 0)):
+        return 28
+    return _CRON_LONGEST_MONTHS[month - 1]
+
+
+def _cron_list(values: list[str], conjunction: str) -> str:
+    """ "a", "a or b", "a, b or c"."""
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + f" {conjunction} " + values[-1]
+
+
+def _cron_value(text: str, index: int, item: str, expression: str) -> int:
+    """One number or name of field `index`, checked against the field's range."""
+    field = _CRON_FIELDS[index]
+    low, high = _CRON_BOUNDS[index]
+    names = _CRON_NAMES[index]
+    if _CRON_NUMBER.fullmatch(text):
+        value = int(text)
+        if not low <= value <= high:
+            sunday = " (0 and 7 are Sunday)" if index == 4 else ""
+            raise _cron_error(expression, f"{field} {value} is out of range {low}-{high}{sunday}")
+        return value
+    if names and _CRON_NAME.fullmatch(text):
+        if text.lower() in names:
+            return names[text.lower()]
+        first, last = next(iter(names)), list(names)[-1]
+        raise _cron_error(expression, f"unknown {field} name {_cron_quote(text)}; use {first}..{last} or {low}-{high}")
+    if not text:
+        raise _cron_error(expression, f"{field} {_cron_quote(item)} is missing a number")
+    quartz = " (Quartz-style ?, L, W and # are not supported)" if _CRON_QUARTZ.fullmatch(text) else ""
+    if names:
+        hint = " or a name"
+    elif _CRON_NAME.fullmatch(text):
+        hint = " (names are for month and day-of-week only)"
+    else:
+        hint = ""
+    raise _cron_error(expression, f"{field} {_cron_quote(text)} is not a number{hint}{quartz}")
+
+
+def _cron_field(text: str, index: int, expression: str) -> tuple[int, ...]:
+    """The sorted values one field selects, day-of-week 7 folded into 0."""
+    field = _CRON_FIELDS[index]
+    low, high = _CRON_BOUNDS[index]
+    values: set[int] = set()
+    for item in text.split(","):
+        if not item:
+            raise _cron_error(expression, f"{field} {_cron_quote(text)} has an empty list item")
+        range_text, slash, step_text = item.partition("/")
+        if range_text == "*":
+            first, last = low, high
+        elif slash and "-" not in range_text:
+            raise _cron_error(
+                expression,
+                f"{field} {_cron_quote(item)}: a step goes after * or a range, as in */{step_text} or "
+                f"{range_text}-{high}/{step_text}",
+            )
+        else:
+            if range_text.count("-") > 1:
+                raise _cron_error(expression, f"{field} range {_cron_quote(range_text)} has more than one -")
+            first_text, dash, last_text = range_text.partition("-")
+            first = _cron_value(first_text, index, item, expression)
+            last = _cron_value(last_text, index, item, expression) if dash else first
+            if first > last:
+                wrap_high = 6 if index == 4 else high  # Sunday is already 0
+                raise _cron_error(
+                    expression,
+                    f"{field} range {_cron_quote(range_text)} is reversed ({first} > {last}); to wrap around, "
+                    f"use a list such as {first}-{wrap_high},{low}-{last}",
+                )
+        step = 1
+        if slash:
+            if not _CRON_NUMBER.fullmatch(step_text):
+                problem = f"{field} step {_cron_quote(step_text)} in {_cron_quote(item)} is not a number"
+                raise _cron_error(expression, problem)
+            step = int(step_text)
+            # A step longer than the field selects its first value only: almost surely a misreading.
+            count = high - low + 1
+            if step == 0:
+                raise _cron_error(expression, f"{field} step 0 in {_cron_quote(item)} must be at least 1")
+            if step > count:
+                raise _cron_error(expression, f"{field} step {step} in {_cron_quote(item)} is out of range 1-{count}")
+        values.update(range(first, last + 1, step))
+    if index == 4 and 7 in values:
+        values.discard(7)
+        values.add(0)
+    return tuple(sorted(values))
+
+
+@dataclass(frozen=True)
+class CronSchedule:
+    """A parsed cron expression and its time zone; `next_after()` gives its firing times (see the rules above)."""
+
+    expression: str
+    tz: str | None  # IANA name; None: the machine's local time zone
+    minutes: tuple[int, ...]  # each field's values, sorted
+    hours: tuple[int, ...]
+    days_of_month: tuple[int, ...]
+    months: tuple[int, ...]
+    days_of_week: tuple[int, ...]  # 0 is Sunday (a 7 in the expression is stored as 0)
+    day_of_month_starred: bool  # the field starts with `*`: Vixie's DOM_STAR, for the day rule
+    day_of_week_starred: bool  # Vixie's DOW_STAR
+    minute_or_hour_starred: bool  # Vixie's MIN_STAR or HR_STAR: a "wildcard" job for the DST rules
+
     @staticmethod
     def parse(expression: str, tz: str | None = None) -> CronSchedule:
-        raise InvalidInput("cron not ready")
+        """Parse five cron fields (or an @shorthand) for the time zone `tz`; InvalidInput says what is wrong."""
+        if not isinstance(expression, str):
+            raise InvalidInput(f"a cron expression is text such as '*/5 * * * *', not {type(expression).__name__}")
+        _cron_zone(tz)  # refuse an unknown zone now rather than when the schedule is first used
+        text = expression.strip()
+        if not text:
+            raise InvalidInput("the cron expression is empty; give five fields such as '*/5 * * * *' or @hourly")
+        fields_text = text
+        if text.startswith("@"):
+            shorthand = text.lower()
+            if shorthand == "@reboot":
+                raise _cron_error(text, "@reboot runs once when cron starts and has no next time; give a schedule")
+            if shorthand not in _CRON_SHORTHANDS:
+                raise _cron_error(text, f"unknown shorthand; use one of {', '.join(_CRON_SHORTHANDS)}")
+            fields_text = _CRON_SHORTHANDS[shorthand]
+        fields = fields_text.split()
+        if len(fields) != 5:
+            problem = f"it has {len(fields)} fields; expected 5: minute hour day-of-month month day-of-week"
+            raise _cron_error(text, problem)
+        minutes, hours, days_of_month, months, days_of_week = (
+            _cron_field(field, index, text) for index, field in enumerate(fields)
+        )
+        schedule = CronSchedule(
+            expression=text,
+            tz=tz,
+            minutes=minutes,
+            hours=hours,
+            days_of_month=days_of_month,
+            months=months,
+            days_of_week=days_of_week,
+            day_of_month_starred=fields[2].startswith("*"),
+            day_of_week_starred=fields[4].startswith("*"),
+            minute_or_hour_starred=fields[0].startswith("*") or fields[1].startswith("*"),
+        )
+        schedule._check_can_fire(fields[4])
+        return schedule
+
+    def _check_can_fire(self, day_of_week_text: str) -> None:
+        """Refuse a date that never exists, such as `0 0 30 2 *`, instead of searching for it forever."""
+        if not (self.day_of_month_starred or self.day_of_week_starred):
+            return  # either day field may match, and every month has every weekday
+        # Both day fields must match. Every (month, day) that exists in some year falls on every weekday
+        # within 400 years (February 29 too), so the day-of-week set cannot make the schedule impossible.
+        if any(day <= _CRON_LONGEST_MONTHS[month - 1] for month in self.months for day in self.days_of_month):
+            return
+        months = _cron_list([_CRON_MONTH_TITLES[month - 1] for month in self.months], "and")
+        days = _cron_list([str(day) for day in self.days_of_month], "or")
+        has = "has" if len(self.months) == 1 else "have"
+        # Explain Vixie's rule when the day-of-week looks like it should have let the day match on its own.
+        both = (
+            f" (day-of-week {_cron_quote(day_of_week_text)} starts with *, so the day-of-month must match too)"
+            if day_of_week_text != "*" and not self.day_of_month_starred
+            else ""
+        )
+        raise _cron_error(self.expression, f"it can never fire: {months} {has} no day {days}{both}")
+
+    def _day_matches(self, day: int, weekday: int) -> bool:
+        """`weekday` counts from 0 for Sunday, like cron."""
+        in_month = day in self.days_of_month
+        in_week = weekday in self.days_of_week
+        if self.day_of_month_starred or self.day_of_week_starred:
+            return in_month and in_week
+        return in_month or in_week
+
+    def _first_matching_day(self, year: int, month: int, least: int) -> int | None:
+        last = _cron_days_in_month(year, month)
+        if least > last:
+            return None
+        weekday = (datetime.date(year, month, least).weekday() + 1) % 7  # Python counts from Monday
+        for day in range(least, last + 1):
+            if self._day_matches(day, weekday):
+                return day
+            weekday = (weekday + 1) % 7
+        return None
+
+    def _next_matching_wall_time(self, start: datetime.datetime) -> datetime.datetime:
+        """The first wall-clock minute at or after `start` (a whole minute) that matches every field, found by
+        jumping field by field: to the next matching month, then day, then hour, then minute."""
+        year, month, day, hour, minute = start.year, start.month, start.day, start.hour, start.minute
+        last_year = min(start.year + _CRON_SEARCH_YEARS, datetime.MAXYEAR)
+        while year <= last_year:
+            next_month = _cron_first_at_least(self.months, month)
+            if next_month is None:
+                year, month, day, hour, minute = year + 1, 1, 1, 0, 0
+                continue
+            if next_month != month:
+                month, day, hour, minute = next_month, 1, 0, 0
+            next_day = self._first_matching_day(year, month, day)
+            if next_day is None:
+                # Month 13 sends the next pass to the next year.
+                month, day, hour, minute = month + 1, 1, 0, 0
+                continue
+            if next_day != day:
+                day, hour, minute = next_day, 0, 0
+            next_hour = _cron_first_at_least(self.hours, hour)
+            if next_hour is None:
+                # Past the month's end, _first_matching_day sends the next pass to the next month.
+                day, hour, minute = day + 1, 0, 0
+                continue
+            if next_hour != hour:
+                hour, minute = next_hour, 0
+            next_minute = _cron_first_at_least(self.minutes, minute)
+            if next_minute is None:
+                # Hour 24 sends the next pass to the next day.
+                hour, minute = hour + 1, 0
+                continue
+            return datetime.datetime(year, month, day, hour, next_minute)
+        problem = f"no firing time from {start:%Y-%m-%d %H:%M} to the end of year {last_year}"
+        raise _cron_error(self.expression, problem)
+
+    def _firing_instants(self, wall: datetime.datetime, zone: zoneinfo.ZoneInfo | None) -> tuple[float, ...]:
+        """The real instants, in order, at which a matching wall-clock minute fires (the DST rules above)."""
+        first_reading = _cron_instant(wall, 0, zone)
+        second_reading = _cron_instant(wall, 1, zone)
+        if first_reading == second_reading:
+            return (first_reading,)
+        if first_reading < second_reading:  # a fall-back repeats this wall time
+            return (first_reading, second_reading) if self.minute_or_hour_starred else (first_reading,)
+        # A spring-forward skips this wall time: second_reading lies before the gap, first_reading after it.
+        if self.minute_or_hour_starred:
+            return ()
+        return (_cron_gap_end(int(second_reading), int(first_reading), zone),)
 
     def next_after(self, moment: float) -> float:
-        raise NotImplementedError
+        """The first firing time strictly after `moment`; both are Unix times, as time.time() gives."""
+        if isinstance(moment, bool) or not isinstance(moment, (int, float)) or not -1e18 < moment < 1e18:
+            # Also refuses NaN and the infinities, which compare False with everything.
+            raise InvalidInput(f"a moment is a finite Unix time in seconds, not {moment!r}")
+        zone = _cron_zone(self.tz)
+        try:
+            wall = _cron_wall_clock(moment, zone)
+        except (OverflowError, OSError, ValueError) as error:
+            # datetime's range is the years 1-9999; the platform's local-time functions may be narrower.
+            raise InvalidInput(f"moment {moment!r} is out of the range of dates cron can compute: {error}") from None
+        try:
+            start = wall.replace(second=0, microsecond=0, fold=0)
+            first_pass, second_pass = _cron_instant(wall, 0, zone), _cron_instant(wall, 1, zone)
+            if wall.fold == 0 and first_pass < second_pass:
+                # `moment` is in the first pass of a repeated stretch: the second pass of the wall times
+                # just before `wall` is still to come, so the search starts that much earlier.
+                start -= datetime.timedelta(seconds=second_pass - first_pass)
+            best: float | None = None
+            while True:
+                candidate = self._next_matching_wall_time(start)
+                instants = self._firing_instants(candidate, zone)
+                later = [instant for instant in instants if instant > moment]
+                if later and (best is None or later[0] < best):
+                    best = later[0]
+                if instants and instants[0] > moment:
+                    # Every later wall time fires at or after this candidate's first instant, so nothing
+                    # after it in wall-clock order can come sooner.
+                    assert best is not None
+                    return best
+                start = candidate + datetime.timedelta(minutes=1)
+        except (OverflowError, OSError) as error:  # the search ran past the year 9999 or the platform's range
+            raise InvalidInput(f"moment {moment!r} is out of the range of dates cron can compute: {error}") from None
 
 
 RING_TIMERS = "t"  # a timer was added or removed: the scheduler looks again at what is due next
