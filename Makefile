@@ -21,10 +21,12 @@ lint: $(DEV)
 bench: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py
 	$(VENV)/bin/python bench/bench_bus.py
+	$(VENV)/bin/python bench/bench_serve.py
 
 bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py --quick
 	$(VENV)/bin/python bench/bench_bus.py --quick
+	$(VENV)/bin/python bench/bench_serve.py --quick
 
 run:
 	$(PYTHON) examples/counter.py
