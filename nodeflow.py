@@ -3113,9 +3113,10 @@ class Timer:
     last_fired: float | None
 
 
-def _fire_due_work(epoch: int, now: float) -> Callable[[sqlite3.Connection], tuple[int, set[str]]]:
+def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[str]]]:
     def fire(conn: sqlite3.Connection) -> tuple[int, set[str]]:
         check_epoch(conn, epoch)
+        now = time.time()  # in the transaction: the firing time is its commit's, not its queueing's
         rows = conn.execute(
             "SELECT name, queue, body, cron, tz, due FROM timers WHERE due IS NOT NULL AND due <= ? "
             "ORDER BY due LIMIT ?",
@@ -3543,7 +3544,8 @@ class _NodeLogHandler(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            self._node.say(f"{record.levelname.lower()}: {record.getMessage()}")
+            cause = f": {record.exc_info[1]!r}" if record.exc_info and record.exc_info[1] else ""
+            self._node.say(f"{record.levelname.lower()}: {record.getMessage()}{cause}")
         except Exception:
             self.handleError(record)
 
@@ -3673,10 +3675,10 @@ class Node:
             beating = asyncio.create_task(self._beat())
             await self._stop.wait()
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
+            for watcher in self._peers.values():
+                watcher.stop()  # peers leaving with us are for the nodes that stay to reap
             beating.cancel()
             await self._step_down()
-            for watcher in self._peers.values():
-                watcher.stop()
             now = time.time()
             await nf.committer.asubmit(
                 lambda conn: conn.execute(
@@ -3747,7 +3749,12 @@ class Node:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(lock_path)  # while still locked: a restart makes a new file
             _close_lock_fd(fd)
-        self._reap_dead()
+        if self._stop is not None and self._stop.is_set():
+            return  # we are leaving too: the nodes that stay reap it
+        try:
+            self._reap_dead()
+        except NodeflowError as error:
+            self.say(f"could not reap node {peer}: {error}")
 
     def _reap_dead(self) -> None:
         """Mark dead every running node whose liveness lock is free, and hand back its leases."""
@@ -3829,7 +3836,7 @@ class Node:
         while not self._stop.is_set():
             seen = nf.wakeups.generation(RING_TIMERS)
             try:
-                fired, queues = await nf.committer.asubmit(_fire_due_work(epoch, time.time()))
+                fired, queues = await nf.committer.asubmit(_fire_due_work(epoch))
             except LostOffice as error:  # our scheduler.lock was removed and another node took a new one
                 self.say(f"lost office: {error}; standing again")
                 if self._office_fd is not None:
