@@ -3088,6 +3088,16 @@ def check_timer_name(name: object) -> str:
     return name
 
 
+# The latest due time every local time zone can show in ISO 8601 (a day short of year 10000).
+LATEST_DUE = datetime.datetime(9999, 12, 30, tzinfo=datetime.UTC).timestamp()
+
+
+def check_due(moment: float, what: str) -> float:
+    if not math.isfinite(moment) or not 0 <= moment <= LATEST_DUE:
+        raise InvalidInput(f"{what}: the time must fall between 1970 and 9999")
+    return moment
+
+
 def parse_time(text: str, what: str = "--at") -> float:
     """ISO 8601 to a Unix time; local time when no offset is given."""
     try:
@@ -3437,6 +3447,7 @@ class Cluster:
                 raise InvalidInput(f"at: {at!r} is not a time")
         else:
             due = now + parse_duration(after if after is not None else 0, "after")
+        check_due(due, "at" if at is not None else "after" if after is not None else "cron")
 
         def add(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM timers WHERE name = ?", (name,)).fetchone():
@@ -3493,12 +3504,22 @@ class Cluster:
         return found
 
     def scheduler(self) -> dict[str, Any] | None:
-        """The node in office and its epoch, or None when no node holds scheduler.lock now."""
-        epoch, node = self.store.read(
-            lambda conn: conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
-        )
+        """The node in office and its epoch, or None when no node is in office now.
+
+        Office is scheduler.lock held *and* the election row written by that holder: between
+        getting the lock and committing its epoch, a new scheduler is not in office yet, and
+        the row still names its predecessor (perhaps a dead node).
+        """
         pid = scheduler_pid(self.store.lock_dir)
-        if pid is None or node is None:
+        if pid is None:
+            return None
+        epoch, node, node_pid, current = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT e.epoch, e.node, n.pid, e.since >= n.started FROM election e "
+                "LEFT JOIN nodes n ON n.id = e.node WHERE e.id = 1"
+            ).fetchone()
+        )
+        if node is None or node_pid != pid or not current:
             return None
         return {"node": node, "epoch": epoch, "pid": pid}
 
@@ -3533,6 +3554,7 @@ def connect(path: str | None = None, **options: Any) -> Cluster:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
+RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 
 
 class _NodeLogHandler(logging.Handler):
@@ -3670,6 +3692,7 @@ class Node:
                 + (f"; handed back {handed_back} leases of its earlier life" if handed_back else "")
             )
             await asyncio.to_thread(self._look_after_peers)
+            nf.doorbells.ring({RING_MEMBERSHIP})  # the others start watching our liveness lock now
             if self.role == "auto":
                 self._stand_for_election()
             beating = asyncio.create_task(self._beat())
@@ -3704,12 +3727,13 @@ class Node:
             )
 
         while True:
+            seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
             try:
                 await self.nf.committer.asubmit(beat)
                 await asyncio.to_thread(self._look_after_peers)  # may wait for the writer: not on the loop
             except Exception as error:  # a busy or full disk: keep beating, say so
                 self.say(f"heartbeat failed: {error}")
-            await asyncio.sleep(self.heartbeat)
+            await self.nf.wakeups.await_change(RING_MEMBERSHIP, seen, self.heartbeat)  # a node joined: watch it now
 
     def _look_after_peers(self) -> None:
         self._reap_dead()
@@ -3759,10 +3783,13 @@ class Node:
     def _reap_dead(self) -> None:
         """Mark dead every running node whose liveness lock is free, and hand back its leases."""
         assert self.nf is not None
-        alive = live_nodes(self.nf.store.lock_dir)
+        # The rows first, then the kernel's word: a node that joins in between is seen alive.
         rows = self.nf.store.read(
             lambda conn: conn.execute("SELECT id, pid FROM nodes WHERE state = 'running'").fetchall()
         )
+        if _kernel_flock_owners() is None:
+            return  # /proc/locks unreadable: nobody can be known dead, so nobody is reaped
+        alive = live_nodes(self.nf.store.lock_dir)
         for peer, pid in rows:
             if peer == self.id or peer in alive:
                 continue
@@ -4027,8 +4054,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
             raise InvalidInput("schedule add: --tz goes with --cron")
         if args.cron:
             CronSchedule.parse(args.cron, args.tz)
-        at = parse_time(args.at) if args.at else None
+        at = check_due(parse_time(args.at), "--at") if args.at else None
         after = parse_duration(args.after, "--after") if args.after else None
+        if after is not None:
+            check_due(time.time() + after, "--after")  # before the database is opened (or created)
         with Cluster(args.db) as nf:
             timer = nf.schedule(name, queue, body, cron=args.cron, tz=args.tz, at=at, after=after)
         print(f"timer {_show_name(timer.name)}: next {_iso(timer.due)} -> queue {_show_name(timer.queue)}")
