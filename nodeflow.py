@@ -26,6 +26,9 @@ import errno
 import fcntl
 import functools
 import hashlib
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -70,6 +73,7 @@ __all__ = [
     "Cluster",
     "connect",
     "Node",
+    "handler",
     "NodeIdInUse",
     "LostOffice",
     "Timer",
@@ -3557,6 +3561,50 @@ PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 
 
+_HANDLERS: dict[str, Callable[[Message], Any]] = {}  # queue -> handler, filled by @nodeflow.handler
+
+
+def handler(queue: str) -> Callable[[Callable[[Message], Any]], Callable[[Message], Any]]:
+    """Register the function a ``serve`` node runs for each message of ``queue`` (sync or async).
+
+    Put handlers in a module and start nodes with ``serve --app MODULE``. A handler that returns
+    acks the message; one that raises nacks it with back-off (1 s, 2 s, 4 s, ... up to a minute),
+    and after ``max_deliveries`` the message becomes a dead letter with the error.
+    """
+    queue = check_queue_name(queue)
+
+    def register(function: Callable[[Message], Any]) -> Callable[[Message], Any]:
+        known = _HANDLERS.get(queue)
+        if known is not None and known is not function:
+            raise NodeflowError(f"queue {queue!r} has a handler already: {getattr(known, '__qualname__', known)}")
+        _HANDLERS[queue] = function
+        return function
+
+    return register
+
+
+def load_app(module: str) -> dict[str, Callable[[Message], Any]]:
+    """Import ``--app MODULE`` (a module name, or a path to a .py file); returns the handlers it registered."""
+    before = dict(_HANDLERS)
+    try:
+        if module.endswith(".py") or os.sep in module:
+            spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module))[0], module)
+            if spec is None or spec.loader is None:
+                raise ImportError(f"no module at {module}")
+            loaded = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = loaded
+            spec.loader.exec_module(loaded)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            importlib.import_module(module)
+    except NodeflowError:
+        raise
+    except Exception as error:
+        raise InvalidInput(f"--app {module}: cannot import it ({type(error).__name__}: {error})") from None
+    return {queue: function for queue, function in _HANDLERS.items() if before.get(queue) is not function}
+
+
 class _NodeLogHandler(logging.Handler):
     """Library warnings (a cold boot, a failed read) go to the node's log, one line each."""
 
@@ -3590,6 +3638,8 @@ class Node:
         settings: Settings | None = None,
         grace: float | str = 10.0,
         heartbeat: float | str = 1.0,
+        handlers: dict[str, Callable[[Message], Any]] | None = None,
+        lease: float | str = 30.0,
         out: Any = None,
     ) -> None:
         if role not in ("auto", "replica"):
@@ -3606,6 +3656,14 @@ class Node:
         if self.heartbeat <= 0:
             raise InvalidInput("heartbeat must be more than zero, such as 1s")
         self.out = out if out is not None else sys.stderr
+        self.handlers = dict(_HANDLERS if handlers is None else handlers)
+        for queue in self.handlers:
+            check_queue_name(queue)
+        self.lease = parse_duration(lease, "lease")
+        self.handled = 0
+        self.failed = 0
+        self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
+        self._receiving: set[asyncio.Task[None]] = set()  # workers waiting for a message
         self.id = node_id or "?"
         self.nf: Cluster | None = None
         self.epoch: int | None = None  # set while in office
@@ -3696,12 +3754,22 @@ class Node:
             if self.role == "auto":
                 self._stand_for_election()
             beating = asyncio.create_task(self._beat())
+            workers = [
+                asyncio.create_task(self._consume(queue, function))
+                for queue, function in sorted(self.handlers.items())
+                for _ in range(self.concurrency)
+            ]
+            if self.handlers:
+                self.say(f"consuming {', '.join(sorted(self.handlers))} ({self.concurrency} at once each)")
             await self._stop.wait()
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
             for watcher in self._peers.values():
                 watcher.stop()  # peers leaving with us are for the nodes that stay to reap
+            await self._drain(workers)
             beating.cancel()
             await self._step_down()
+            with contextlib.suppress(NodeflowError):  # anything still leased to us goes back now
+                nf.release_leases(self.id)
             now = time.time()
             await nf.committer.asubmit(
                 lambda conn: conn.execute(
@@ -3714,6 +3782,76 @@ class Node:
         finally:
             logging.getLogger("nodeflow").removeHandler(self._log_handler)
             nf.close()
+
+    # Work -----------------------------------------------------------------------------------
+
+    async def _consume(self, queue: str, function: Callable[[Message], Any]) -> None:
+        """One worker: receive a message of ``queue``, run its handler, settle it; until stopping."""
+        assert self.nf is not None and self._stop is not None
+        while not self._stop.is_set():
+            receiving = asyncio.current_task()
+            assert receiving is not None
+            self._receiving.add(receiving)
+            try:
+                message = await self.nf.areceive(queue, lease=self.lease, wait=self.settings.poll_interval)
+            except NodeflowError as error:
+                self.say(f"receiving from {queue} failed: {error}")
+                await asyncio.sleep(self.settings.poll_interval)
+                continue
+            finally:
+                self._receiving.discard(receiving)
+            if message is None:
+                continue
+            handling = asyncio.create_task(self._handle(message, function))
+            self._handling.add(handling)
+            try:
+                await asyncio.shield(handling)  # stopping cancels this worker, not the handler run
+            finally:
+                self._handling.discard(handling)
+
+    async def _handle(self, message: Message, function: Callable[[Message], Any]) -> None:
+        assert self.nf is not None
+        try:
+            if inspect.iscoroutinefunction(function):
+                await function(message)
+            else:
+                await asyncio.to_thread(function, message)
+        except asyncio.CancelledError:  # the grace period ran out: hand the message back at once
+            with contextlib.suppress(NodeflowError):
+                await self.nf.anack(message, 0, "interrupted: the node stopped before the handler finished")
+            raise
+        except Exception as error:
+            self.failed += 1
+            delay = min(60.0, 2.0 ** (message.attempts - 1))
+            text = f"{type(error).__name__}: {error}"
+            try:
+                outcome = await self.nf.anack(message, delay, text)
+            except NodeflowError as settle_error:
+                self.say(f"message {message.id} of {message.queue}: {text}; could not nack it: {settle_error}")
+                return
+            then = "now a dead letter" if outcome == "dead" else f"retry in {_format_seconds(delay)}"
+            self.say(f"message {message.id} of {message.queue} failed (delivery {message.attempts}): {text}; {then}")
+            return
+        try:
+            await self.nf.aack(message)
+            self.handled += 1
+        except NodeflowError as error:
+            self.say(f"message {message.id} of {message.queue} was handled but not acked: {error}")
+
+    async def _drain(self, workers: list[asyncio.Task[None]]) -> None:
+        """Stop taking work, let handler runs finish within the grace period, hand back the rest."""
+        for worker in workers:
+            worker.cancel()
+        in_flight = set(self._handling)
+        if in_flight:
+            self.say(f"waiting for {len(in_flight)} message(s) in flight, up to {_format_seconds(self.grace)}")
+            _, late = await asyncio.wait(in_flight, timeout=self.grace)
+            for task in late:
+                task.cancel()
+            if late:
+                await asyncio.wait(late, timeout=5)
+                self.say(f"handed back {len(late)} message(s) still in flight after the grace period")
+        await asyncio.gather(*workers, return_exceptions=True)
 
     # Heartbeats and peers -----------------------------------------------------------------
 
@@ -4007,13 +4145,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    concurrency = _whole_number(args.concurrency, "--concurrency")
+    handlers = load_app(args.app) if args.app else {}
     node = Node(
         args.db,
         node_id=args.node_id,
         role=args.role,
-        concurrency=_whole_number(args.concurrency, "--concurrency"),
+        concurrency=concurrency,
         grace=args.grace,
         heartbeat=args.heartbeat,
+        handlers=handlers,
     )
     interrupts = 0
 
@@ -4226,6 +4367,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", default="8", help="messages handled at once")
     serve.add_argument("--grace", default="10s", help="on SIGTERM, how long in-flight work may take to finish")
     serve.add_argument("--heartbeat", default="1s", help="how often the node records that it is alive")
+    serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
     serve.set_defaults(run=cmd_serve)
 
     schedule = verbs.add_parser("schedule", help="add, list or remove timers (fired by the scheduling node)")
@@ -4303,4 +4445,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # An --app module's `import nodeflow` must get this very module (its handler registry), not a
+    # second copy of the file imported under its own name.
+    sys.modules.setdefault("nodeflow", sys.modules[__name__])
     sys.exit(main())
