@@ -79,8 +79,10 @@ def main() -> None:
             started = time.monotonic()
             total = run(db, args.processes, args.rounds, locked)
             how = "with nf.lock('counter')" if locked else "without a lock        "
-            print(f"  {how}: counter = {total:6d}, lost updates = {expected - total:6d}"
-                  f"  ({time.monotonic() - started:.1f}s)")
+            print(
+                f"  {how}: counter = {total:6d}, lost updates = {expected - total:6d}"
+                f"  ({time.monotonic() - started:.1f}s)"
+            )
         with nodeflow.connect(db) as nf, nf.lock("counter") as held:
             print(f"  fencing token of the next holder: {held.fence} (one per acquisition, never reused)")
 
