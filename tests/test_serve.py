@@ -891,3 +891,23 @@ class Handlers(ServeTestCase):
                 self.assertEqual(done.returncode, 2, done.stderr)
                 self.assertEqual(len(done.stderr.strip().splitlines()), 1, done.stderr)
                 self.assertTrue(done.stderr.startswith("nodeflow: --app "), done.stderr)
+
+
+class CronTimers(ServeTestCase):
+    def test_slots_missed_while_no_scheduler_ran_fire_once_on_take_over(self) -> None:
+        while 60 - time.time() % 60 < 5:  # a real slot falling due during the test would fire too
+            time.sleep(0.2)
+        self.nf.schedule("every-minute", "ticks", {"tick": True}, cron="* * * * *", tz="UTC")
+        # As if the cluster had been down for ten minutes: ten slots were missed.
+        missed_since = time.time() - 600
+        self.nf.store.write(lambda c: c.execute("UPDATE timers SET due = ?", (missed_since,)))
+        node = self.serve()
+        self.wait_for_log(node, "took office")
+        self.wait_until(lambda: self.fired_count("ticks") >= 1, 20, "the missed slots fired")
+        time.sleep(1.5)  # room for a wrong second or tenth firing to show up
+        self.assertEqual(self.fired_count("ticks"), 1, "ten missed slots fire once, not ten times")
+        ((due, fired),) = self.query("SELECT due, fired FROM timers WHERE name = 'every-minute'")
+        self.assertEqual(fired, 1)
+        self.assertGreater(due, time.time(), "the next slot is in the future")
+        self.assertEqual(due % 60, 0, "on a minute boundary")
+        self.assertLessEqual(due - time.time(), 60)
