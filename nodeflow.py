@@ -1979,11 +1979,13 @@ class Bus:
                     # One waiting receiver per queue on the host watches for messages; the others
                     # queue in the kernel behind it. A message then wakes one receiver, not a herd
                     # of them that all read, all claim, and all but one come away empty.
+                    # Waiting for the turn is bounded by the poll interval: the receiver whose turn
+                    # it is may be stopped (SIGSTOP), and must not starve the queue's other consumers.
                     try:
-                        waiting_turn = self.turns.acquire(queue, left, fence=False)
+                        waiting_turn = self.turns.acquire(queue, min(left, self.settings.poll_interval), fence=False)
                     except LockTimeout:
-                        return []
-                    continue  # our turn: look again before sleeping
+                        pass
+                    continue  # look again before sleeping, our turn or not
                 self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
         finally:
             if waiting_turn is not None:

@@ -1149,3 +1149,44 @@ class ApiBadInput(ClusterTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+# Waits up to argv[1] seconds for a message of queue "q" (poll interval 0.5 s); prints its body.
+WAITING_RECEIVER = """
+    import json, os, sys, nodeflow
+    nf = nodeflow.connect(os.environ["NODEFLOW_DB"], settings=nodeflow.Settings(poll_interval=0.5))
+    print("waiting", flush=True)
+    message = nf.receive("q", wait=float(sys.argv[1]))
+    print("got", json.dumps(None if message is None else message.body), flush=True)
+    if message is not None:
+        nf.ack(message)
+"""
+
+
+class StoppedWaiter(ClusterTestCase):
+    def turn_holder(self) -> int | None:
+        """The pid holding queue q's waiting turn (PATH.d/receivers/), from the kernel's lock table."""
+        path = os.path.join(self.db + ".d", "receivers", nodeflow.lock_file_name("q"))
+        try:
+            info = os.stat(path)
+        except FileNotFoundError:
+            return None
+        owners = nodeflow._kernel_flock_owners() or {}
+        return owners.get((os.major(info.st_dev), os.minor(info.st_dev), info.st_ino))
+
+    def test_a_stopped_waiting_receiver_does_not_starve_the_other_consumers(self) -> None:
+        nf = nodeflow.connect(self.db)
+        self.addCleanup(nf.close)
+        first = self.spawn_python(WAITING_RECEIVER, "60")
+        self.read_line(first, "waiting")
+        self.wait_until(lambda: self.turn_holder() == first.pid, 20, "the first receiver holds the turn")
+        os.kill(first.pid, signal.SIGSTOP)
+        self.addCleanup(lambda: first.poll() is None and os.kill(first.pid, signal.SIGCONT))
+        second = self.spawn_python(WAITING_RECEIVER, "20")
+        self.read_line(second, "waiting")
+        nf.send("q", {"for": "anyone"})
+        # Without a bound on waiting for the turn, the second receiver would wait behind the stopped
+        # one for all of its 20 s and get nothing.
+        got = self.read_line(second, "got", timeout=15)
+        self.assertEqual(json.loads(got.split(" ", 1)[1]), {"for": "anyone"})
+        self.assertEqual(self.turn_holder(), first.pid, "the stopped receiver still has the turn")
