@@ -1961,6 +1961,13 @@ class Bus:
         topic = _ring_topic_for_queue(queue)
         deadline = time.monotonic() + wait_s
         waiting_turn: HeldLock | None = None
+        turn_wait: _LockAttempt | None = None  # one blocked attempt per call, however long it waits
+        turn_granted = threading.Event()
+
+        def granted() -> bool:
+            turn_granted.set()
+            return True
+
         try:
             while True:
                 seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
@@ -1978,16 +1985,21 @@ class Bus:
                 if waiting_turn is None:
                     # One waiting receiver per queue on the host watches for messages; the others
                     # queue in the kernel behind it. A message then wakes one receiver, not a herd
-                    # of them that all read, all claim, and all but one come away empty.
-                    # Waiting for the turn is bounded by the poll interval: the receiver whose turn
-                    # it is may be stopped (SIGSTOP), and must not starve the queue's other consumers.
-                    try:
-                        waiting_turn = self.turns.acquire(queue, min(left, self.settings.poll_interval), fence=False)
-                    except LockTimeout:
-                        pass
-                    continue  # look again before sleeping, our turn or not
+                    # of them that all read, all claim, and all but one come away empty. While
+                    # waiting for the turn, look at the queue every poll interval anyway: the
+                    # receiver whose turn it is may be stopped (SIGSTOP) and must starve nobody.
+                    if turn_wait is None:
+                        turn_wait = _LockAttempt(self.turns, queue, False, True, granted)
+                        turn_wait.start()
+                    if turn_granted.wait(min(left, self.settings.poll_interval)):
+                        waiting_turn, turn_wait = turn_wait.abandon(), None
+                    continue
                 self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
         finally:
+            if turn_wait is not None:
+                late = turn_wait.abandon()
+                if late is not None:
+                    late.release()
             if waiting_turn is not None:
                 waiting_turn.release()  # the next receiver in line watches from now on
 

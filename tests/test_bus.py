@@ -1152,7 +1152,7 @@ if __name__ == "__main__":
 
 
 # Waits up to argv[1] seconds for a message of queue "q" (poll interval 0.5 s); prints its body.
-WAITING_RECEIVER = """
+TURN_WAITER = """
     import json, os, sys, nodeflow
     nf = nodeflow.connect(os.environ["NODEFLOW_DB"], settings=nodeflow.Settings(poll_interval=0.5))
     print("waiting", flush=True)
@@ -1177,12 +1177,12 @@ class StoppedWaiter(ClusterTestCase):
     def test_a_stopped_waiting_receiver_does_not_starve_the_other_consumers(self) -> None:
         nf = nodeflow.connect(self.db)
         self.addCleanup(nf.close)
-        first = self.spawn_python(WAITING_RECEIVER, "60")
+        first = self.spawn_python(TURN_WAITER, "60")
         self.read_line(first, "waiting")
         self.wait_until(lambda: self.turn_holder() == first.pid, 20, "the first receiver holds the turn")
         os.kill(first.pid, signal.SIGSTOP)
         self.addCleanup(lambda: first.poll() is None and os.kill(first.pid, signal.SIGCONT))
-        second = self.spawn_python(WAITING_RECEIVER, "20")
+        second = self.spawn_python(TURN_WAITER, "20")
         self.read_line(second, "waiting")
         nf.send("q", {"for": "anyone"})
         # Without a bound on waiting for the turn, the second receiver would wait behind the stopped
