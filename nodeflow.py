@@ -1244,6 +1244,7 @@ class Doorbells:
         self._dir_fd: int | None = None
         self._sender: socket.socket | None = None
         self._receiver: socket.socket | None = None
+        self._closed = False
         self._bound_inode = 0
         self._liveness_fd: int | None = None
         self._mutex = threading.Lock()
@@ -1262,6 +1263,8 @@ class Doorbells:
     def bind(self) -> socket.socket:
         """Take this node's liveness lock and bind its doorbell; refused if the id is in use."""
         with self._mutex:
+            if self._closed:
+                raise NodeflowError(f"the doorbell of node {self.node} is closed")
             if self._receiver is not None:
                 return self._receiver
             _private_directory(self.lock_dir, create=True)
@@ -1349,6 +1352,7 @@ class Doorbells:
 
     def close(self) -> None:
         with self._mutex:
+            self._closed = True
             receiver, self._receiver = self._receiver, None
             fd, self._liveness_fd = self._liveness_fd, None
             if receiver is not None:
@@ -1648,7 +1652,7 @@ class GroupCommitter:
         try:
             try:
                 locked = self._lock_writer(blocking=False)
-            except OSError as error:  # the committer thread will meet it too, and answer everyone
+            except Exception as error:  # the committer thread will meet it too, and answer everyone
                 log.warning("taking the writer lock failed: %s", error)
                 locked = False
             if locked:
@@ -1661,7 +1665,7 @@ class GroupCommitter:
         finally:
             with self._cond:
                 self._busy = False
-                if self._pending:
+                if self._pending or self._closed:  # a closing committer's thread must see it is done
                     self._wake_thread()
 
     def _run(self) -> None:
@@ -1675,7 +1679,7 @@ class GroupCommitter:
             try:
                 try:
                     self._lock_writer(blocking=True)
-                except OSError as error:  # the lock folder is unusable: answer, never hang
+                except Exception as error:  # the lock folder is unusable: answer, never hang
                     batch, failed = self._take_batch(), StoreError(f"cannot take the writer lock: {error}")
                     self._finish(batch, [(False, failed)] * len(batch))
                     continue
@@ -2086,6 +2090,12 @@ class Bus:
 
     def extend(self, message: Message, lease: float | str) -> float:
         """Push the lease to ``lease`` seconds from now; returns the new lease end (wall clock)."""
+        return self.committer.submit(self._extend_work(message, lease))
+
+    async def aextend(self, message: Message, lease: float | str) -> float:
+        return await self.committer.asubmit(self._extend_work(message, lease))
+
+    def _extend_work(self, message: Message, lease: float | str) -> Callable[[sqlite3.Connection], float]:
         seconds = parse_duration(lease, "lease")
 
         def extend(conn: sqlite3.Connection) -> float:
@@ -2100,7 +2110,7 @@ class Bus:
                 )
             return until
 
-        return self.committer.submit(extend)
+        return extend
 
     def release_leases(self, owner: str) -> int:
         """Hand back at once every message leased by ``owner`` (a node known to be gone)."""
@@ -2257,6 +2267,12 @@ class ChangeToken:
                 return
         callback(self)
 
+    def cancel(self) -> None:
+        """Drop this token's callbacks; a token nobody holds is then freed."""
+        with self._signals.mutex:
+            self._callbacks = []
+            self._signals.kept.discard(self)
+
     def wait(self, timeout: float | None = None) -> bool:
         self._signals.listen()
         return self.changed or self._event.wait(timeout)
@@ -2315,6 +2331,7 @@ class Signals:
         self._handlers: dict[str, list[Callable[[str, Any], None]]] = {}
         self._cold_boot_handlers: list[Callable[[str], None]] = []
         self.cursor: int | None = None
+        self._saved_cursor: int | None = None  # the position last written to instruction_cursors
         self.applied = 0
         self.cold_boots = 0
 
@@ -2384,14 +2401,21 @@ class Signals:
 
     # Reading ------------------------------------------------------------------------------
 
-    def catch_up(self) -> int:
-        """Apply, in order, every instruction after the cursor that another node appended."""
+    def catch_up(self, save: bool = False) -> int:
+        """Apply, in order, every instruction after the cursor that another node appended.
+
+        Only ``save=True`` (the listener, every ring and poll) writes a moved cursor to the
+        database: a read of ``token.changed`` on an event loop must never wait for a commit.
+        """
         if self._applying == threading.get_ident():
             return 0  # a callback of this very catch-up (making its next token, say): nothing to do
         with self._catch_up_mutex:
             self._applying = threading.get_ident()
             try:
-                return self._catch_up_in_order()
+                applied = self._catch_up_in_order()
+                if save and self.persistent and self.cursor != self._saved_cursor:
+                    self._save_cursor()
+                return applied
             finally:
                 self._applying = None
 
@@ -2420,8 +2444,6 @@ class Signals:
                 self.cursor = number
             if len(rows) < 1000:
                 break
-        if applied or (rows and self.persistent):
-            self._save_cursor()
         self.applied += applied
         return applied
 
@@ -2460,7 +2482,6 @@ class Signals:
             except Exception:
                 log.exception("a cold-boot handler failed")
         self._fire_all()
-        self._save_cursor()
 
     def _apply(self, topic: str, payload: str) -> None:
         try:
@@ -2490,6 +2511,7 @@ class Signals:
             )
 
         self.committer.submit(save)
+        self._saved_cursor = position
 
     def prune(self, max_age: float | str | None = None, max_count: int | None = None) -> int:
         settings = self.store.settings
@@ -2498,6 +2520,12 @@ class Signals:
         if count < 0:
             raise InvalidInput("max_count cannot be negative")
         return self.committer.submit(lambda conn: prune_instructions(conn, age, count))
+
+
+def _forget(tokens: Iterable[ChangeToken]) -> None:
+    """An evicted entry's tokens need not fire any more: drop their callbacks, and the tokens."""
+    for token in tokens:
+        token.cancel()
 
 
 class MemoryCache:
@@ -2542,9 +2570,13 @@ class MemoryCache:
     def _store(self, key: Any, value: Any, tokens: list[ChangeToken], ttl: float | None) -> None:
         expires = None if ttl is None else time.monotonic() + ttl
         if any(token._fired for token in tokens):
+            _forget(tokens)
             return  # changed while the factory ran: do not cache a value that may be stale
         with self._mutex:
+            replaced = self._entries.get(key)
             self._entries[key] = (value, tokens, expires)
+        if replaced is not None:
+            _forget(replaced[1])
 
     def get_or_create(
         self, key: Any, factory: Callable[[], T], *, tokens: Iterable[str] = (), ttl: float | str | None = None
@@ -2580,17 +2612,24 @@ class MemoryCache:
     def _evict_if_stale(self, key: Any) -> None:
         with self._mutex:
             entry = self._entries.get(key)
-            if entry is not None and any(token._fired for token in entry[1]):
-                del self._entries[key]
+            if entry is None or not any(token._fired for token in entry[1]):
+                return
+            del self._entries[key]
+        _forget(entry[1])
 
     def evict(self, key: Any, entry: Any = None) -> None:
         with self._mutex:
-            if entry is None or self._entries.get(key) is entry:
-                self._entries.pop(key, None)
+            found = self._entries.get(key)
+            if found is None or (entry is not None and found is not entry):
+                return
+            del self._entries[key]
+        _forget(found[1])
 
     def clear(self) -> None:
         with self._mutex:
-            self._entries.clear()
+            entries, self._entries = list(self._entries.values()), {}
+        for entry in entries:
+            _forget(entry[1])
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -3141,6 +3180,11 @@ class Timer:
     last_fired: float | None
 
 
+@functools.lru_cache(maxsize=1024)
+def _cron_schedule(expression: str, tz: str | None) -> CronSchedule:
+    return CronSchedule.parse(expression, tz)  # parsed once per expression, not once per firing
+
+
 def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[str]]]:
     def fire(conn: sqlite3.Connection) -> tuple[int, set[str]]:
         check_epoch(conn, epoch)
@@ -3151,20 +3195,27 @@ def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[
             (now, FIRE_BATCH),
         ).fetchall()
         queues: set[str] = set()
+        fired = 0
         for name, queue, body, cron, tz, _due in rows:
+            # A cron timer's next slot is the first after now: slots missed while no scheduler
+            # ran are fired once, here, not once each.
+            try:
+                following = _cron_schedule(cron, tz).next_after(now) if cron else None
+            except (InvalidInput, ValueError) as error:  # its zone left tzdata, say: park it, fire the rest
+                log.warning("timer %r cannot be scheduled any more (%s); it is paused", name, error)
+                conn.execute("UPDATE timers SET due = NULL WHERE name = ?", (name,))
+                continue
             conn.execute(
                 "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
                 (queue, body, now, now),
             )
-            # A cron timer's next slot is the first after now: slots missed while no scheduler
-            # ran are fired once, here, not once each.
-            following = CronSchedule.parse(cron, tz).next_after(now) if cron else None
             conn.execute(
                 "UPDATE timers SET due = ?, fired = fired + 1, last_fired = ? WHERE name = ?",
                 (following, now, name),
             )
             queues.add(queue)
-        return len(rows), queues
+            fired += 1
+        return fired, queues
 
     return fire
 
@@ -3216,19 +3267,25 @@ class _Listener:
         self._thread = threading.Thread(target=self._run, args=(receiver,), name="nodeflow-listen", daemon=True)
         self._thread.start()
 
-    def _run(self, receiver: socket.socket) -> None:
+    def _run(self, bound: socket.socket) -> None:
+        receiver: socket.socket | None = bound  # None after a failed rebind: the poll alone serves
         last_read = time.monotonic()
         try:
             while not self._stopping.is_set():
                 topics: set[str] = set()
+                watched = [self._wake_read] if receiver is None else [receiver.fileno(), self._wake_read]
                 try:
-                    ready, _, _ = select.select([receiver.fileno(), self._wake_read], [], [], self._poll)
-                    while receiver.fileno() in ready:  # drain every ring that arrived: one catch-up serves them all
+                    ready, _, _ = select.select(watched, [], [], self._poll)
+                    while receiver is not None and receiver.fileno() in ready:  # drain: one catch-up serves all
                         data = receiver.recv(4096, socket.MSG_DONTWAIT)
                         topics.update(data.decode("utf-8", "replace").split("\n"))
                         self.rings_heard += 1
                 except BlockingIOError:
                     pass
+                except (OSError, ValueError) as error:  # the socket went bad: rebind at the next look
+                    log.warning("node %s: its doorbell failed (%s)", self._doorbells.node, error)
+                    receiver = None
+                    time.sleep(self._poll)
                 if self._stopping.is_set():
                     return
                 topics.discard("")
@@ -3239,22 +3296,22 @@ class _Listener:
                 if RING_INSTRUCTIONS in topics or time.monotonic() - last_read >= self._poll:
                     last_read = time.monotonic()
                     try:
-                        self._signals.catch_up()
+                        self._signals.catch_up(save=True)
                     except Exception as error:
                         log.warning("node %s: reading the instruction log failed: %s", self._signals.node, error)
                     receiver = self._rebind_if_removed(receiver)
         finally:
             os.close(self._wake_read)
 
-    def _rebind_if_removed(self, receiver: socket.socket) -> socket.socket:
+    def _rebind_if_removed(self, receiver: socket.socket | None) -> socket.socket | None:
         """Someone removed our doorbell file (or the lock folder): bind a new one, so rings reach us."""
-        if self._doorbells.is_bound_here(receiver):
+        if self._stopping.is_set() or (receiver is not None and self._doorbells.is_bound_here(receiver)):
             return receiver
         try:
             fresh = self._doorbells.rebind()
         except (OSError, NodeflowError) as error:
             log.warning("node %s: cannot bind its doorbell again (%s); polling instead", self._doorbells.node, error)
-            return receiver
+            return None
         self.rebinds += 1
         log.warning("node %s: its doorbell was removed; bound a new one", self._doorbells.node)
         return fresh
@@ -3319,9 +3376,9 @@ class Cluster:
                 self.store.check_open()
                 listener = _Listener(self.doorbells, self.wakeups, self.signals, self.settings.poll_interval)
                 listener.start()
+                self._listener = listener  # from here close() stops it, whatever happens next
                 self.signals.catch_up()
                 self.signals.listening = True
-                self._listener = listener
 
     # Locks --------------------------------------------------------------------------------
 
@@ -3399,7 +3456,11 @@ class Cluster:
         return await self.bus.anack(message, delay, error)
 
     def extend(self, message: Message, lease: float | str) -> float:
+        """Keep a long job's message: its lease ends ``lease`` seconds from now; LeaseLost if too late."""
         return self.bus.extend(message, lease)
+
+    async def aextend(self, message: Message, lease: float | str) -> float:
+        return await self.bus.aextend(message, lease)
 
     def release_leases(self, owner: str) -> int:
         return self.bus.release_leases(owner)
@@ -3549,6 +3610,9 @@ class Cluster:
         self._closed = True
         if self._listener is not None:
             self._listener.stop()
+        if self.signals.persistent and self.signals.cursor != self.signals._saved_cursor:
+            with contextlib.suppress(NodeflowError):
+                self.signals._save_cursor()  # a restart resumes exactly here
         self.committer.close()
         self.doorbells.close()
         remove_idle_lock_files(self.locks.directory)
@@ -3757,6 +3821,7 @@ class Node:
         except BaseException:
             logging.getLogger("nodeflow").removeHandler(self._log_handler)
             raise
+        tasks: list[asyncio.Task[None]] = []
         try:
             handed_back = await nf.committer.asubmit(self._register)
             self.say(
@@ -3768,11 +3833,13 @@ class Node:
             if self.role == "auto":
                 self._stand_for_election()
             beating = asyncio.create_task(self._beat())
+            tasks.append(beating)
             workers = [
                 asyncio.create_task(self._consume(queue, function))
                 for queue, function in sorted(self.handlers.items())
                 for _ in range(self.concurrency)
             ]
+            tasks.extend(workers)
             if self.handlers:
                 self.say(f"consuming {', '.join(sorted(self.handlers))} ({self.concurrency} at once each)")
             await self._stop.wait()
@@ -3794,6 +3861,17 @@ class Node:
             self.say("stopped")
             return 0
         finally:
+            # Also when run() itself was cancelled or failed: nothing of this node may outlive it.
+            for task in [*tasks, *([self._scheduling] if self._scheduling else [])]:
+                task.cancel()
+            if self._election is not None:
+                self._election.stop()
+            for watcher in self._peers.values():
+                watcher.stop()
+            if self._office_fd is not None:
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(self._office_fd)
+                self._office_fd, self.epoch = None, None
             logging.getLogger("nodeflow").removeHandler(self._log_handler)
             nf.close()
 
@@ -3823,13 +3901,30 @@ class Node:
             finally:
                 self._handling.discard(handling)
 
+    async def _keep_leased(self, message: Message) -> None:
+        """While a handler runs, renew its message's lease every third of a lease: a slow handler
+        must not see its message delivered again elsewhere."""
+        assert self.nf is not None
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            try:
+                await self.nf.aextend(message, self.lease)
+            except LeaseLost:
+                return
+            except NodeflowError as error:  # a busy database: the next try may do
+                self.say(f"renewing the lease of message {message.id} failed: {error}")
+
     async def _handle(self, message: Message, function: Callable[[Message], Any]) -> None:
         assert self.nf is not None
+        keeper = asyncio.create_task(self._keep_leased(message))
         try:
-            if inspect.iscoroutinefunction(function):
-                await function(message)
-            else:
-                await asyncio.to_thread(function, message)
+            try:
+                if inspect.iscoroutinefunction(function):
+                    await function(message)
+                else:
+                    await asyncio.to_thread(function, message)
+            finally:
+                keeper.cancel()
         except asyncio.CancelledError:  # the grace period ran out: hand the message back at once
             with contextlib.suppress(NodeflowError):
                 await self.nf.anack(message, 0, "interrupted: the node stopped before the handler finished")
@@ -4169,6 +4264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grace=args.grace,
         heartbeat=args.heartbeat,
         handlers=handlers,
+        lease=args.lease,
     )
     interrupts = 0
 
@@ -4381,6 +4477,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--concurrency", default="8", help="messages handled at once")
     serve.add_argument("--grace", default="10s", help="on SIGTERM, how long in-flight work may take to finish")
     serve.add_argument("--heartbeat", default="1s", help="how often the node records that it is alive")
+    serve.add_argument("--lease", default="30s", help="a handler's lease on its message, renewed while it runs")
     serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
     serve.set_defaults(run=cmd_serve)
 

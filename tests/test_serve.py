@@ -884,6 +884,17 @@ class Handlers(ServeTestCase):
         self.assertEqual(taken.id, message)
         self.assertIn("interrupted", taken.last_error or "")
 
+    def test_a_handler_slower_than_its_lease_keeps_the_message_and_runs_once(self) -> None:
+        # A lease of 1 s and a handler of 2.5 s: without renewal the message would be delivered
+        # again while the first run is still going, and its ack would be refused.
+        node = self.serve_app("--lease", "1s")
+        message = self.nf.send("work", {"seconds": 2.5})
+        self.wait_until(lambda: self.query("SELECT id FROM done") == [(message,)], 30, "the work done")
+        self.wait_until(lambda: "work" not in self.nf.queues(), 10, "the message acked")
+        (attempts,) = self.query("SELECT count(*) FROM done")[0]
+        self.assertEqual(attempts, 1)
+        self.assertNotIn("not acked", node.text())
+
     def test_an_app_that_cannot_be_imported_is_refused(self) -> None:
         for app in ("no_such_module_xyz", os.path.join(self.dir, "missing.py")):
             with self.subTest(app=app):
