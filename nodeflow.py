@@ -542,8 +542,7 @@ class Store:
 
     def _writer(self) -> sqlite3.Connection:
         """The write connection, opened on first use; the caller holds _write_mutex."""
-        with self._mutex:
-            self._connection()
+        self._connection()  # open and in its own process? (reads of two fields: no need to wait for a read)
         if self._write_conn is None:
             self._write_conn = self._connect(self.path)
         return self._write_conn
@@ -2681,11 +2680,14 @@ class _FlockWaiter:
     """Waits in a thread for an exclusive flock on a file, then calls ``on_granted(fd)`` there.
 
     The kernel wakes the thread the moment the holder releases or dies. ``stop()`` gives up:
-    a lock the thread gets after that is closed (released) at once, never kept.
+    a lock the thread gets after that is closed (released) at once. With ``steadfast`` (the
+    election), a file that cannot be opened, or that was replaced while we waited on it, is
+    tried again every second until it works or we stop: the node must never quietly stop
+    standing.
     """
 
-    def __init__(self, path: str, on_granted: Callable[[int], None], name: str) -> None:
-        self.path, self._on_granted, self._name = path, on_granted, name
+    def __init__(self, path: str, on_granted: Callable[[int], None], name: str, steadfast: bool = False) -> None:
+        self.path, self._on_granted, self._name, self._steadfast = path, on_granted, name, steadfast
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -2701,28 +2703,38 @@ class _FlockWaiter:
         return self._thread is not None and not self._thread.is_alive()
 
     def _run(self) -> None:
+        while not self._stopped.is_set():
+            fd = self._wait_once()
+            if fd is not None:
+                try:
+                    self._on_granted(fd)
+                except Exception:
+                    log.exception("handling %s failed", self.path)
+                return
+            if not self._steadfast:
+                return
+            self._stopped.wait(1.0)
+
+    def _wait_once(self) -> int | None:
+        """The locked descriptor of the file at the path, or None (a problem, logged, or stopped)."""
         try:
             with _LOCK_FDS_MUTEX:
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
                 _LOCK_FDS.add(fd)
         except OSError as error:
             log.warning("cannot open %s: %s", self.path, error)
-            return
+            return None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            replaced = self._steadfast and os.stat(self.path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino
         except OSError as error:
             log.warning("waiting for %s failed: %s", self.path, error)
+            replaced = True
+        if replaced or self._stopped.is_set():
             with _LOCK_FDS_MUTEX:
                 _close_lock_fd(fd)
-            return
-        if self._stopped.is_set():
-            with _LOCK_FDS_MUTEX:
-                _close_lock_fd(fd)
-            return
-        try:
-            self._on_granted(fd)
-        except Exception:
-            log.exception("handling %s failed", self.path)
+            return None
+        return fd
 
 
 def take_office(conn: sqlite3.Connection, node: str) -> int:
@@ -4071,7 +4083,7 @@ class Node:
     def _stand_for_election(self) -> None:
         assert self.nf is not None
         self._election = _FlockWaiter(
-            os.path.join(self.nf.store.lock_dir, "scheduler.lock"), self._won_election, "nodeflow-election"
+            os.path.join(self.nf.store.lock_dir, "scheduler.lock"), self._won_election, "nodeflow-election", True
         )
         self._election.start()
 
