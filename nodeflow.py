@@ -857,6 +857,31 @@ def _close_lock_fd(fd: int) -> None:
     os.close(fd)
 
 
+def open_lock_file(path: str, folders: tuple[str, ...] = ()) -> int:
+    """Open (creating, mode 0600) a lock file the safe way, and register it for fork safety.
+
+    Never follows a symbolic link (a planted one is refused by name), never truncates; when the
+    file's folder is gone, ``folders`` (outermost first) are made again, privately, and it retries.
+    """
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    with _LOCK_FDS_MUTEX:
+        try:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                if not folders:
+                    raise
+                for folder in folders:
+                    _private_directory(folder, create=True)
+                fd = os.open(path, flags, 0o600)
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StoreError(f"lock file {path} is a symbolic link; someone planted it: remove it") from None
+            raise
+        _LOCK_FDS.add(fd)
+        return fd
+
+
 def _remove_parked(path: str, parked: _ParkedLockFile) -> None:
     """Remove a parked lock file if nobody holds it, then close it; caller holds _LOCK_FDS_MUTEX.
 
@@ -993,20 +1018,7 @@ class LockManager:
     # The kernel part -----------------------------------------------------------------------
 
     def _open_lock_file(self, path: str) -> int:
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        with _LOCK_FDS_MUTEX:
-            try:
-                fd = os.open(path, flags, 0o600)
-            except FileNotFoundError:  # the lock folder was removed: make it again, privately
-                _private_directory(self.store.lock_dir, create=True)
-                _private_directory(self.directory, create=True)
-                fd = os.open(path, flags, 0o600)
-            except OSError as error:
-                if error.errno == errno.ELOOP:
-                    raise StoreError(f"lock file {path} is a symbolic link; someone planted it: remove it") from None
-                raise
-            _LOCK_FDS.add(fd)
-            return fd
+        return open_lock_file(path, (self.store.lock_dir, self.directory))
 
     def _close_unheld(self, fd: int) -> None:
         with _LOCK_FDS_MUTEX:
@@ -1293,9 +1305,7 @@ class Doorbells:
     def _take_liveness_lock(self) -> int:
         lock_path = os.path.join(self.directory, f"{self.node}.lock")
         for attempt in range(20):
-            with _LOCK_FDS_MUTEX:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                _LOCK_FDS.add(fd)  # a forked child must not keep this node looking alive
+            fd = open_lock_file(lock_path, (self.lock_dir, self.directory))  # fork-safe: a child never looks alive
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -1729,14 +1739,7 @@ class GroupCommitter:
 
     def _lock_writer(self, blocking: bool) -> bool:
         if self._writer_fd is None:
-            path = os.path.join(self._store.lock_dir, "writer.lock")
-            with _LOCK_FDS_MUTEX:
-                try:
-                    self._writer_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                except FileNotFoundError:
-                    _private_directory(self._store.lock_dir, create=True)
-                    self._writer_fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                _LOCK_FDS.add(self._writer_fd)
+            self._writer_fd = open_lock_file(os.path.join(self._store.lock_dir, "writer.lock"), (self._store.lock_dir,))
         try:
             fcntl.flock(self._writer_fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -1822,6 +1825,16 @@ _NEXT_DUE = """
     SELECT MIN((SELECT MIN(available_at) FROM messages WHERE queue = :queue AND priority = levels.priority))
     FROM levels WHERE levels.priority IS NOT NULL
 """
+
+
+def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str) -> tuple[int, set[str]]:
+    """Make every message leased by ``owner`` ready again now; how many, and their queues (to ring)."""
+    queues = {queue for (queue,) in conn.execute("SELECT DISTINCT queue FROM messages WHERE lease_owner = ?", (owner,))}
+    count = conn.execute(
+        "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
+        (time.time(), why, owner),
+    ).rowcount
+    return count, queues
 
 
 def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: float) -> None:
@@ -2114,17 +2127,9 @@ class Bus:
     def release_leases(self, owner: str) -> int:
         """Hand back at once every message leased by ``owner`` (a node known to be gone)."""
 
-        def release(conn: sqlite3.Connection) -> tuple[int, list[str]]:
-            queues = [
-                row[0] for row in conn.execute("SELECT DISTINCT queue FROM messages WHERE lease_owner = ?", (owner,))
-            ]
-            count = conn.execute(
-                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
-                (time.time(), f"the lease holder {owner} went away", owner),
-            ).rowcount
-            return count, queues
-
-        count, queues = self.committer.submit(release)
+        count, queues = self.committer.submit(
+            lambda conn: hand_back_leases(conn, owner, f"the lease holder {owner} went away")
+        )
         if queues:
             self.committer._ring({_ring_topic_for_queue(queue) for queue in queues})
         return count
@@ -2718,10 +2723,8 @@ class _FlockWaiter:
     def _wait_once(self) -> int | None:
         """The locked descriptor of the file at the path, or None (a problem, logged, or stopped)."""
         try:
-            with _LOCK_FDS_MUTEX:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-                _LOCK_FDS.add(fd)
-        except OSError as error:
+            fd = open_lock_file(self.path)
+        except (OSError, StoreError) as error:
             log.warning("cannot open %s: %s", self.path, error)
             return None
         try:
@@ -3812,10 +3815,7 @@ class Node:
             (self.id, os.getpid(), socket.gethostname(), self.role, now, now),
         )
         # Leases of an earlier life under this id are its own no more: hand them back now.
-        return conn.execute(
-            "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
-            (now, f"node {self.id} restarted", self.id),
-        ).rowcount
+        return hand_back_leases(conn, self.id, f"node {self.id} restarted")[0]
 
     def request_stop(self, reason: str = "asked to") -> None:
         """Begin a graceful stop; safe from any thread and from signal handlers."""
@@ -4053,18 +4053,13 @@ class Node:
             if peer == self.id or peer in alive:
                 continue
 
-            def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> list[str] | None:
+            def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> tuple[int, set[str]] | None:
                 # The pid guards against a peer that restarted under the same id meanwhile.
                 if not conn.execute(
                     "UPDATE nodes SET state = 'dead' WHERE id = ? AND pid = ? AND state = 'running'", (peer, pid)
                 ).rowcount:
                     return None
-                queues = [q for (q,) in conn.execute("SELECT queue FROM messages WHERE lease_owner = ?", (peer,))]
-                conn.execute(
-                    "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
-                    (time.time(), f"node {peer} died", peer),
-                )
-                return queues
+                return hand_back_leases(conn, peer, f"node {peer} died")
 
             try:
                 released = self.nf.committer.submit(reap)
@@ -4072,11 +4067,10 @@ class Node:
                 self.say(f"could not mark node {peer} dead: {error}")
                 continue
             if released is not None:
-                self.say(
-                    f"node {peer} (pid {pid}) is gone: its liveness lock is free; handed back {len(released)} leases"
-                )
-                if released:
-                    self.nf._ring({_ring_topic_for_queue(queue) for queue in released})
+                count, queues = released
+                self.say(f"node {peer} (pid {pid}) is gone: its liveness lock is free; handed back {count} leases")
+                if queues:
+                    self.nf._ring({_ring_topic_for_queue(queue) for queue in queues})
 
     # Election and the scheduler -----------------------------------------------------------
 
