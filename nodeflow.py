@@ -1394,9 +1394,12 @@ class Doorbells:
         own = f"{self.node}.sock"
         with self._mutex:
             if self._sender is None:
-                self._sender = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
-                )
+                try:
+                    self._sender = socket.socket(
+                        socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+                    )
+                except OSError:
+                    return  # out of descriptors, say: a lost ring costs a poll interval, no more
             sender = self._sender
         for name in names:
             if not name.endswith(".sock") or name == own or name.startswith("."):
@@ -2326,7 +2329,6 @@ class Signals:
     ) -> None:
         self.store, self.committer, self.node, self.persistent = store, committer, node, persistent
         self.listen = listen  # starts the handle's listener thread (doorbell + poll)
-        self.listening = False
         self.mutex = threading.Lock()  # tokens and callbacks
         self._catch_up_mutex = threading.Lock()  # one reader of the log at a time, in order
         self._applying: int | None = None  # the thread inside catch_up, whose callbacks may call back
@@ -3393,7 +3395,6 @@ class Cluster:
                 listener.start()
                 self._listener = listener  # from here close() stops it, whatever happens next
                 self.signals.catch_up()
-                self.signals.listening = True
 
     # Locks --------------------------------------------------------------------------------
 
@@ -3756,7 +3757,6 @@ class Node:
         self.handled = 0
         self.failed = 0
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
-        self._receiving: set[asyncio.Task[None]] = set()  # workers waiting for a message
         self.id = node_id or "?"
         self.nf: Cluster | None = None
         self.epoch: int | None = None  # set while in office
@@ -3893,17 +3893,12 @@ class Node:
         """One worker: receive a message of ``queue``, run its handler, settle it; until stopping."""
         assert self.nf is not None and self._stop is not None
         while not self._stop.is_set():
-            receiving = asyncio.current_task()
-            assert receiving is not None
-            self._receiving.add(receiving)
             try:
                 message = await self.nf.areceive(queue, lease=self.lease, wait=self.settings.poll_interval)
             except NodeflowError as error:
                 self.say(f"receiving from {queue} failed: {error}")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
-            finally:
-                self._receiving.discard(receiving)
             if message is None:
                 continue
             handling = asyncio.create_task(self._handle(message, function))
