@@ -46,7 +46,7 @@ import threading
 import time
 import weakref
 import zoneinfo
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
@@ -233,7 +233,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -319,6 +319,58 @@ _MIGRATIONS: dict[int, str] = {
             last_fired REAL
         ) WITHOUT ROWID;
         CREATE INDEX timers_due ON timers (due) WHERE due IS NOT NULL;
+    """,
+    4: """
+        CREATE TABLE definitions (
+            id      TEXT NOT NULL,
+            version INTEGER NOT NULL,
+            name    TEXT NOT NULL,
+            body    TEXT NOT NULL,
+            created REAL NOT NULL,
+            PRIMARY KEY (id, version)
+        );
+        CREATE TABLE signal_triggers (
+            name       TEXT NOT NULL,
+            definition TEXT NOT NULL,
+            position   INTEGER NOT NULL,
+            input      TEXT NOT NULL,
+            PRIMARY KEY (name, definition, position)
+        ) WITHOUT ROWID;
+        CREATE TABLE instances (
+            id          TEXT PRIMARY KEY,
+            definition  TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            status      TEXT NOT NULL,
+            position    TEXT,
+            variables   TEXT NOT NULL,
+            seq         INTEGER NOT NULL DEFAULT 0,
+            fence       INTEGER NOT NULL DEFAULT 0,
+            steps       INTEGER NOT NULL DEFAULT 0,
+            attempt     INTEGER NOT NULL DEFAULT 0,
+            bookmark    TEXT,
+            waiting_for TEXT,
+            wake_at     REAL,
+            resume      TEXT,
+            error       TEXT,
+            started_by  TEXT NOT NULL,
+            created     REAL NOT NULL,
+            updated     REAL NOT NULL,
+            ended       REAL
+        );
+        CREATE INDEX instances_status ON instances (status, created);
+        CREATE INDEX instances_waiting ON instances (waiting_for) WHERE waiting_for IS NOT NULL;
+        CREATE TABLE journal (
+            instance TEXT NOT NULL,
+            step     INTEGER NOT NULL,
+            activity TEXT NOT NULL,
+            type     TEXT NOT NULL,
+            node     TEXT NOT NULL,
+            fence    INTEGER NOT NULL,
+            started  REAL NOT NULL,
+            ended    REAL NOT NULL,
+            outcome  TEXT NOT NULL,
+            PRIMARY KEY (instance, step)
+        ) WITHOUT ROWID;
     """,
 }
 
@@ -1004,12 +1056,27 @@ class _LockAttempt:
             return held
 
 
+def bump_fence(conn: sqlite3.Connection, name: str, node: str | None) -> int:
+    """The next fencing token of lock ``name``, taken by its new holder right after locking."""
+    row = conn.execute(
+        "INSERT INTO lock_fences (name, fence, acquired, pid, node) VALUES (?, 1, ?, ?, ?) "
+        "ON CONFLICT (name) DO UPDATE SET fence = fence + 1, acquired = excluded.acquired, "
+        "pid = excluded.pid, node = excluded.node" + (" RETURNING fence" if _HAS_RETURNING else ""),
+        (name, time.time(), os.getpid(), node),
+    ).fetchall()
+    if not row:
+        row = conn.execute("SELECT fence FROM lock_fences WHERE name = ?", (name,)).fetchall()
+    return int(row[0][0])
+
+
 class LockManager:
     """Named locks of one cluster for one process."""
 
     def __init__(self, store: Store, node: str | None = None, folder: str = "locks") -> None:
         self.store = store
         self.node = node
+        # Set by the handle: lets a fenced async acquisition take its token in a shared transaction.
+        self.write_async: Callable[[Callable[[sqlite3.Connection], int]], Awaitable[int]] | None = None
         self.directory = os.path.join(store.lock_dir, folder)
         self._mine = threading.local()  # names each thread holds through the blocking API
         if folder == "locks":  # other folders are made when first used
@@ -1067,33 +1134,22 @@ class LockManager:
             _park_lock_file(fd, inode, path)
             return None
         try:
-            token = self._next_fence(name) if fence else None
-            note = {"name": name, "pid": os.getpid(), "node": self.node, "fence": token, "since": time.time()}
-            data = json.dumps(note).encode("ascii")  # the default encoder is cached: much the fastest
-            try:  # the note serves holder() only; safety never depends on it
-                os.pwrite(fd, data, 0)
-                if info.st_size > len(data):
-                    os.ftruncate(fd, len(data))  # a killed holder left a longer note
-            except OSError:
-                pass
+            token = self.store.write(functools.partial(bump_fence, name=name, node=self.node)) if fence else None
+            self._write_note(fd, name, token, info.st_size)
         except BaseException:
             _park_lock_file(fd, inode, path)
             raise
         return HeldLock(self, name, token, path, fd, inode)
 
-    def _next_fence(self, name: str) -> int:
-        def bump(conn: sqlite3.Connection) -> int:
-            row = conn.execute(
-                "INSERT INTO lock_fences (name, fence, acquired, pid, node) VALUES (?, 1, ?, ?, ?) "
-                "ON CONFLICT (name) DO UPDATE SET fence = fence + 1, acquired = excluded.acquired, "
-                "pid = excluded.pid, node = excluded.node" + (" RETURNING fence" if _HAS_RETURNING else ""),
-                (name, time.time(), os.getpid(), self.node),
-            ).fetchall()
-            if not row:
-                row = conn.execute("SELECT fence FROM lock_fences WHERE name = ?", (name,)).fetchall()
-            return int(row[0][0])
-
-        return self.store.write(bump)
+    def _write_note(self, fd: int, name: str, token: int | None, old_size: int) -> None:
+        note = {"name": name, "pid": os.getpid(), "node": self.node, "fence": token, "since": time.time()}
+        data = json.dumps(note).encode("ascii")  # the default encoder is cached: much the fastest
+        try:  # the note serves holder() only; safety never depends on it
+            os.pwrite(fd, data, 0)
+            if old_size > len(data):
+                os.ftruncate(fd, len(data))  # a killed holder left a longer note
+        except OSError:
+            pass
 
     # Blocking API ---------------------------------------------------------------------------
 
@@ -1140,9 +1196,18 @@ class LockManager:
         name = check_lock_name(name)
         wait = _check_timeout(timeout)
         started = time.monotonic()
-        if not fence:  # no database write, so the non-blocking try cannot stall the event loop
+        write_async = self.write_async
+        if not fence or write_async is not None:  # no database write here: the loop never waits on a disk
             held = self._acquire_now(name, False, blocking=False)
             if held is not None:
+                if fence and write_async is not None:
+                    try:
+                        held.fence = await write_async(functools.partial(bump_fence, name=name, node=self.node))
+                    except BaseException:
+                        held.release()
+                        raise
+                    assert held._fd is not None
+                    self._write_note(held._fd, name, held.fence, 1 << 16)  # may be shorter than the note it replaces
                 return held
             if wait == 0:
                 raise LockTimeout(name, 0, self.holder(name))
@@ -2061,12 +2126,19 @@ class Bus:
         ack.single_statement = also is None  # type: ignore[attr-defined]
         return ack
 
-    def ack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
-        """Delete a handled message; ``also(conn)`` runs in the same transaction (all or nothing)."""
-        return self.committer.submit(self._ack_work(message, also))
+    def ack(
+        self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None, rings: Iterable[str] = ()
+    ) -> T | None:
+        """Delete a handled message; ``also(conn)`` runs in the same transaction (all or nothing).
 
-    async def aack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
-        return await self.committer.asubmit(self._ack_work(message, also))
+        ``rings`` are the doorbell topics to ring after the commit, for what ``also`` wrote.
+        """
+        return self.committer.submit(self._ack_work(message, also), rings)
+
+    async def aack(
+        self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None, rings: Iterable[str] = ()
+    ) -> T | None:
+        return await self.committer.asubmit(self._ack_work(message, also), rings)
 
     def _nack_work(self, message: Message, delay: float, error: str | None) -> Callable[[sqlite3.Connection], str]:
         limit = self.settings.max_deliveries
@@ -3243,6 +3315,1521 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
+# 9. Workflows: definitions (validated, versioned), blueprints cached per node, instances run
+#    in bursts under instance locks, one journal row per step.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+WORKFLOW_QUEUE = "nodeflow.workflows"  # "run" and "start" messages; every serve node consumes it
+DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cached blueprints are stale
+RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
+INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted")
+ACTIVITY_TYPES = ("log", "set", "if", "timer", "start_at", "signal", "call", "fail", "work")
+DEFINITION_MAX_BYTES = 256 * 1024
+DEFINITION_MAX_ACTIVITIES = 1000
+DEFINITION_MAX_TRIGGERS = 32
+TEMPLATE_MAX_CHARS = 4096
+CONDITION_MAX_DEPTH = 16
+TRIGGER_INPUT_MAX_BYTES = 64 * 1024
+WORK_MAX_SECONDS = 3600.0
+BURST_MAX_STEPS = 100  # then the instance goes back in the queue, so a loop shares the node
+CALL_ATTEMPTS = 3  # tries of a failing call before its instance is faulted ("retry" per activity)
+CALL_RETRY_DELAY = 1.0  # before the second try; doubled for each try after it, up to an hour
+INSTANCE_LOCK_WAIT = 5.0  # then a run message goes back in the queue, to try again a second later
+INSTANCE_ID_MIN_PREFIX = 4
+
+_WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+_ACTIVITY_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
+_VARIABLE_PATH = re.compile(r"[A-Za-z0-9_-]{1,100}(?:\.[A-Za-z0-9_-]{1,100}){0,31}")
+_TEMPLATE_TOKEN = re.compile(r"\{\{|\}\}|\{([^{}]*)\}|[{}]")
+_FUNCTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,199}(?::[A-Za-z_][A-Za-z0-9_.]{0,199})?")
+_INSTANCE_ID = re.compile(r"[0-9a-f]{16}")
+_COMPARISONS = ("==", "!=", ">", ">=", "<", "<=", "in", "not in", "contains", "exists")
+
+
+class InvalidDefinition(InvalidInput):
+    """A workflow definition with problems; ``problems`` lists each one with its place."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Fault(Exception):
+    """An activity failed in a way a retry cannot mend (a missing variable, a bad comparison)."""
+
+
+class _CallFailed(Exception):
+    """A ``call`` activity's function raised: retried with back-off, then the instance faults."""
+
+
+def check_workflow_id(value: object, what: str = "a workflow id") -> str:
+    if not isinstance(value, str) or not _WORKFLOW_ID.fullmatch(value):
+        shown = _show_name(value) if isinstance(value, str) else repr(value)
+        raise InvalidInput(
+            f"{what} is 1 to 100 letters, digits, '_', '.' or '-' (starting with a letter or digit), not {shown}"
+        )
+    return value
+
+
+def check_signal_name(value: object, what: str = "a signal name") -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or not value.isprintable()
+        or len(value.encode("utf-8", "replace")) > 200
+    ):
+        shown = _show_name(value) if isinstance(value, str) else repr(value)
+        raise InvalidInput(f"{what} is printable text of 1 to 200 bytes, not {shown}")
+    return value
+
+
+def check_instance_input(value: object, what: str = "input", limit: int = 1024 * 1024) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f'{what} must be a JSON object, such as {{"order": 42}}, not {type(value).__name__}')
+    encode_body(value, limit)
+    return value
+
+
+# Templates and conditions: data that reads variables, never code ---------------------------
+
+
+def _lookup(variables: dict[str, Any], path: tuple[str, ...]) -> Any:
+    current: Any = variables
+    for depth, part in enumerate(path):
+        if isinstance(current, dict) and part in current:
+            current = current[part]
+        elif isinstance(current, list) and part.isdigit() and int(part) < len(current):
+            current = current[int(part)]
+        else:
+            raise _Fault(f"no variable {'.'.join(path[: depth + 1])}")
+    return current
+
+
+def _as_text(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+class Template:
+    """Text with ``{path}`` placeholders, such as ``order {input.order} received``.
+
+    A placeholder names a variable by its dotted path (``{charge.receipt}``, ``{items.0}``);
+    ``{{`` and ``}}`` are literal braces. Filling one only looks values up: it runs no code.
+    """
+
+    __slots__ = ("text", "_parts")
+
+    def __init__(self, text: str) -> None:
+        if len(text) > TEMPLATE_MAX_CHARS:
+            raise ValueError(f"a template is at most {TEMPLATE_MAX_CHARS} characters; this one has {len(text)}")
+        parts: list[str | tuple[str, ...]] = []
+        literal: list[str] = []
+        position = 0
+        for match in _TEMPLATE_TOKEN.finditer(text):
+            literal.append(text[position : match.start()])
+            token = match.group(0)
+            if token in ("{{", "}}"):
+                literal.append(token[0])
+            elif token in ("{", "}"):
+                raise ValueError(
+                    f"unmatched {token!r} at character {match.start() + 1}; write {token * 2} for a literal brace"
+                )
+            else:
+                path = (match.group(1) or "").strip()
+                if not _VARIABLE_PATH.fullmatch(path):
+                    raise ValueError(f"{token} is not a variable path such as {{input.order}}")
+                if literal:
+                    parts.append("".join(literal))
+                    literal = []
+                parts.append(tuple(path.split(".")))
+            position = match.end()
+        literal.append(text[position:])
+        if "".join(literal):
+            parts.append("".join(literal))
+        self.text = text
+        self._parts = tuple(parts)
+
+    @property
+    def is_constant(self) -> bool:
+        return all(isinstance(part, str) for part in self._parts)
+
+    def render(self, variables: dict[str, Any]) -> str:
+        return "".join(part if isinstance(part, str) else _as_text(_lookup(variables, part)) for part in self._parts)
+
+    def value(self, variables: dict[str, Any]) -> Any:
+        """The variable itself (any JSON type) when the template is one placeholder, else the text."""
+        if len(self._parts) == 1 and isinstance(self._parts[0], tuple):
+            return _lookup(variables, self._parts[0])
+        return self.render(variables)
+
+    def __repr__(self) -> str:
+        return f"Template({self.text!r})"
+
+
+# A compiled condition: ("all" | "any", (conditions...)), ("not", condition), or
+# ("compare", path, operator, operand) where operand is ("value", data) or ("var", path).
+Condition = tuple[Any, ...]
+
+
+def _compare(left: Any, operator: str, right: Any) -> bool:
+    def kind(value: Any) -> str:
+        if isinstance(value, bool) or value is None:
+            return "boolean or null"
+        return "number" if isinstance(value, (int, float)) else type(value).__name__
+
+    if operator == "==":
+        return bool(left == right and kind(left) == kind(right))
+    if operator == "!=":
+        return not (left == right and kind(left) == kind(right))
+    if operator in ("in", "not in"):
+        if isinstance(right, list):
+            found = any(left == item and kind(left) == kind(item) for item in right)
+        elif isinstance(right, str) and isinstance(left, str):
+            found = left in right
+        else:
+            raise _Fault(f"'{operator}' needs a list (or text) on its right, not {kind(right)}")
+        return found if operator == "in" else not found
+    if operator == "contains":
+        if isinstance(left, (list, str, dict)):
+            return _compare(right, "in", list(left) if isinstance(left, dict) else left)
+        raise _Fault(f"'contains' needs a list, text or object on its left, not {kind(left)}")
+    if kind(left) != kind(right) or kind(left) not in ("number", "str"):
+        raise _Fault(
+            f"cannot compare {kind(left)} {_as_text(left)[:40]} {operator} {kind(right)} {_as_text(right)[:40]}"
+        )
+    return bool(
+        left > right if operator == ">" else left >= right if operator == ">=" else left < right
+        if operator == "<" else left <= right
+    )  # fmt: skip
+
+
+def evaluate_condition(condition: Condition, variables: dict[str, Any]) -> bool:
+    kind = condition[0]
+    if kind == "all":
+        return all(evaluate_condition(part, variables) for part in condition[1])
+    if kind == "any":
+        return any(evaluate_condition(part, variables) for part in condition[1])
+    if kind == "not":
+        return not evaluate_condition(condition[1], variables)
+    _, path, operator, operand = condition
+    if operator == "exists":
+        try:
+            _lookup(variables, path)
+        except _Fault:
+            return False
+        return True
+    right = _lookup(variables, operand[1]) if operand[0] == "var" else operand[1]
+    return _compare(_lookup(variables, path), operator, right)
+
+
+# Validation: every problem, each with its place ----------------------------------------------
+
+
+def _quoted(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)[:80]
+
+
+class _Checker:
+    """Collects the problems of one definition; each check returns the compiled value or None."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, place: str, problem: str) -> None:
+        if len(self.problems) < 200:
+            self.problems.append(f"{place}: {problem}")
+
+    def text(self, value: Any, place: str, limit: int = 200) -> str | None:
+        if not isinstance(value, str):
+            self.fail(place, f"must be text, not {_json_kind(value)}")
+            return None
+        if not value.strip():
+            self.fail(place, "must not be empty")
+            return None
+        if len(value) > limit:
+            self.fail(place, f"is {len(value)} characters; the most is {limit}")
+            return None
+        return value
+
+    def template(self, value: Any, place: str) -> Template | None:
+        text = self.text(value, place, TEMPLATE_MAX_CHARS)
+        if text is None:
+            return None
+        try:
+            return Template(text)
+        except ValueError as error:
+            self.fail(place, str(error))
+            return None
+
+    def duration(self, value: Any, place: str, most: float | None = None) -> float | None:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            self.fail(place, f'must be a duration such as "5s" or "1m30s", not {_json_kind(value)}')
+            return None
+        try:
+            seconds = parse_duration(value, "duration")
+        except InvalidInput as error:
+            self.fail(place, str(error))
+            return None
+        if most is not None and seconds > most:
+            self.fail(place, f"is {_format_seconds(seconds)}; the most is {_format_seconds(most)}")
+            return None
+        return seconds
+
+    def input_object(self, value: Any, place: str) -> dict[str, Any] | None:
+        if not isinstance(value, dict):
+            self.fail(place, f"must be a JSON object, not {_json_kind(value)}")
+            return None
+        try:
+            encode_body(value, TRIGGER_INPUT_MAX_BYTES)
+        except InvalidInput as error:
+            self.fail(place, str(error))
+            return None
+        return value
+
+    def condition(self, value: Any, place: str, depth: int = 0) -> Condition | None:
+        if depth > CONDITION_MAX_DEPTH:
+            self.fail(place, f"conditions nest at most {CONDITION_MAX_DEPTH} deep")
+            return None
+        example = '{"var": "total", "op": ">", "value": 100}'
+        if not isinstance(value, dict):
+            self.fail(place, f"must be a condition object such as {example}, not {_json_kind(value)}")
+            return None
+        for group in ("all", "any"):
+            if group in value:
+                if len(value) != 1:
+                    self.fail(place, f'"{group}" stands alone: {{"{group}": [conditions]}}')
+                    return None
+                parts = value[group]
+                if not isinstance(parts, list) or not parts:
+                    self.fail(f"{place}.{group}", "must be a non-empty list of conditions")
+                    return None
+                compiled = [self.condition(part, f"{place}.{group}[{i}]", depth + 1) for i, part in enumerate(parts)]
+                return None if any(c is None for c in compiled) else (group, tuple(compiled))
+        if "not" in value:
+            if len(value) != 1:
+                self.fail(place, '"not" stands alone: {"not": condition}')
+                return None
+            inner = self.condition(value["not"], f"{place}.not", depth + 1)
+            return None if inner is None else ("not", inner)
+        unknown = sorted(set(value) - {"var", "op", "value"})
+        if unknown:
+            self.fail(place, f"unknown field {_quoted(unknown[0])}; a condition has var, op and value")
+            return None
+        path = value.get("var")
+        if not isinstance(path, str) or not _VARIABLE_PATH.fullmatch(path):
+            self.fail(f"{place}.var", f'must be a variable path such as "input.total", not {_quoted(path)}')
+            return None
+        operator = value.get("op")
+        if operator not in _COMPARISONS:
+            self.fail(f"{place}.op", f"must be one of {', '.join(_COMPARISONS)}, not {_quoted(operator)}")
+            return None
+        if operator == "exists":
+            if "value" in value:
+                self.fail(place, '"exists" takes no value')
+                return None
+            return ("compare", tuple(path.split(".")), operator, ("value", None))
+        if "value" not in value:
+            self.fail(place, f'"{operator}" needs a value (a JSON value, or {{"var": "path"}})')
+            return None
+        right = value["value"]
+        if isinstance(right, dict) and set(right) == {"var"}:
+            if not isinstance(right["var"], str) or not _VARIABLE_PATH.fullmatch(right["var"]):
+                self.fail(f"{place}.value.var", f"must be a variable path, not {_quoted(right['var'])}")
+                return None
+            return ("compare", tuple(path.split(".")), operator, ("var", tuple(right["var"].split("."))))
+        if operator in ("in", "not in") and not isinstance(right, (list, str)):
+            self.fail(f"{place}.value", f'"{operator}" needs a list (or text), not {_json_kind(right)}')
+            return None
+        if operator in (">", ">=", "<", "<=") and (isinstance(right, bool) or not isinstance(right, (int, float, str))):
+            self.fail(f"{place}.value", f'"{operator}" compares numbers or text, not {_json_kind(right)}')
+            return None
+        return ("compare", tuple(path.split(".")), operator, ("value", right))
+
+
+def _json_kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, str):
+        return "text"
+    if isinstance(value, list):
+        return "a list"
+    return "an object" if isinstance(value, dict) else type(value).__name__
+
+
+@dataclass(frozen=True)
+class BlueprintActivity:
+    """One compiled activity of a blueprint; ``spec`` holds its checked, compiled fields."""
+
+    id: str
+    type: str
+    next: str | None
+    spec: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Blueprint:
+    """A definition compiled for running: what every step reads, built once per node and version."""
+
+    id: str
+    name: str
+    version: int
+    start: str
+    activities: dict[str, BlueprintActivity]
+    triggers: tuple[dict[str, Any], ...]
+    variables: dict[str, Any]  # the starting values, under the instance's input
+    body: str  # the canonical JSON stored for this version
+
+
+# field -> (kind, required) for each activity type; "type", "next" and "description" are common.
+_ACTIVITY_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
+    "log": {"message": ("template", True)},
+    "set": {"values": ("values", False), "add": ("adds", False)},
+    "if": {"condition": ("condition", True), "then": ("ref", False), "else": ("ref", False)},
+    "timer": {"duration": ("duration", True)},
+    "start_at": {"at": ("time", True)},
+    "signal": {"name": ("template", True), "result": ("variable", False)},
+    "call": {"function": ("function", True), "result": ("variable", False), "retry": ("retry", False)},
+    "fail": {"message": ("template", True)},
+    "work": {"duration": ("work", True), "kind": ("work-kind", False)},
+}
+_DEFINITION_FIELDS = ("id", "name", "description", "start", "activities", "triggers", "variables")
+
+
+def _check_activity_field(check: _Checker, kind: str, value: Any, place: str) -> Any:
+    if kind == "template":
+        return check.template(value, place)
+    if kind == "ref":
+        return check.text(value, place, 100)
+    if kind == "duration":
+        return check.duration(value, place)
+    if kind == "work":
+        return check.duration(value, place, WORK_MAX_SECONDS)
+    if kind == "work-kind":
+        if value not in ("io", "cpu"):
+            check.fail(place, f'must be "io" (waits) or "cpu" (computes), not {_quoted(value)}')
+            return None
+        return value
+    if kind == "condition":
+        return check.condition(value, place)
+    if kind == "variable":
+        if not isinstance(value, str) or not _ACTIVITY_ID.fullmatch(value):
+            check.fail(place, f"must be a variable name (letters, digits, '_' or '-'), not {_quoted(value)}")
+            return None
+        return value
+    if kind == "function":
+        if not isinstance(value, str) or not _FUNCTION_NAME.fullmatch(value):
+            check.fail(
+                place, f'must name a registered function, such as "charge" or "shop:charge", not {_quoted(value)}'
+            )
+            return None
+        return value
+    if kind == "time":
+        template = check.template(value, place)
+        if template is None or not template.is_constant:
+            return template  # filled in when the instance gets there
+        try:
+            check_due(parse_time(template.render({}), place), place)
+        except InvalidInput as error:
+            check.fail(place, str(error).split(": ", 1)[-1])
+            return None
+        return template
+    if kind == "values":
+        if not isinstance(value, dict) or not value:
+            check.fail(
+                place, f'must be an object of variables to set, such as {{"total": 120}}, not {_json_kind(value)}'
+            )
+            return None
+        compiled: dict[str, Any] = {}
+        for name, item in value.items():
+            if not _ACTIVITY_ID.fullmatch(name):
+                check.fail(f"{place}.{name}", "is not a variable name (letters, digits, '_' or '-')")
+                continue
+            compiled[name] = check.template(item, f"{place}.{name}") if isinstance(item, str) else item
+        return compiled
+    if kind == "adds":
+        if not isinstance(value, dict) or not value:
+            check.fail(place, f'must be an object of numbers to add, such as {{"tries": 1}}, not {_json_kind(value)}')
+            return None
+        for name, item in value.items():
+            if not _ACTIVITY_ID.fullmatch(name):
+                check.fail(f"{place}.{name}", "is not a variable name (letters, digits, '_' or '-')")
+            elif isinstance(item, bool) or not isinstance(item, (int, float)) or not math.isfinite(item):
+                check.fail(f"{place}.{name}", f"must be a number, not {_json_kind(item)}")
+        return value
+    if kind == "retry":
+        if not isinstance(value, dict) or set(value) - {"attempts", "delay"}:
+            check.fail(place, 'must be an object such as {"attempts": 5, "delay": "2s"}')
+            return None
+        attempts = value.get("attempts", CALL_ATTEMPTS)
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or not 1 <= attempts <= 100:
+            check.fail(f"{place}.attempts", f"must be a whole number from 1 to 100, not {_quoted(attempts)}")
+            return None
+        delay = check.duration(value.get("delay", CALL_RETRY_DELAY), f"{place}.delay", 3600.0)
+        return None if delay is None else (attempts, delay)
+    raise AssertionError(kind)
+
+
+def _check_activity(check: _Checker, activity_id: str, value: Any) -> BlueprintActivity | None:
+    place = f"activities.{activity_id}"
+    if not _ACTIVITY_ID.fullmatch(activity_id):
+        check.fail(place, "an activity id is 1 to 100 letters, digits, '_' or '-'")
+        return None
+    if not isinstance(value, dict):
+        check.fail(place, f"must be an object with a type, not {_json_kind(value)}")
+        return None
+    kind = value.get("type")
+    if kind not in _ACTIVITY_FIELDS:
+        if kind is None:
+            check.fail(f"{place}.type", f"is missing; give one of {', '.join(ACTIVITY_TYPES)}")
+        else:
+            check.fail(
+                f"{place}.type", f"unknown activity type {_quoted(kind)}; the types are {', '.join(ACTIVITY_TYPES)}"
+            )
+        return None
+    fields = _ACTIVITY_FIELDS[kind]
+    spec: dict[str, Any] = {}
+    ok = True
+    for name in value:
+        if name not in fields and name not in ("type", "next", "description"):
+            check.fail(
+                f"{place}.{name}", f"unknown field for a {kind} activity; its fields are {', '.join(fields)}, next"
+            )
+            ok = False
+    for name, (field_kind, required) in fields.items():
+        if name not in value:
+            if required:
+                check.fail(f"{place}.{name}", f"is missing: a {kind} activity needs it")
+                ok = False
+            continue
+        compiled = _check_activity_field(check, field_kind, value[name], f"{place}.{name}")
+        if compiled is None:
+            ok = False
+        spec[name] = compiled
+    following = value.get("next")
+    if "next" in value and check.text(following, f"{place}.next", 100) is None:
+        ok = False
+    if "description" in value and not isinstance(value["description"], str):
+        check.fail(f"{place}.description", f"must be text, not {_json_kind(value['description'])}")
+    if kind == "set" and not ("values" in value or "add" in value):
+        check.fail(place, 'a set activity needs "values" or "add"')
+        ok = False
+    if kind == "if" and not ({"then", "else", "next"} & set(value)):
+        check.fail(place, 'an if activity needs "then", "else" or "next": where does each outcome go?')
+        ok = False
+    if kind == "fail" and "next" in value:
+        check.fail(f"{place}.next", "a fail activity ends its instance; remove next")
+        ok = False
+    if kind == "call" and "retry" not in value:
+        spec["retry"] = (CALL_ATTEMPTS, CALL_RETRY_DELAY)
+    return BlueprintActivity(activity_id, kind, following, spec) if ok else None
+
+
+def _exits(activity: Any) -> list[tuple[str, str]]:
+    """(field, target activity id) for each way out of an activity as written (its JSON object)."""
+    if not isinstance(activity, dict):
+        return []
+    fields = ("next", "then", "else") if activity.get("type") == "if" else ("next",)
+    return [(field, activity[field]) for field in fields if isinstance(activity.get(field), str)]
+
+
+class _JSONObject(dict[str, Any]):
+    """A parsed JSON object that remembers the keys it was given more than once."""
+
+    repeated: tuple[str, ...] = ()
+
+
+def _object_with_repeats(pairs: list[tuple[str, Any]]) -> _JSONObject:
+    made = _JSONObject()
+    repeated = []
+    for key, value in pairs:
+        if key in made:
+            repeated.append(key)
+        made[key] = value
+    made.repeated = tuple(repeated)
+    return made
+
+
+def _repeated_keys(check: _Checker, value: Any, place: str) -> None:
+    for key in getattr(value, "repeated", ()):
+        what = "two activities have this id" if place == "activities" else "given more than once"
+        check.fail(f"{place}.{key}" if place else key, what)
+
+
+def _check_trigger(check: _Checker, index: int, value: Any) -> dict[str, Any] | None:
+    place = f"triggers[{index}]"
+    if not isinstance(value, dict):
+        check.fail(place, f"must be an object, not {_json_kind(value)}")
+        return None
+    kind = value.get("type")
+    allowed = {"cron": {"type", "cron", "tz", "input"}, "signal": {"type", "name", "input"}}
+    if kind not in allowed:
+        check.fail(f"{place}.type", f'must be "cron" or "signal", not {_quoted(kind)}')
+        return None
+    for name in sorted(set(value) - allowed[kind]):
+        check.fail(
+            f"{place}.{name}",
+            f"unknown field for a {kind} trigger; its fields are {', '.join(sorted(allowed[kind] - {'type'}))}",
+        )
+    trigger: dict[str, Any] = {"type": kind, "input": {}}
+    if "input" in value:
+        checked_input = check.input_object(value["input"], f"{place}.input")
+        if checked_input is None:
+            return None
+        trigger["input"] = checked_input
+    if kind == "cron":
+        expression, tz = value.get("cron"), value.get("tz")
+        if not isinstance(expression, str):
+            check.fail(
+                f"{place}.cron", f'must be a cron expression such as "*/5 * * * *", not {_json_kind(expression)}'
+            )
+            return None
+        if tz is not None and not isinstance(tz, str):
+            check.fail(f"{place}.tz", f"must be an IANA time zone name, not {_json_kind(tz)}")
+            return None
+        try:
+            CronSchedule.parse(expression, tz)
+        except InvalidInput as error:
+            check.fail(f"{place}.{'tz' if tz is not None and 'zone' in str(error) else 'cron'}", str(error))
+            return None
+        trigger.update(cron=expression, tz=tz)
+    else:
+        try:
+            trigger["name"] = check_signal_name(value.get("name"), "the signal name")
+        except InvalidInput as error:
+            check.fail(f"{place}.name", str(error))
+            return None
+    return trigger
+
+
+def compile_definition(data: Any, version: int = 0) -> Blueprint:
+    """Check a definition (parsed JSON) and compile it; InvalidDefinition lists every problem."""
+    check = _Checker()
+    if not isinstance(data, dict):
+        raise InvalidDefinition([f"definition: must be a JSON object, not {_json_kind(data)}"])
+    try:
+        body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise InvalidDefinition([f"definition: not JSON data ({error})"]) from None
+    if len(body.encode("utf-8", "replace")) > DEFINITION_MAX_BYTES:
+        raise InvalidDefinition([f"definition: {len(body)} bytes of JSON; the most is {DEFINITION_MAX_BYTES}"])
+    _repeated_keys(check, data, "")
+    _repeated_keys(check, data.get("activities"), "activities")
+    for activity_id, value in (
+        (data.get("activities") or {}).items() if isinstance(data.get("activities"), dict) else ()
+    ):
+        _repeated_keys(check, value, f"activities.{activity_id}")
+    for name in data:
+        if name not in _DEFINITION_FIELDS:
+            hint = "; versions are numbered by define" if name == "version" else ""
+            check.fail(name, f"unknown field{hint}; a definition has {', '.join(_DEFINITION_FIELDS)}")
+    workflow_id = data.get("id")
+    try:
+        check_workflow_id(workflow_id, "the id")
+    except InvalidInput as error:
+        check.fail("id", str(error) if workflow_id is not None else "is missing: give the workflow an id")
+    name = data.get("name", workflow_id)
+    if "name" in data:
+        check.text(name, "name")
+    if "description" in data and not isinstance(data["description"], str):
+        check.fail("description", f"must be text, not {_json_kind(data['description'])}")
+    if "variables" in data:
+        check.input_object(data["variables"], "variables")
+    raw_activities = data.get("activities")
+    activities: dict[str, BlueprintActivity] = {}
+    if not isinstance(raw_activities, dict) or not raw_activities:
+        check.fail("activities", "must be a non-empty object of activities by id")
+        raw_activities = {}
+    elif len(raw_activities) > DEFINITION_MAX_ACTIVITIES:
+        check.fail("activities", f"{len(raw_activities)} activities; the most is {DEFINITION_MAX_ACTIVITIES}")
+        raw_activities = {}
+    for activity_id, value in raw_activities.items():
+        activity = _check_activity(check, activity_id, value)
+        if activity is not None:
+            activities[activity_id] = activity
+    start = data.get("start")
+    if start is None:
+        check.fail("start", "is missing: name the first activity")
+    elif not isinstance(start, str) or start not in raw_activities:
+        check.fail("start", f"no activity named {_quoted(start)}")
+    for activity_id, value in raw_activities.items():
+        for field, target in _exits(value):
+            if target not in raw_activities:
+                check.fail(f"activities.{activity_id}.{field}", f"no activity named {_quoted(target)}")
+    if isinstance(start, str) and start in raw_activities:
+        seen, frontier = {start}, [start]
+        while frontier:
+            for _, target in _exits(raw_activities[frontier.pop()]):
+                if target in raw_activities and target not in seen:
+                    seen.add(target)
+                    frontier.append(target)
+        for activity_id in raw_activities:
+            if activity_id not in seen:
+                check.fail(
+                    f"activities.{activity_id}", f"is unreachable: no path from start {_quoted(start)} leads to it"
+                )
+    triggers: list[dict[str, Any]] = []
+    raw_triggers = data.get("triggers", [])
+    if not isinstance(raw_triggers, list):
+        check.fail("triggers", f"must be a list, not {_json_kind(raw_triggers)}")
+    elif len(raw_triggers) > DEFINITION_MAX_TRIGGERS:
+        check.fail("triggers", f"{len(raw_triggers)} triggers; the most is {DEFINITION_MAX_TRIGGERS}")
+    else:
+        for index, value in enumerate(raw_triggers):
+            trigger = _check_trigger(check, index, value)
+            if trigger is not None:
+                triggers.append(trigger)
+    if check.problems:
+        raise InvalidDefinition(check.problems)
+    assert isinstance(workflow_id, str) and isinstance(start, str)
+    variables = data.get("variables", {})
+    return Blueprint(workflow_id, str(name), version, start, activities, tuple(triggers), variables, body)
+
+
+def parse_definition(text: str | bytes, source: str = "definition") -> Any:
+    """JSON text to data, with the line and column of a syntax error."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InvalidDefinition([f"{source}: not UTF-8 text (byte {error.start})"]) from None
+    if len(text.encode("utf-8", "replace")) > DEFINITION_MAX_BYTES * 4:
+        raise InvalidDefinition([f"{source}: larger than {DEFINITION_MAX_BYTES * 4} bytes"])
+    try:
+        return json.loads(text, object_pairs_hook=_object_with_repeats)
+    except json.JSONDecodeError as error:
+        raise InvalidDefinition(
+            [f"{source}: not JSON: {error.msg} at line {error.lineno} column {error.colno}"]
+        ) from None
+    except RecursionError:
+        raise InvalidDefinition([f"{source}: nested too deeply"]) from None
+
+
+# Functions that `call` activities run ------------------------------------------------------------
+
+_ACTIVITIES: dict[str, Callable[[dict[str, Any]], Any]] = {}  # name -> function, filled by @nodeflow.activity
+
+
+def activity(name: str) -> Callable[[Callable[[dict[str, Any]], Any]], Callable[[dict[str, Any]], Any]]:
+    """Register the function that ``{"type": "call", "function": name}`` runs (sync or async).
+
+    It is given a copy of the instance's variables (``input`` among them) and returns JSON data,
+    which is stored in the variable named by the activity's ``result`` (default: its id). Put the
+    functions in a module and start nodes with ``serve --app MODULE``; ``"module:name"`` also
+    finds a function registered as ``name`` in that module.
+    """
+    if not isinstance(name, str) or not _FUNCTION_NAME.fullmatch(name):
+        raise InvalidInput(f'an activity function name is such as "charge" or "shop:charge", not {name!r}')
+
+    def register(function: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+        names = [name] if ":" in name else [name, f"{getattr(function, '__module__', '')}:{name}"]
+        for key in names:
+            known = _ACTIVITIES.get(key)
+            if known is not None and known is not function:
+                raise NodeflowError(
+                    f"activity function {key!r} is registered already: {getattr(known, '__qualname__', known)}"
+                )
+        for key in names:
+            _ACTIVITIES[key] = function
+        return function
+
+    return register
+
+
+# What the runtime reads and shows -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DefinitionInfo:
+    id: str
+    name: str
+    version: int
+    created: float
+    activities: int
+    triggers: tuple[dict[str, Any], ...]
+    changed: bool = True  # False when define found this very definition as the latest version
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One step of an instance: an activity run (or a wait begun or ended) in one burst."""
+
+    step: int
+    activity: str
+    type: str
+    node: str
+    fence: int
+    started: float
+    ended: float
+    outcome: str
+
+
+@dataclass(frozen=True)
+class Instance:
+    id: str
+    definition: str
+    version: int
+    status: str  # running, waiting, completed or faulted
+    position: str | None  # the activity it is at (None before its first step and once completed)
+    variables: dict[str, Any]
+    waiting_for: str | None  # the signal it waits for
+    wake_at: float | None  # when its timer is due
+    error: str | None
+    attempt: int  # failed tries of the current call
+    started_by: str
+    created: float
+    updated: float
+    ended: float | None
+    journal: tuple[JournalEntry, ...] = ()
+
+
+@dataclass(frozen=True)
+class SignalOutcome:
+    resumed: tuple[str, ...]  # instances that were waiting for the signal
+    started: tuple[str, ...]  # definitions a signal trigger starts (one instance each, queued)
+
+
+_INSTANCE_COLUMNS = (
+    "id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt, "
+    "started_by, created, updated, ended"
+)
+
+
+def _instance_from_row(row: tuple[Any, ...], journal: tuple[JournalEntry, ...] = ()) -> Instance:
+    (instance_id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt,
+     started_by, created, updated, ended) = row  # fmt: skip
+    return Instance(
+        instance_id, definition, version, status, position, json.loads(variables), waiting_for, wake_at, error,
+        attempt, started_by, created, updated, ended, journal,
+    )  # fmt: skip
+
+
+def _run_message(conn: sqlite3.Connection, instance: str, seq: int, at: float, now: float) -> None:
+    conn.execute(
+        "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
+        (WORKFLOW_QUEUE, json.dumps({"run": instance, "seq": seq}), at, now),
+    )
+
+
+def _latest_version(conn: sqlite3.Connection, definition: str) -> int:
+    version = conn.execute("SELECT MAX(version) FROM definitions WHERE id = ?", (definition,)).fetchone()[0]
+    if version is None:
+        raise InvalidInput(f"no workflow definition {_show_name(definition)}; add it first with: define FILE")
+    return int(version)
+
+
+def _create_instance(conn: sqlite3.Connection, definition: str, version: int | None, variables: str, by: str) -> str:
+    """Insert a new instance and the message that runs its first burst; returns its id."""
+    if version is None:
+        version = _latest_version(conn, definition)
+    now = time.time()
+    while True:
+        instance = secrets.token_hex(8)
+        try:
+            conn.execute(
+                "INSERT INTO instances (id, definition, version, status, variables, started_by, created, updated) "
+                "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
+                (instance, definition, version, variables, by, now, now),
+            )
+            break
+        except sqlite3.IntegrityError:  # 64 random bits met an old id: draw again
+            continue
+    _run_message(conn, instance, 0, now, now)
+    return instance
+
+
+def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
+    """An instance id from its full id or a unique prefix of at least four characters."""
+    if conn.execute("SELECT 1 FROM instances WHERE id = ?", (text,)).fetchone():
+        return text
+    if len(text) >= INSTANCE_ID_MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", text):
+        found = [
+            row[0]
+            for row in conn.execute(
+                "SELECT id FROM instances WHERE id > ? AND id < ? ORDER BY id LIMIT 3", (text, text + "g")
+            )
+        ]
+        if len(found) == 1:
+            return str(found[0])
+        if found:
+            raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
+    raise InvalidInput(f"no instance {_show_name(text)}; list them with: instances")
+
+
+class Workflows:
+    """Definitions, instances and signals, for one handle.
+
+    On a listening handle (a node), blueprints are kept in its memory cache until the
+    ``definitions`` change token fires: a define on any node reaches it through the instruction
+    log within milliseconds, and a lookup first reads the log, so a start that follows a define
+    (in any process) always gets the new version.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        committer: GroupCommitter,
+        signals: Signals,
+        cache: MemoryCache,
+        wakeups: Wakeups,
+        node: str,
+        listening: Callable[[], bool],
+    ) -> None:
+        self.store, self.committer, self.signals, self.cache = store, committer, signals, cache
+        self.wakeups, self.node, self._listening = wakeups, node, listening
+        self.blueprints_loaded = 0
+
+    # Definitions ----------------------------------------------------------------------------
+
+    def _define_work(self, blueprint: Blueprint) -> Callable[[sqlite3.Connection], tuple[int, float, bool]]:
+        append = self.signals._append_work(SIGNAL_TOPIC, json.dumps(DEFINITIONS_TOKEN))
+
+        def define(conn: sqlite3.Connection) -> tuple[int, float, bool]:
+            latest = conn.execute(
+                "SELECT version, body, created FROM definitions WHERE id = ? ORDER BY version DESC LIMIT 1",
+                (blueprint.id,),
+            ).fetchone()
+            if latest is not None and latest[1] == blueprint.body:
+                return int(latest[0]), float(latest[2]), False  # the same definition again: no new version
+            version, now = (latest[0] + 1 if latest else 1), time.time()
+            conn.execute(
+                "INSERT INTO definitions (id, version, name, body, created) VALUES (?, ?, ?, ?, ?)",
+                (blueprint.id, version, blueprint.name, blueprint.body, now),
+            )
+            conn.execute("DELETE FROM signal_triggers WHERE definition = ?", (blueprint.id,))
+            prefix, kept = f"workflow:{blueprint.id}#", set()
+            for index, trigger in enumerate(blueprint.triggers):
+                text = json.dumps(trigger["input"], separators=(",", ":"))
+                if trigger["type"] == "signal":
+                    conn.execute(
+                        "INSERT OR IGNORE INTO signal_triggers (name, definition, position, input) VALUES (?, ?, ?, ?)",
+                        (trigger["name"], blueprint.id, index, text),
+                    )
+                    continue
+                name = f"{prefix}{index}"
+                kept.add(name)
+                body = json.dumps({"start": blueprint.id, "input": trigger["input"], "by": f"cron trigger {index}"})
+                old = conn.execute("SELECT cron, tz, body FROM timers WHERE name = ?", (name,)).fetchone()
+                if old == (trigger["cron"], trigger["tz"], body):
+                    continue  # unchanged: keep its due time, so a firing due now is not skipped
+                due = _cron_schedule(trigger["cron"], trigger["tz"]).next_after(now)
+                conn.execute(
+                    "INSERT OR REPLACE INTO timers (name, queue, body, cron, tz, due, created) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (name, WORKFLOW_QUEUE, body, trigger["cron"], trigger["tz"], due, now),
+                )
+            for (name,) in conn.execute(
+                "SELECT name FROM timers WHERE substr(name, 1, ?) = ?", (len(prefix), prefix)
+            ).fetchall():
+                if name not in kept:
+                    conn.execute("DELETE FROM timers WHERE name = ?", (name,))
+            append(conn)  # the "definitions" token fires on every node, in this very commit
+            return version, now, True
+
+        return define
+
+    def _prepare_define(self, definition: Any) -> Blueprint:
+        data = parse_definition(definition) if isinstance(definition, (str, bytes)) else definition
+        return compile_definition(data)
+
+    def _defined(self, blueprint: Blueprint, outcome: tuple[int, float, bool]) -> DefinitionInfo:
+        version, created, changed = outcome
+        if changed:
+            self.signals._fire_key(DEFINITIONS_TOKEN)  # this handle's own cache, at once
+        return DefinitionInfo(
+            blueprint.id, blueprint.name, version, created, len(blueprint.activities), blueprint.triggers, changed
+        )
+
+    def define(self, definition: Any) -> DefinitionInfo:
+        blueprint = self._prepare_define(definition)
+        outcome = self.committer.submit(self._define_work(blueprint), (RING_INSTRUCTIONS, RING_TIMERS))
+        return self._defined(blueprint, outcome)
+
+    async def adefine(self, definition: Any) -> DefinitionInfo:
+        blueprint = self._prepare_define(definition)
+        outcome = await self.committer.asubmit(self._define_work(blueprint), (RING_INSTRUCTIONS, RING_TIMERS))
+        return self._defined(blueprint, outcome)
+
+    def definitions(self) -> list[DefinitionInfo]:
+        """The latest version of every definition, by id."""
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT d.id, d.version, d.name, d.created, d.body FROM definitions d "
+                "WHERE d.version = (SELECT MAX(version) FROM definitions WHERE id = d.id) ORDER BY d.id"
+            ).fetchall()
+        )
+        found = []
+        for workflow_id, version, name, created, body in rows:
+            data = json.loads(body)
+            triggers = tuple(data.get("triggers", ()))
+            found.append(DefinitionInfo(workflow_id, name, version, created, len(data["activities"]), triggers))
+        return found
+
+    def definition(self, workflow_id: str, version: int | None = None) -> dict[str, Any]:
+        """A stored definition as JSON data: the latest version, or the one given."""
+        return dict(json.loads(self._definition_body(check_workflow_id(workflow_id), version)[1]))
+
+    def _definition_body(self, workflow_id: str, version: int | None) -> tuple[int, str]:
+        def read(conn: sqlite3.Connection) -> tuple[int, str]:
+            wanted = _latest_version(conn, workflow_id) if version is None else version
+            row = conn.execute(
+                "SELECT body FROM definitions WHERE id = ? AND version = ?", (workflow_id, wanted)
+            ).fetchone()
+            if row is None:
+                raise InvalidInput(f"workflow {_show_name(workflow_id)} has no version {wanted}")
+            return wanted, str(row[0])
+
+        return self.store.read(read)
+
+    def _load_blueprint(self, workflow_id: str, version: int | None) -> Blueprint:
+        found, body = self._definition_body(workflow_id, version)
+        self.blueprints_loaded += 1
+        compiled = compile_definition(json.loads(body), found)
+        return compiled
+
+    def blueprint(self, workflow_id: str, version: int | None = None) -> Blueprint:
+        """The compiled definition (the latest version when none is given), from the cache when fresh."""
+        if not self._listening():
+            return self._load_blueprint(workflow_id, version)
+        if version is None:
+            self.signals.catch_up()  # a define committed before this call has fired the token now
+        return self.cache.get_or_create(
+            ("blueprint", workflow_id, version),
+            functools.partial(self._load_blueprint, workflow_id, version),
+            tokens=(DEFINITIONS_TOKEN,),
+        )
+
+    # Instances ------------------------------------------------------------------------------
+
+    def _prepare_start(
+        self, workflow_id: str, data: Any
+    ) -> tuple[Callable[[sqlite3.Connection], str], tuple[str, ...]]:
+        workflow_id = check_workflow_id(workflow_id, "the workflow id")
+        variables = encode_body({"input": check_instance_input(data)}, self.store.settings.max_body_bytes)
+        version = self.blueprint(workflow_id).version if self._listening() else None
+        node = self.node
+        return (
+            lambda conn: _create_instance(conn, workflow_id, version, variables, node),
+            (_ring_topic_for_queue(WORKFLOW_QUEUE),),
+        )
+
+    def start(self, workflow_id: str, data: Any = None) -> str:
+        """Start an instance of the latest version with ``data`` as its input; returns its id."""
+        work, rings = self._prepare_start(workflow_id, data)
+        return self.committer.submit(work, rings)
+
+    async def astart(self, workflow_id: str, data: Any = None) -> str:
+        work, rings = self._prepare_start(workflow_id, data)
+        return await self.committer.asubmit(work, rings)
+
+    def _signal_work(self, name: str, data: dict[str, Any]) -> Callable[[sqlite3.Connection], SignalOutcome]:
+        resume = json.dumps(data, separators=(",", ":"))
+
+        def deliver(conn: sqlite3.Connection) -> SignalOutcome:
+            now = time.time()
+            resumed = []
+            for instance, seq in conn.execute(
+                "SELECT id, seq FROM instances WHERE waiting_for = ? ORDER BY created", (name,)
+            ).fetchall():
+                conn.execute(
+                    "UPDATE instances SET status = 'running', waiting_for = NULL, resume = ?, updated = ? "
+                    "WHERE id = ? AND seq = ?",
+                    (resume, now, instance, seq),
+                )
+                _run_message(conn, instance, seq, now, now)
+                resumed.append(instance)
+            started = []
+            for definition, trigger_input in conn.execute(
+                "SELECT definition, input FROM signal_triggers WHERE name = ? ORDER BY definition, position", (name,)
+            ).fetchall():
+                body = {"start": definition, "input": {**json.loads(trigger_input), **data}, "by": f"signal {name}"}
+                conn.execute(
+                    "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
+                    (WORKFLOW_QUEUE, encode_body(body, self.store.settings.max_body_bytes), now, now),
+                )
+                started.append(definition)
+            return SignalOutcome(tuple(resumed), tuple(started))
+
+        return deliver
+
+    def signal(self, name: str, data: Any = None) -> SignalOutcome:
+        """Resume every instance waiting for signal ``name`` (its ``data`` becomes the signal
+        activity's result) and start the definitions with a signal trigger of that name."""
+        name = check_signal_name(name)
+        work = self._signal_work(name, check_instance_input(data, "the signal's input"))
+        return self.committer.submit(work, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
+
+    async def asignal(self, name: str, data: Any = None) -> SignalOutcome:
+        name = check_signal_name(name)
+        work = self._signal_work(name, check_instance_input(data, "the signal's input"))
+        return await self.committer.asubmit(work, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
+
+    def instances(
+        self, status: str | None = None, definition: str | None = None, limit: int | None = None
+    ) -> list[Instance]:
+        """Instances, oldest first (the newest ``limit`` of them when given); by status or definition."""
+        if status is not None and status not in INSTANCE_STATUSES:
+            raise InvalidInput(f"status must be one of {', '.join(INSTANCE_STATUSES)}, not {status!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise InvalidInput(f"limit must be a whole number of at least 1, not {limit!r}")
+        where, args = [], []
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        if definition is not None:
+            where.append("definition = ?")
+            args.append(check_workflow_id(definition))
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        query = (
+            f"SELECT * FROM (SELECT {_INSTANCE_COLUMNS} FROM instances {clause} ORDER BY created DESC, id DESC "
+            f"LIMIT ?) ORDER BY created, id"
+        )
+        rows = self.store.read(lambda conn: conn.execute(query, (*args, -1 if limit is None else limit)).fetchall())
+        return [_instance_from_row(row) for row in rows]
+
+    def counts(self) -> dict[str, int]:
+        """How many instances are in each status."""
+        rows = self.store.read(
+            lambda conn: [
+                (status, conn.execute("SELECT COUNT(*) FROM instances WHERE status = ?", (status,)).fetchone()[0])
+                for status in INSTANCE_STATUSES
+            ]
+        )
+        return dict(rows)
+
+    def instance(self, instance_id: str, journal: bool = True) -> Instance:
+        """One instance, with its journal (a unique prefix of the id will do)."""
+        if not isinstance(instance_id, str) or not instance_id:
+            raise InvalidInput(f"an instance id is text, not {instance_id!r}")
+
+        def read(conn: sqlite3.Connection) -> Instance:
+            found = _resolve_instance(conn, instance_id)
+            row = conn.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE id = ?", (found,)).fetchone()
+            entries: tuple[JournalEntry, ...] = ()
+            if journal:
+                entries = tuple(
+                    JournalEntry(*entry)
+                    for entry in conn.execute(
+                        "SELECT step, activity, type, node, fence, started, ended, outcome FROM journal "
+                        "WHERE instance = ? ORDER BY step",
+                        (found,),
+                    )
+                )
+            return _instance_from_row(row, entries)
+
+        return self.store.read(read)
+
+    def retry(self, instance_id: str) -> Instance:
+        """Resume a faulted instance at the activity that failed (a call gets its tries afresh).
+
+        A running instance whose run message is gone (a dead letter) gets a new one.
+        """
+        found = self.instance(instance_id, journal=False).id
+
+        def retry(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            status, seq = conn.execute("SELECT status, seq FROM instances WHERE id = ?", (found,)).fetchone()
+            if status == "faulted":
+                conn.execute(
+                    "UPDATE instances SET status = 'running', seq = seq + 1, attempt = 0, error = NULL, updated = ? "
+                    "WHERE id = ?",
+                    (now, found),
+                )
+                _run_message(conn, found, seq + 1, now, now)
+                return
+            queued = conn.execute(
+                "SELECT 1 FROM messages WHERE queue = ? AND json_extract(body, '$.run') = ?", (WORKFLOW_QUEUE, found)
+            ).fetchone()
+            if status == "running" and queued is None:
+                _run_message(conn, found, seq, now, now)
+                return
+            raise InvalidInput(f"instance {found} is {status}; only a faulted (or stuck) instance can be retried")
+
+        self.committer.submit(retry, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
+        return self.instance(found, journal=False)
+
+    def wait(self, instance_id: str, timeout: float | str | None = None) -> Instance:
+        """Wait until the instance completes or faults (or ``timeout`` runs out); returns it as it is then."""
+        limit = None if timeout is None else parse_duration(timeout, "timeout")
+        deadline = None if limit is None else time.monotonic() + limit
+        self.signals.listen()  # ends are rung: hear them
+        while True:
+            seen = self.wakeups.generation(RING_INSTANCES)
+            found = self.instance(instance_id, journal=False)
+            if found.status in ("completed", "faulted"):
+                return found
+            left = 3600.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return found
+            self.wakeups.wait(RING_INSTANCES, seen, min(left, self.store.settings.poll_interval))
+
+    async def await_end(self, instance_id: str, timeout: float | str | None = None) -> Instance:
+        limit = None if timeout is None else parse_duration(timeout, "timeout")
+        deadline = None if limit is None else time.monotonic() + limit
+        self.signals.listen()
+        while True:
+            seen = self.wakeups.generation(RING_INSTANCES)
+            found = self.instance(instance_id, journal=False)
+            if found.status in ("completed", "faulted"):
+                return found
+            left = 3600.0 if deadline is None else deadline - time.monotonic()
+            if left <= 0:
+                return found
+            await self.wakeups.await_change(RING_INSTANCES, seen, min(left, self.store.settings.poll_interval))
+
+
+# Running instances: bursts of steps under the instance lock ---------------------------------------
+
+SETTLED = object()  # what a handler returns when it acked (or nacked) its message itself
+INSTANCE_LOCK_PREFIX = "nodeflow.instance:"
+
+
+class _StaleInstance(NodeflowError):
+    """The instance moved on, or a later lock holder wrote it: this burst's commit is refused."""
+
+
+class _Burst:
+    """The state of an instance as one burst of steps changes it, committed all at once."""
+
+    def __init__(self, row: tuple[Any, ...], blueprint: Blueprint) -> None:
+        (self.id, self.seq, self.status, self.position, variables, self.attempt, self.bookmark,
+         self.waiting_for, self.wake_at, resume, self.steps) = row  # fmt: skip
+        self.variables: dict[str, Any] = json.loads(variables)
+        if self.position is None:  # the first burst: the definition's variables, then the input over them
+            self.variables = {**json.loads(json.dumps(blueprint.variables)), **self.variables}
+            self.position = blueprint.start
+        self.resume: Any = None if resume is None else json.loads(resume)
+        self.error: str | None = None
+        self.journal: list[tuple[Any, ...]] = []
+        self.run_again_at: float | None = None  # when to send the next run message (None: no message)
+        self.started_at = time.time()
+
+
+class WorkflowRunner:
+    """Runs instances for a node: the handler of WORKFLOW_QUEUE's messages.
+
+    A "run" message names an instance and the sequence number it expects. The runner takes the
+    instance lock, takes a fence, re-reads the instance, runs steps until it waits, ends or has
+    run BURST_MAX_STEPS, and commits state, journal, follow-up message and the ack in one
+    transaction, refused unless the sequence number and fence still hold. A crash before that
+    commit leaves the message to run again from the last committed state: no step is committed
+    twice (a ``call`` whose burst was lost does run again; make such functions idempotent).
+    """
+
+    def __init__(
+        self,
+        workflows: Workflows,
+        bus: Bus,
+        locks: LockManager,
+        node: str,
+        functions: dict[str, Callable[[dict[str, Any]], Any]],
+        say: Callable[[str], None],
+    ) -> None:
+        self.workflows, self.bus, self.locks, self.node = workflows, bus, locks, node
+        self.functions, self.say = functions, say
+        self.bursts = 0
+        self.steps = 0
+        self.requeued = 0
+
+    # Messages -----------------------------------------------------------------------------
+
+    async def handle(self, message: Message) -> object:
+        body = message.body
+        if isinstance(body, dict) and isinstance(body.get("start"), str):
+            await self._start(message, body)
+        elif isinstance(body, dict) and isinstance(body.get("run"), str) and isinstance(body.get("seq"), int):
+            await self._run(message, body["run"], body["seq"])
+        else:
+            self.say(f"dropped message {message.id} of {WORKFLOW_QUEUE}: not a workflow message")
+            await self.bus.aack(message)
+        return SETTLED
+
+    async def _start(self, message: Message, body: dict[str, Any]) -> None:
+        """A trigger fired (cron, signal): start an instance of the version this node has in use."""
+        definition = body["start"]
+        data = body.get("input") if isinstance(body.get("input"), dict) else {}
+        try:
+            version = self.workflows.blueprint(definition).version
+        except InvalidInput as error:
+            self.say(f"trigger for workflow {definition!r} dropped: {error}")
+            await self.bus.aack(message)
+            return
+        variables = encode_body({"input": data}, self.workflows.store.settings.max_body_bytes)
+        by = f"{self.node} ({body.get('by') or 'trigger'})"
+        instance = await self.bus.aack(
+            message,
+            also=lambda conn: _create_instance(conn, definition, version, variables, by),
+            rings=(_ring_topic_for_queue(WORKFLOW_QUEUE),),
+        )
+        self.say(f"started {definition} v{version} instance {instance} ({body.get('by') or 'trigger'})")
+
+    def _read(self, instance: str) -> tuple[Any, ...] | None:
+        row: tuple[Any, ...] | None = self.workflows.store.read(
+            lambda conn: conn.execute(
+                "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
+                "definition, version, fence FROM instances WHERE id = ?",
+                (instance,),
+            ).fetchone()
+        )
+        return row
+
+    @staticmethod
+    def _runnable(row: tuple[Any, ...] | None, seq: int) -> bool:
+        # Running with this seq, or waiting on a timer whose message this is; anything else is stale.
+        return (
+            row is not None and row[1] == seq and (row[2] == "running" or (row[2] == "waiting" and row[6] == "timer"))
+        )
+
+    async def _run(self, message: Message, instance: str, seq: int) -> None:
+        if not self._runnable(self._read(instance), seq):
+            await self.bus.aack(message)  # a stale duplicate: the instance moved on
+            return
+        lock_name = INSTANCE_LOCK_PREFIX + instance
+        try:
+            held = await self.locks.aacquire(lock_name, INSTANCE_LOCK_WAIT)
+        except LockTimeout:
+            # Another burst of it is under way (on a stopped node, say): back in the queue, a fresh
+            # delivery count, so waiting for a lock never makes it a dead letter.
+            body = encode_body(message.body, self.workflows.store.settings.max_body_bytes)
+
+            def requeue(conn: sqlite3.Connection) -> None:
+                now = time.time()
+                conn.execute(
+                    "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
+                    (WORKFLOW_QUEUE, body, now + 1.0, now),
+                )
+
+            await self.bus.aack(message, also=requeue, rings=(_ring_topic_for_queue(WORKFLOW_QUEUE),))
+            self.requeued += 1
+            return
+        try:
+            assert held.fence is not None
+            row = self._read(instance)  # under the lock, the state to build on
+            if not self._runnable(row, seq):
+                await self.bus.aack(message)
+                return
+            assert row is not None
+            burst = await self._burst(row, held.fence)
+            try:
+                await self.bus.aack(message, also=self._commit_work(burst, held.fence), rings=self._rings(burst))
+            except _StaleInstance as error:
+                self.say(f"instance {instance}: {error}")
+                await self.bus.aack(message)
+                return
+            self.bursts += 1
+            self.steps += len(burst.journal)
+            if burst.status == "faulted":
+                self.say(f"instance {instance} faulted at {burst.position}: {burst.error}")
+        finally:
+            held.release()
+
+    @staticmethod
+    def _rings(burst: _Burst) -> tuple[str, ...]:
+        rings = []
+        if burst.run_again_at is not None:
+            rings.append(_ring_topic_for_queue(WORKFLOW_QUEUE))
+        if burst.status in ("completed", "faulted"):
+            rings.append(RING_INSTANCES)
+        return tuple(rings)
+
+    def _commit_work(self, burst: _Burst, fence: int) -> Callable[[sqlite3.Connection], None]:
+        node, limit = self.node, self.workflows.store.settings.max_body_bytes
+        try:
+            variables = encode_body(burst.variables, limit)
+        except InvalidInput as error:  # the variables outgrew the limit: fault, keeping the last good ones
+            burst.status, burst.error, burst.run_again_at = "faulted", f"variables: {error}", None
+            variables = self._read(burst.id)[4]  # type: ignore[index]
+        ended = time.time() if burst.status == "completed" else None
+        journal = [
+            (burst.id, burst.steps + index, *entry[:2], node, fence, *entry[2:])
+            for index, entry in enumerate(burst.journal)
+        ]
+
+        def commit(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            changed = conn.execute(
+                "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
+                "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = NULL, "
+                "error = ?, updated = ?, ended = ? WHERE id = ? AND seq = ? AND fence < ?",
+                (burst.status, burst.position, variables, fence, len(journal), burst.attempt, burst.bookmark,
+                 burst.waiting_for, burst.wake_at, burst.error, now, ended, burst.id, burst.seq, fence),
+            ).rowcount  # fmt: skip
+            if not changed:
+                raise _StaleInstance(
+                    f"burst of fence {fence} not committed: the instance moved past seq {burst.seq} meanwhile"
+                )
+            conn.executemany(
+                "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                journal,
+            )
+            if burst.run_again_at is not None:
+                _run_message(conn, burst.id, burst.seq + 1, burst.run_again_at, now)
+
+        return commit
+
+    # Steps --------------------------------------------------------------------------------
+
+    async def _burst(self, row: tuple[Any, ...], fence: int) -> _Burst:
+        try:
+            blueprint = self.workflows.blueprint(row[11], row[12])
+        except (InvalidInput, sqlite3.Error) as error:
+            burst = _Burst(row[:11], _EMPTY_BLUEPRINT)
+            burst.status, burst.error = "faulted", f"cannot load workflow {row[11]} v{row[12]}: {error}"
+            return burst
+        burst = _Burst(row[:11], blueprint)
+        burst.status = "running"
+        for _ in range(BURST_MAX_STEPS):
+            activity = blueprint.activities.get(burst.position or "")
+            if activity is None:
+                burst.status, burst.error = (
+                    "faulted",
+                    f"no activity {burst.position!r} in {blueprint.id} v{blueprint.version}",
+                )
+                return burst
+            started = time.time()
+            try:
+                following, outcome = await self._step(burst, activity, fence)
+            except _Fault as error:
+                burst.status, burst.error = "faulted", f"{activity.id}: {error}"
+                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"))
+                return burst
+            except _CallFailed as error:
+                attempts, delay = activity.spec["retry"]
+                burst.attempt += 1
+                text = f"{activity.id}: {error}"
+                if burst.attempt < attempts:
+                    wait = min(3600.0, delay * 2 ** (burst.attempt - 1))
+                    burst.run_again_at = time.time() + wait
+                    outcome = f"error (try {burst.attempt} of {attempts}; next in {_format_seconds(wait)}): {error}"
+                    burst.error = text
+                else:
+                    burst.status, burst.error = "faulted", text
+                    outcome = f"faulted after {attempts} tries: {error}"
+                burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
+                return burst
+            burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
+            if burst.status == "waiting" or burst.status == "faulted":
+                return burst
+            burst.attempt, burst.error = 0, None
+            if following is None:
+                burst.status, burst.position = "completed", None
+                return burst
+            burst.position = following
+        burst.run_again_at = time.time()  # a long run of steps: let other instances have a turn
+        return burst
+
+    async def _step(self, burst: _Burst, activity: BlueprintActivity, fence: int) -> tuple[str | None, str]:
+        """Run one activity; returns where to go next and the journal's outcome."""
+        spec, variables = activity.spec, burst.variables
+        if burst.bookmark is not None:  # the wait this activity began is over
+            kind, burst.bookmark, burst.wake_at = burst.bookmark, None, None
+            if kind == "signal":
+                variables[spec.get("result") or activity.id] = burst.resume if burst.resume is not None else {}
+                return activity.next, "signal received"
+            return activity.next, "timer elapsed"
+        kind = activity.type
+        if kind == "log":
+            text = spec["message"].render(variables)
+            self.say(f"{burst.id} {activity.id}: {text}")
+            return activity.next, text
+        if kind == "set":
+            for name, value in (spec.get("values") or {}).items():
+                variables[name] = value.value(variables) if isinstance(value, Template) else value
+            for name, amount in (spec.get("add") or {}).items():
+                current = variables.get(name, 0)
+                if isinstance(current, bool) or not isinstance(current, (int, float)):
+                    raise _Fault(f"cannot add {amount} to {name}: it is {_json_kind(current)}")
+                variables[name] = current + amount
+            return activity.next, "set " + ", ".join([*(spec.get("values") or {}), *(spec.get("add") or {})])
+        if kind == "if":
+            holds = evaluate_condition(spec["condition"], variables)
+            branch = spec.get("then" if holds else "else") or activity.next
+            return branch, f"{'true' if holds else 'false'}: {branch or 'end'}"
+        if kind in ("timer", "start_at"):
+            if kind == "timer":
+                due = time.time() + spec["duration"]
+            else:
+                text = spec["at"].render(variables)
+                try:
+                    due = check_due(parse_time(text, f"{activity.id}.at"), f"{activity.id}.at")
+                except InvalidInput as error:
+                    raise _Fault(str(error)) from None
+            if due <= time.time():
+                return activity.next, "due already"
+            burst.status, burst.bookmark, burst.wake_at, burst.run_again_at = "waiting", "timer", due, due
+            return None, f"waiting until {_iso_text(due)}"
+        if kind == "signal":
+            name = spec["name"].render(variables)
+            try:
+                check_signal_name(name)
+            except InvalidInput as error:
+                raise _Fault(str(error)) from None
+            burst.status, burst.bookmark, burst.waiting_for = "waiting", "signal", name
+            return None, f"waiting for signal {name}"
+        if kind == "call":
+            result = await self._call(spec["function"], variables)
+            variables[spec.get("result") or activity.id] = result
+            return activity.next, f"called {spec['function']}"
+        if kind == "fail":
+            text = spec["message"].render(variables)
+            burst.status, burst.error = "faulted", f"{activity.id}: {text}"
+            return None, f"failed: {text}"
+        if kind == "work":
+            seconds = spec["duration"]
+            if spec.get("kind") == "cpu":
+                await asyncio.to_thread(_spin, seconds)
+            else:
+                await asyncio.sleep(seconds)
+            return activity.next, f"worked {_format_seconds(seconds)} ({spec.get('kind') or 'io'})"
+        raise _Fault(f"unknown activity type {kind!r}")
+
+    async def _call(self, name: str, variables: dict[str, Any]) -> Any:
+        function = self.functions.get(name)
+        if function is None and ":" in name:
+            function = self.functions.get(name.split(":", 1)[1])
+        if function is None:
+            # Perhaps only some nodes run the module: another node (or a later try) may have it.
+            raise _CallFailed(
+                f"no function {name!r} on node {self.node}; start nodes with --app MODULE that registers it"
+            )
+        given = json.loads(json.dumps(variables))  # a copy: the function cannot change state behind our back
+        try:
+            if inspect.iscoroutinefunction(function):
+                result = await function(given)
+            else:
+                result = await asyncio.to_thread(function, given)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            raise _CallFailed(f"{type(error).__name__}: {error}") from None
+        try:
+            encode_body(result, self.workflows.store.settings.max_body_bytes)
+        except InvalidInput as error:
+            raise _Fault(f"{name} returned a value that cannot be stored: {error}") from None
+        return result
+
+
+_EMPTY_BLUEPRINT = Blueprint("", "", 0, "", {}, (), {}, "{}")
+
+
+def _spin(seconds: float) -> None:
+    """Simulated CPU work: compute until ``seconds`` have passed (in a thread, off the event loop)."""
+    end = time.monotonic() + seconds
+    total = 0
+    while time.monotonic() < end:
+        total += sum(range(200))
+
+
+def _iso_text(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
 # Python API: connect() and the handle it returns, over the pieces above (not a DESIGN.md layer).
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
@@ -3373,10 +4960,20 @@ class Cluster:
             raise
         self.wakeups = Wakeups()
         self.committer = GroupCommitter(self.store, self._ring)
+        self.locks.write_async = self.committer.asubmit
         self.bus = Bus(self.store, self.committer, self.id, self.wakeups)
         self.signals = Signals(self.store, self.committer, self.id, node is not None, self._listen)
         self.cache = MemoryCache(self.signals)
         self._listener: _Listener | None = None
+        self.workflows = Workflows(
+            self.store,
+            self.committer,
+            self.signals,
+            self.cache,
+            self.wakeups,
+            self.id,
+            lambda: self._listener is not None,
+        )
         self._listen_mutex = threading.Lock()
         self._closed = False
 
@@ -3574,6 +5171,58 @@ class Cluster:
         )
         return [Timer(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
 
+    # Workflows ----------------------------------------------------------------------------
+
+    def define(self, definition: Any) -> DefinitionInfo:
+        """Check a workflow definition (JSON text or data) and store it as its next version.
+
+        Raises InvalidDefinition listing every problem, and then writes nothing. Defining the
+        latest version again changes nothing (``changed`` is False).
+        """
+        return self.workflows.define(definition)
+
+    async def adefine(self, definition: Any) -> DefinitionInfo:
+        return await self.workflows.adefine(definition)
+
+    def definitions(self) -> list[DefinitionInfo]:
+        return self.workflows.definitions()
+
+    def definition(self, workflow_id: str, version: int | None = None) -> dict[str, Any]:
+        return self.workflows.definition(workflow_id, version)
+
+    def start(self, workflow_id: str, input: Any = None) -> str:
+        """Start an instance of the latest version of ``workflow_id``; returns its id at once."""
+        return self.workflows.start(workflow_id, input)
+
+    async def astart(self, workflow_id: str, input: Any = None) -> str:
+        return await self.workflows.astart(workflow_id, input)
+
+    def signal(self, name: str, input: Any = None) -> SignalOutcome:
+        """Resume the instances waiting for signal ``name``; start definitions it triggers."""
+        return self.workflows.signal(name, input)
+
+    async def asignal(self, name: str, input: Any = None) -> SignalOutcome:
+        return await self.workflows.asignal(name, input)
+
+    def instances(
+        self, status: str | None = None, definition: str | None = None, limit: int | None = None
+    ) -> list[Instance]:
+        return self.workflows.instances(status, definition, limit)
+
+    def instance(self, instance_id: str) -> Instance:
+        """One instance with its variables and journal; a unique prefix of its id will do."""
+        return self.workflows.instance(instance_id)
+
+    def retry(self, instance_id: str) -> Instance:
+        return self.workflows.retry(instance_id)
+
+    def wait(self, instance_id: str, timeout: float | str | None = None) -> Instance:
+        """Block until the instance completes or faults, or ``timeout`` passes; returns it."""
+        return self.workflows.wait(instance_id, timeout)
+
+    async def await_instance(self, instance_id: str, timeout: float | str | None = None) -> Instance:
+        return await self.workflows.await_end(instance_id, timeout)
+
     # Membership ---------------------------------------------------------------------------
 
     def nodes(self, stall_after: float = 5.0) -> list[dict[str, Any]]:
@@ -3735,6 +5384,8 @@ class Node:
         handlers: dict[str, Callable[[Message], Any]] | None = None,
         lease: float | str = 30.0,
         out: Any = None,
+        activities: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
+        workflows: bool = True,
     ) -> None:
         if role not in ("auto", "replica"):
             raise InvalidInput(f"role must be auto or replica, not {role!r}")
@@ -3754,6 +5405,9 @@ class Node:
         for queue in self.handlers:
             check_queue_name(queue)
         self.lease = parse_duration(lease, "lease")
+        self.activities = dict(_ACTIVITIES if activities is None else activities)
+        self.runs_workflows = workflows
+        self.runner: WorkflowRunner | None = None
         self.handled = 0
         self.failed = 0
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
@@ -3846,6 +5500,9 @@ class Node:
                 self._stand_for_election()
             beating = asyncio.create_task(self._beat())
             tasks.append(beating)
+            if self.runs_workflows:
+                self.runner = WorkflowRunner(nf.workflows, nf.bus, nf.locks, self.id, self.activities, self.say)
+                self.handlers[WORKFLOW_QUEUE] = self.runner.handle
             workers = [
                 asyncio.create_task(self._consume(queue, function))
                 for queue, function in sorted(self.handlers.items())
@@ -3927,9 +5584,9 @@ class Node:
         try:
             try:
                 if inspect.iscoroutinefunction(function):
-                    await function(message)
+                    outcome = await function(message)
                 else:
-                    await asyncio.to_thread(function, message)
+                    outcome = await asyncio.to_thread(function, message)
             finally:
                 keeper.cancel()
         except asyncio.CancelledError:  # the grace period ran out: hand the message back at once
@@ -3947,6 +5604,9 @@ class Node:
                 return
             then = "now a dead letter" if outcome == "dead" else f"retry in {_format_seconds(delay)}"
             self.say(f"message {message.id} of {message.queue} failed (delivery {message.attempts}): {text}; {then}")
+            return
+        if outcome is SETTLED:  # the handler acked it itself, with its own writes in the same commit
+            self.handled += 1
             return
         try:
             await self.nf.aack(message)
@@ -4460,6 +6120,179 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def _definition_entry(info: DefinitionInfo) -> dict[str, Any]:
+    return {"id": info.id, "name": info.name, "version": info.version, "created": _iso(info.created),
+            "activities": info.activities, "triggers": list(info.triggers)}  # fmt: skip
+
+
+def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": instance.id,
+        "definition": instance.definition,
+        "version": instance.version,
+        "status": instance.status,
+        "activity": instance.position,
+        "waiting_for": instance.waiting_for,
+        "wake_at": _iso(instance.wake_at),
+        "error": instance.error,
+        "created": _iso(instance.created),
+        "updated": _iso(instance.updated),
+        "ended": _iso(instance.ended),
+    }
+    if full:
+        entry["started_by"] = instance.started_by
+        entry["variables"] = instance.variables
+        entry["journal"] = [
+            {"step": e.step, "activity": e.activity, "type": e.type, "node": e.node, "fence": e.fence,
+             "started": _iso(e.started), "ended": _iso(e.ended), "outcome": e.outcome}
+            for e in instance.journal
+        ]  # fmt: skip
+    return entry
+
+
+def _instance_state(instance: Instance) -> str:
+    if instance.status == "waiting":
+        return (
+            f"waiting for signal {instance.waiting_for}"
+            if instance.waiting_for
+            else f"waiting until {_iso(instance.wake_at)}"
+        )
+    if instance.status == "faulted":
+        return f"faulted at {instance.position}: {instance.error}"
+    if instance.status == "running" and instance.error:
+        return f"running (retrying {instance.position}: {instance.error})"
+    return instance.status
+
+
+def cmd_define(args: argparse.Namespace) -> int:
+    source = "stdin" if args.file == "-" else args.file
+    try:
+        if args.file == "-":
+            text: str | bytes = sys.stdin.buffer.read(DEFINITION_MAX_BYTES * 4 + 1)
+        else:
+            with open(args.file, "rb") as handle:
+                text = handle.read(DEFINITION_MAX_BYTES * 4 + 1)
+    except OSError as error:
+        raise InvalidInput(f"define: cannot read {source}: {error.strerror or error}") from None
+    try:
+        blueprint = compile_definition(parse_definition(text, source))
+    except InvalidDefinition as error:
+        for problem in error.problems:
+            print(f"nodeflow: define {source}: {problem}", file=sys.stderr)
+        noun = "problem" if len(error.problems) == 1 else "problems"
+        print(f"nodeflow: define {source}: {len(error.problems)} {noun}; nothing was stored", file=sys.stderr)
+        return InvalidInput.exit_code
+    with Cluster(args.db) as nf:
+        info = nf.define(json.loads(blueprint.body))
+    if args.json:
+        print(json.dumps({**_definition_entry(info), "changed": info.changed}))
+    elif info.changed:
+        print(f"defined {info.id} version {info.version} ({info.activities} activities, {len(info.triggers)} triggers)")
+    else:
+        print(f"{info.id} version {info.version} is already this definition; nothing changed")
+    return 0
+
+
+def cmd_definitions(args: argparse.Namespace) -> int:
+    with Cluster(args.db, create=False) as nf:
+        found = nf.definitions()
+    if args.json:
+        print(json.dumps({"definitions": [_definition_entry(info) for info in found]}))
+        return 0
+    if not found:
+        print("no workflow definitions; add one with: define FILE")
+    for info in found:
+        triggers = ", ".join(
+            f"cron {t['cron']}" if t["type"] == "cron" else f"signal {t['name']}" for t in info.triggers
+        )
+        print(f"{info.id}\tv{info.version}\t{info.activities} activities\t{_iso(info.created)}\t{info.name}"
+              + (f"\ttriggers: {triggers}" if triggers else ""))  # fmt: skip
+    return 0
+
+
+def _check_wait_timeout(text: str | None) -> float | None:
+    return None if text is None else parse_duration(text, "--timeout")
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    workflow_id = check_workflow_id(args.definition, "the workflow id")
+    data = check_instance_input(_json_argument(args.input, "--input"), "--input")
+    timeout = _check_wait_timeout(args.timeout)
+    with Cluster(args.db, create=False) as nf:
+        instance_id = nf.start(workflow_id, data)
+        if not args.wait:
+            print(json.dumps({"id": instance_id}) if args.json else instance_id, flush=True)
+            return 0
+        if not args.json:
+            print(instance_id, flush=True)
+        ended = nf.wait(instance_id, timeout)
+    if args.json:
+        print(json.dumps(_instance_entry(ended, full=True)))
+    else:
+        print(f"{ended.id} {_instance_state(ended)}")
+        if ended.status == "completed":
+            print(json.dumps(ended.variables, ensure_ascii=False))
+    if ended.status == "completed":
+        return 0
+    if ended.status == "faulted":
+        return 1
+    print(f"nodeflow: instance {ended.id} still {ended.status} after {_format_seconds(timeout or 0)}", file=sys.stderr)
+    return 1
+
+
+def cmd_signal(args: argparse.Namespace) -> int:
+    name = check_signal_name(args.name)
+    data = check_instance_input(_json_argument(args.input, "--input"), "--input")
+    with Cluster(args.db, create=False) as nf:
+        outcome = nf.signal(name, data)
+    if args.json:
+        print(json.dumps({"resumed": list(outcome.resumed), "started": list(outcome.started)}))
+    else:
+        print(f"signal {_show_name(name)}: resumed {len(outcome.resumed)} instance(s)"
+              + (f", started {', '.join(outcome.started)}" if outcome.started else ""))  # fmt: skip
+    return 0
+
+
+def cmd_instances(args: argparse.Namespace) -> int:
+    limit = None if args.limit is None else _whole_number(args.limit, "--limit")
+    with Cluster(args.db, create=False) as nf:
+        found = nf.instances(args.status, args.definition, limit)
+    if args.json:
+        print(json.dumps({"instances": [_instance_entry(instance) for instance in found]}))
+        return 0
+    for instance in found:
+        print(f"{instance.id}\t{instance.definition} v{instance.version}\t{_instance_state(instance)}\t"
+              f"{_iso(instance.updated)}")  # fmt: skip
+    print(f"{len(found)} instance(s)", file=sys.stderr)
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with Cluster(args.db, create=False) as nf:
+        instance = nf.instance(args.instance)
+    if args.json:
+        print(json.dumps(_instance_entry(instance, full=True)))
+        return 0
+    print(f"instance {instance.id}: {instance.definition} v{instance.version}, {_instance_state(instance)}")
+    print(f"started {_iso(instance.created)} by {instance.started_by}; updated {_iso(instance.updated)}"
+          + (f"; ended {_iso(instance.ended)}" if instance.ended else ""))  # fmt: skip
+    print(f"variables {json.dumps(instance.variables, ensure_ascii=False)}")
+    print("journal:" if instance.journal else "journal: no steps yet")
+    for entry in instance.journal:
+        took = _format_seconds(entry.ended - entry.started)
+        clock = datetime.datetime.fromtimestamp(entry.started).strftime("%H:%M:%S.%f")[:-3]
+        print(f"  {entry.step:>3} {clock} {entry.node} fence {entry.fence} {entry.activity} ({entry.type}, {took}): "
+              f"{entry.outcome}")  # fmt: skip
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    with Cluster(args.db, create=False) as nf:
+        instance = nf.retry(args.instance)
+    print(f"instance {instance.id} resumed at {instance.position or 'its start'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _ArgumentParser(prog="nodeflow.py", description="Cooperating processes on one host.")
     parser.add_argument("--db", default=None, help="cluster database (default $NODEFLOW_DB or ./nodeflow.db)")
@@ -4521,6 +6354,45 @@ def build_parser() -> argparse.ArgumentParser:
     dead.add_argument("--id", action="append", help="only this dead letter (repeatable)")
     dead.add_argument("--json", action="store_true", help="list as one JSON object")
     dead.set_defaults(run=cmd_dead_letters)
+
+    define = verbs.add_parser("define", help="check and store a workflow definition (a new version if it exists)")
+    define.add_argument("file", help="the definition, a JSON file (- reads standard input)")
+    define.add_argument("--json", action="store_true", help="print the stored definition's id and version as JSON")
+    define.set_defaults(run=cmd_define)
+
+    definitions = verbs.add_parser("definitions", help="the latest version of each workflow definition")
+    definitions.add_argument("--json", action="store_true", help="one JSON object")
+    definitions.set_defaults(run=cmd_definitions)
+
+    start = verbs.add_parser("start", help="start an instance of a workflow; prints its id")
+    start.add_argument("definition", help="the workflow id")
+    start.add_argument("--input", default="{}", help="the instance's input, a JSON object")
+    start.add_argument("--wait", action="store_true", help="wait for the end; exit 0 completed, 1 faulted")
+    start.add_argument("--timeout", default=None, help="with --wait: give up waiting after this long")
+    start.add_argument("--json", action="store_true", help="print the id (or, with --wait, the instance) as JSON")
+    start.set_defaults(run=cmd_start)
+
+    signal_verb = verbs.add_parser("signal", help="resume instances waiting for a signal; start those it triggers")
+    signal_verb.add_argument("name")
+    signal_verb.add_argument("--input", default="{}", help="the signal's data, a JSON object")
+    signal_verb.add_argument("--json", action="store_true", help="one JSON object")
+    signal_verb.set_defaults(run=cmd_signal)
+
+    instances = verbs.add_parser("instances", help="workflow instances, oldest first")
+    instances.add_argument("--status", choices=INSTANCE_STATUSES, default=None)
+    instances.add_argument("--definition", default=None, help="only instances of this workflow")
+    instances.add_argument("--limit", default=None, help="only the newest N")
+    instances.add_argument("--json", action="store_true", help="one JSON object")
+    instances.set_defaults(run=cmd_instances)
+
+    show = verbs.add_parser("show", help="state, variables and journal of one instance")
+    show.add_argument("instance", help="its id, or a unique prefix of it")
+    show.add_argument("--json", action="store_true", help="one JSON object")
+    show.set_defaults(run=cmd_show)
+
+    retry = verbs.add_parser("retry", help="resume a faulted instance at the activity that failed")
+    retry.add_argument("instance")
+    retry.set_defaults(run=cmd_retry)
     return parser
 
 
