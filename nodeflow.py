@@ -2751,6 +2751,35 @@ def live_nodes(lock_dir: str) -> dict[str, int]:
     }
 
 
+def liveness_lock_free(lock_dir: str, node: str, pid: int) -> bool:
+    """Whether node ``node`` (last seen as ``pid``) is gone, asked of the kernel directly.
+
+    /proc/locks is read in page-sized pieces that are not one snapshot: while other locks come
+    and go, a held lock can be missing from the text. So a node that looks dead there is only
+    declared dead once a non-blocking flock on its liveness lock succeeds.
+    """
+    path = os.path.join(lock_dir, "nodes", f"{node}.lock")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:  # cleared after its death, or its folder was removed under it
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False  # its process lives: never hand back the work of a node that may still do it
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # our probe's lock (if any) goes with its own description
+
+
 def scheduler_pid(lock_dir: str) -> int | None:
     return _lock_file_holders(lock_dir, ".lock").get("scheduler")
 
@@ -3569,7 +3598,7 @@ class _Checker:
         try:
             seconds = parse_duration(value, "duration")
         except InvalidInput as error:
-            self.fail(place, str(error))
+            self.fail(place, str(error).removeprefix("duration: "))
             return None
         if most is not None and seconds > most:
             self.fail(place, f"is {_format_seconds(seconds)}; the most is {_format_seconds(most)}")
@@ -4444,10 +4473,15 @@ class Workflows:
             queued = conn.execute(
                 "SELECT 1 FROM messages WHERE queue = ? AND json_extract(body, '$.run') = ?", (WORKFLOW_QUEUE, found)
             ).fetchone()
-            if status == "running" and queued is None:
-                _run_message(conn, found, seq, now, now)
+            bookmark, wake_at = conn.execute(
+                "SELECT bookmark, wake_at FROM instances WHERE id = ?", (found,)
+            ).fetchone()
+            if queued is None and (status == "running" or (status == "waiting" and bookmark == "timer")):
+                _run_message(conn, found, seq, max(now, wake_at or now), now)  # its message went dead: a new one
                 return
-            raise InvalidInput(f"instance {found} is {status}; only a faulted (or stuck) instance can be retried")
+            raise InvalidInput(
+                f"instance {found} is {status}; only a faulted instance (or one whose message died) can be retried"
+            )
 
         self.committer.submit(retry, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
         return self.instance(found, journal=False)
@@ -4506,7 +4540,7 @@ class _Burst:
         self.error: str | None = None
         self.journal: list[tuple[Any, ...]] = []
         self.run_again_at: float | None = None  # when to send the next run message (None: no message)
-        self.started_at = time.time()
+        self.definition = blueprint.id
 
 
 class WorkflowRunner:
@@ -4695,13 +4729,13 @@ class WorkflowRunner:
             try:
                 following, outcome = await self._step(burst, activity, fence)
             except _Fault as error:
-                burst.status, burst.error = "faulted", f"{activity.id}: {error}"
+                burst.status, burst.error = "faulted", str(error)
                 burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"))
                 return burst
             except _CallFailed as error:
                 attempts, delay = activity.spec["retry"]
                 burst.attempt += 1
-                text = f"{activity.id}: {error}"
+                text = str(error)
                 if burst.attempt < attempts:
                     wait = min(3600.0, delay * 2 ** (burst.attempt - 1))
                     burst.run_again_at = time.time() + wait
@@ -4735,7 +4769,7 @@ class WorkflowRunner:
         kind = activity.type
         if kind == "log":
             text = spec["message"].render(variables)
-            self.say(f"{burst.id} {activity.id}: {text}")
+            self.say(f"{burst.definition} {burst.id} {activity.id}: {text}")
             return activity.next, text
         if kind == "set":
             for name, value in (spec.get("values") or {}).items():
@@ -4777,7 +4811,7 @@ class WorkflowRunner:
             return activity.next, f"called {spec['function']}"
         if kind == "fail":
             text = spec["message"].render(variables)
-            burst.status, burst.error = "faulted", f"{activity.id}: {text}"
+            burst.status, burst.error = "faulted", text
             return None, f"failed: {text}"
         if kind == "work":
             seconds = spec["duration"]
@@ -5509,8 +5543,13 @@ class Node:
                 for _ in range(self.concurrency)
             ]
             tasks.extend(workers)
-            if self.handlers:
-                self.say(f"consuming {', '.join(sorted(self.handlers))} ({self.concurrency} at once each)")
+            queues = sorted(queue for queue in self.handlers if queue != WORKFLOW_QUEUE)
+            if queues:
+                self.say(f"consuming {', '.join(queues)} ({self.concurrency} at once each)")
+            if self.runner is not None:
+                self.say(
+                    f"running workflows ({self.concurrency} at once, {len(set(self.activities.values()))} functions)"
+                )
             await self._stop.wait()
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
             for watcher in self._peers.values():
@@ -5705,7 +5744,7 @@ class Node:
             return  # /proc/locks unreadable: nobody can be known dead, so nobody is reaped
         alive = live_nodes(self.nf.store.lock_dir)
         for peer, pid in rows:
-            if peer == self.id or peer in alive:
+            if peer == self.id or peer in alive or not liveness_lock_free(self.nf.store.lock_dir, peer, pid):
                 continue
 
             def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> tuple[int, set[str]] | None:
@@ -5874,6 +5913,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         locks = nf.held()
         queues = nf.queues()
         timers = [timer for timer in nf.timers(limit=10) if timer.due is not None]
+        instances = nf.workflows.counts()
         if args.json:
             report = {
                 "nodes": [
@@ -5883,6 +5923,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 "queues": queues,
                 "locks": [_lock_entry(i) for i in locks],
                 "timers": [_timer_entry(timer) for timer in timers],
+                "instances": instances,
             }
             print(json.dumps(report))
             return 0
@@ -5904,6 +5945,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for queue, depth in queues.items():
             counts = ", ".join(f"{count} {kind}" for kind, count in depth.items())
             print(f"queue {_show_name(queue)}: {counts}")
+        if any(instances.values()):
+            print("instances: " + ", ".join(f"{count} {status}" for status, count in instances.items()))
         for timer in timers:
             print(f"timer {_show_name(timer.name)}: next {_iso(timer.due)} -> queue {_show_name(timer.queue)}")
         if not locks:
@@ -6300,7 +6343,7 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", metavar="COMMAND", parser_class=_ArgumentParser)
     verbs.required = True
 
-    status = verbs.add_parser("status", help="nodes, scheduler, queues, timers and locks held")
+    status = verbs.add_parser("status", help="nodes, scheduler, queues, instances, timers and locks held")
     status.add_argument("--json", action="store_true", help="one JSON object")
     status.add_argument("--stall-after", default="5s", help="a live node's heartbeat older than this is stalled")
     status.set_defaults(run=cmd_status)
