@@ -221,7 +221,9 @@ def default_db_path() -> str:
 
 
 def _format_seconds(seconds: float) -> str:
-    return f"{seconds * 1000:.0f}ms" if seconds < 1 else f"{seconds:.3g}s"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f}ms"
+    return f"{seconds:.3g}s" if seconds < 1000 else f"{seconds:.0f}s"  # never 7.2e+03s
 
 
 def _show_name(name: str, limit: int = 80) -> str:
@@ -3468,9 +3470,9 @@ class Template:
                 path = (match.group(1) or "").strip()
                 if not _VARIABLE_PATH.fullmatch(path):
                     raise ValueError(f"{token} is not a variable path such as {{input.order}}")
-                if literal:
+                if "".join(literal):
                     parts.append("".join(literal))
-                    literal = []
+                literal = []
                 parts.append(tuple(path.split(".")))
             position = match.end()
         literal.append(text[position:])
@@ -3520,6 +3522,8 @@ def _compare(left: Any, operator: str, right: Any) -> bool:
             raise _Fault(f"'{operator}' needs a list (or text) on its right, not {kind(right)}")
         return found if operator == "in" else not found
     if operator == "contains":
+        if isinstance(left, str) and not isinstance(right, str):
+            raise _Fault(f"'contains' on text needs text on its right, not {kind(right)}")
         if isinstance(left, (list, str, dict)):
             return _compare(right, "in", list(left) if isinstance(left, dict) else left)
         raise _Fault(f"'contains' needs a list, text or object on its left, not {kind(left)}")
@@ -3826,7 +3830,8 @@ def _check_activity(check: _Checker, activity_id: str, value: Any) -> BlueprintA
     for name in value:
         if name not in fields and name not in ("type", "next", "description"):
             check.fail(
-                f"{place}.{name}", f"unknown field for a {kind} activity; its fields are {', '.join(fields)}, next"
+                f"{place}.{name}",
+                f"unknown field for a {kind} activity; its fields are {', '.join(fields)}, next, description",
             )
             ok = False
     for name, (field_kind, required) in fields.items():
@@ -3884,9 +3889,18 @@ def _object_with_repeats(pairs: list[tuple[str, Any]]) -> _JSONObject:
 
 
 def _repeated_keys(check: _Checker, value: Any, place: str) -> None:
+    """Report every key given twice in one object, anywhere in the definition (the last one would win)."""
+    if isinstance(value, list):
+        for index, item in enumerate(value):
+            _repeated_keys(check, item, f"{place}[{index}]")
+        return
+    if not isinstance(value, dict):
+        return
     for key in getattr(value, "repeated", ()):
         what = "two activities have this id" if place == "activities" else "given more than once"
         check.fail(f"{place}.{key}" if place else key, what)
+    for key, item in value.items():
+        _repeated_keys(check, item, f"{place}.{key}" if place else key)
 
 
 def _check_trigger(check: _Checker, index: int, value: Any) -> dict[str, Any] | None:
@@ -3944,14 +3958,10 @@ def compile_definition(data: Any, version: int = 0) -> Blueprint:
         body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as error:
         raise InvalidDefinition([f"definition: not JSON data ({error})"]) from None
-    if len(body.encode("utf-8", "replace")) > DEFINITION_MAX_BYTES:
-        raise InvalidDefinition([f"definition: {len(body)} bytes of JSON; the most is {DEFINITION_MAX_BYTES}"])
+    size = len(body.encode("utf-8", "replace"))
+    if size > DEFINITION_MAX_BYTES:
+        raise InvalidDefinition([f"definition: {size} bytes of JSON; the most is {DEFINITION_MAX_BYTES}"])
     _repeated_keys(check, data, "")
-    _repeated_keys(check, data.get("activities"), "activities")
-    for activity_id, value in (
-        (data.get("activities") or {}).items() if isinstance(data.get("activities"), dict) else ()
-    ):
-        _repeated_keys(check, value, f"activities.{activity_id}")
     for name in data:
         if name not in _DEFINITION_FIELDS:
             hint = "; versions are numbered by define" if name == "version" else ""
@@ -3969,6 +3979,7 @@ def compile_definition(data: Any, version: int = 0) -> Blueprint:
     if "variables" in data:
         check.input_object(data["variables"], "variables")
     raw_activities = data.get("activities")
+    named = raw_activities if isinstance(raw_activities, dict) else {}  # for start, even when too many
     activities: dict[str, BlueprintActivity] = {}
     if not isinstance(raw_activities, dict) or not raw_activities:
         check.fail("activities", "must be a non-empty object of activities by id")
@@ -3983,7 +3994,7 @@ def compile_definition(data: Any, version: int = 0) -> Blueprint:
     start = data.get("start")
     if start is None:
         check.fail("start", "is missing: name the first activity")
-    elif not isinstance(start, str) or start not in raw_activities:
+    elif not isinstance(start, str) or start not in named:
         check.fail("start", f"no activity named {_quoted(start)}")
     for activity_id, value in raw_activities.items():
         for field, target in _exits(value):
@@ -4653,6 +4664,9 @@ class WorkflowRunner:
             except _StaleInstance as error:
                 self.say(f"instance {instance}: {error}")
                 await self.bus.aack(message)
+                return
+            except LeaseLost:  # stopped past its lease: the message went to another node, which runs it
+                self.say(f"instance {instance}: burst of fence {held.fence} not committed; its message went elsewhere")
                 return
             self.bursts += 1
             self.steps += len(burst.journal)
@@ -5538,9 +5552,7 @@ class Node:
                 self.runner = WorkflowRunner(nf.workflows, nf.bus, nf.locks, self.id, self.activities, self.say)
                 self.handlers[WORKFLOW_QUEUE] = self.runner.handle
             workers = [
-                asyncio.create_task(self._consume(queue, function))
-                for queue, function in sorted(self.handlers.items())
-                for _ in range(self.concurrency)
+                asyncio.create_task(self._consume(queue, function)) for queue, function in sorted(self.handlers.items())
             ]
             tasks.extend(workers)
             queues = sorted(queue for queue in self.handlers if queue != WORKFLOW_QUEUE)
@@ -5586,23 +5598,38 @@ class Node:
     # Work -----------------------------------------------------------------------------------
 
     async def _consume(self, queue: str, function: Callable[[Message], Any]) -> None:
-        """One worker: receive a message of ``queue``, run its handler, settle it; until stopping."""
+        """Take messages of ``queue`` while fewer than ``concurrency`` are in hand, until stopping.
+
+        One receiver per queue claims as many messages as there are free places, in one
+        transaction, and starts a handler run for each. (A receiver per place would wake all of
+        them on every doorbell, and all but one would read and claim for nothing.)
+        """
         assert self.nf is not None and self._stop is not None
+        free = self.concurrency
+        room = asyncio.Event()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            nonlocal free
+            free += 1
+            self._handling.discard(task)
+            room.set()
+
         while not self._stop.is_set():
+            if free == 0:
+                room.clear()
+                await room.wait()
+                continue
             try:
-                message = await self.nf.areceive(queue, lease=self.lease, wait=self.settings.poll_interval)
+                messages = await self.nf.areceive(queue, lease=self.lease, wait=self.settings.poll_interval, batch=free)
             except NodeflowError as error:
                 self.say(f"receiving from {queue} failed: {error}")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
-            if message is None:
-                continue
-            handling = asyncio.create_task(self._handle(message, function))
-            self._handling.add(handling)
-            try:
-                await asyncio.shield(handling)  # stopping cancels this worker, not the handler run
-            finally:
-                self._handling.discard(handling)
+            for message in messages:  # stopping cancels this receiver, never the runs it started
+                free -= 1
+                handling = asyncio.create_task(self._handle(message, function))
+                self._handling.add(handling)
+                handling.add_done_callback(finished)
 
     async def _keep_leased(self, message: Message) -> None:
         """While a handler runs, renew its message's lease every third of a lease: a slow handler

@@ -22,8 +22,6 @@ Covered:
   exits 2 and writes nothing; ``show`` takes a unique prefix.
 - Journal invariants for every completed instance: steps 0..n-1, one fence per burst (fences never
   go down, a wait or a retry starts a burst with a higher fence), started <= ended.
-
-Bugs these tests found are in tests named ``test_bug_...``; see the docstrings.
 """
 
 from __future__ import annotations
@@ -345,16 +343,14 @@ class BadDefinitionTests(ClusterTestCase):
         self.assertEqual(tree_snapshot(fresh), {"": None, "-wal": None, "-shm": None})
         self.assertFalse(os.path.exists(fresh + ".d"))
 
-    def test_bug_too_many_activities_is_one_problem(self) -> None:
-        """Bug: with more than 1000 activities the validator drops them all and then also reports
-        'start: no activity named "s0"', though s0 is there: a false second problem."""
+    def test_too_many_activities_is_one_problem(self) -> None:
+        """More than 1000 activities is one problem, not also a false 'start: no activity named "s0"'."""
         with self.assertRaises(nodeflow.InvalidDefinition) as caught:
             nodeflow.compile_definition(too_many_activities())
         self.assertEqual(caught.exception.problems, ["activities: 1001 activities; the most is 1000"])
 
-    def test_bug_work_limit_is_said_in_plain_numbers(self) -> None:
-        """Bug: 'is 7.2e+03s; the most is 3.6e+03s': _format_seconds uses %.3g, scientific
-        notation from 1000 s on (also in a call's "next in ..." journal outcome)."""
+    def test_work_limit_is_said_in_plain_numbers(self) -> None:
+        """Long durations read '7200s', never '7.2e+03s' (also in a call's "next in ..." outcome)."""
         with self.assertRaises(nodeflow.InvalidDefinition) as caught:
             nodeflow.compile_definition(one({"type": "work", "duration": "2h"}, "crunch"))
         (problem,) = caught.exception.problems
@@ -500,9 +496,8 @@ class ValidationApiTests(unittest.TestCase):
                 nodeflow.Template(text)
             self.assertIn(message, str(caught.exception))
 
-    def test_bug_whole_placeholder_keeps_its_type(self) -> None:
-        """Bug: Template("{x}").value() returns text, never the variable itself: __init__ puts an
-        empty literal "" before a leading placeholder (``if literal:`` tests a list holding "")."""
+    def test_whole_placeholder_keeps_its_type(self) -> None:
+        """A template that is one placeholder alone gives the variable itself, of any JSON type."""
         self.assertEqual(nodeflow.Template("{input.items}").value(VARIABLES), [1, 2])
         self.assertEqual(nodeflow.Template("{input.order}").value(VARIABLES), 42)
         self.assertEqual(nodeflow.Template("{ input.who }").value(VARIABLES), {"name": "ann"})
@@ -573,9 +568,8 @@ class ValidationApiTests(unittest.TestCase):
                 nodeflow.evaluate_condition(compiled_condition(condition), VARIABLES)
             self.assertIn(message, str(caught.exception))
 
-    def test_bug_contains_fault_names_its_operator(self) -> None:
-        """Bug: text "contains" a number faults with "'in' needs a list (or text) on its right,
-        not str": the wrong operator, and it complains that text is not text."""
+    def test_contains_fault_names_its_operator(self) -> None:
+        """Text "contains" a number faults naming 'contains', the operator actually used."""
         with self.assertRaises(nodeflow._Fault) as caught:
             nodeflow.evaluate_condition(compiled_condition({"var": "s", "op": "contains", "value": 5}), VARIABLES)
         self.assertIn("contains", str(caught.exception))
@@ -1264,9 +1258,8 @@ class NodeWorkflowTests(ClusterTestCase):
         }
         self.assertEqual(listed, {old: 1, new: 2})
 
-    def test_bug_set_keeps_the_type_of_a_lone_placeholder(self) -> None:
-        """Bug (see ValidationApiTests.test_bug_whole_placeholder_keeps_its_type): a set of
-        "{input.items}" stores the text "[1,2]" instead of the list."""
+    def test_set_keeps_the_type_of_a_lone_placeholder(self) -> None:
+        """A set of "{input.items}" stores the list itself, not the text "[1,2]"."""
         _, lines = self.start_and_wait("types", {"items": [1, 2], "order": 7}, 0)
         variables = json.loads(lines[1])
         self.assertEqual(variables["items"], [1, 2])
