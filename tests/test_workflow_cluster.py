@@ -596,7 +596,8 @@ class StoppedNode(WorkflowClusterTestCase):
         self.assertNotIn(
             stopped.node_id, {row[3] for row in journals[held]}, "the stopped node's burst was refused: not its lease"
         )
-        self.wait_for_log(stopped, re.escape(f"instance {held}: burst of fence ") + r"\d+ not committed; its message went")
+        refused = re.escape(f"instance {held}: burst of fence ") + r"\d+ not committed; its message went"
+        self.wait_for_log(stopped, refused)
         for instance_id in quick:
             self.check_journal(instance_id, journals[instance_id], quick_path(numbers[instance_id]))
             self.assertNotIn(stopped.node_id, {row[3] for row in journals[instance_id]})
