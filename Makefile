@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 DEV := $(VENV)/.installed
 
-.PHONY: test lint bench bench-quick run clean
+.PHONY: test chaos lint bench bench-quick run clean
 
 test:
 	$(PYTHON) -m unittest discover -s tests -t . -v
+
+# The churn tests at full length (make test runs shorter versions of the same tests).
+chaos:
+	NODEFLOW_CHAOS=1 $(PYTHON) -m unittest -v tests.test_serve.SchedulerChurn tests.test_bus.ChaosConsumers \
+		tests.test_workflow_cluster
 
 $(DEV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,11 +27,13 @@ bench: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py
 	$(VENV)/bin/python bench/bench_bus.py
 	$(VENV)/bin/python bench/bench_serve.py
+	$(VENV)/bin/python bench/bench_workflows.py
 
 bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py --quick
 	$(VENV)/bin/python bench/bench_bus.py --quick
 	$(VENV)/bin/python bench/bench_serve.py --quick
+	$(VENV)/bin/python bench/bench_workflows.py --quick
 
 run:
 	$(PYTHON) examples/counter.py

@@ -11,6 +11,7 @@ Architecture in ten lines:
   - Doorbells: a datagram socket per listening process in ``PATH.d/nodes/``, rung after commits.
   - Bus: queues in SQLite with leases and dead letters; one process's writes share transactions.
   - Instructions: an ordered log with a cursor per node, under change tokens and a memory cache.
+  - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks.
   - The handle returned by ``connect()`` is the Python API; ``main()`` is the command line.
 """
 
@@ -77,6 +78,16 @@ __all__ = [
     "NodeIdInUse",
     "LostOffice",
     "Timer",
+    "InvalidDefinition",
+    "DefinitionInfo",
+    "Instance",
+    "JournalEntry",
+    "SignalOutcome",
+    "Blueprint",
+    "Template",
+    "compile_definition",
+    "parse_definition",
+    "activity",
     "main",
 ]
 
@@ -6295,6 +6306,8 @@ def cmd_start(args: argparse.Namespace) -> int:
             return 0
         if not args.json:
             print(instance_id, flush=True)
+        if not any(node["state"] in ("running", "stalled") for node in nf.nodes()):
+            print("nodeflow: no node is running: the instance starts when one does (serve)", file=sys.stderr)
         ended = nf.wait(instance_id, timeout)
     if args.json:
         print(json.dumps(_instance_entry(ended, full=True)))

@@ -15,6 +15,10 @@ import time
 import unittest
 from pathlib import Path
 
+# `make chaos` sets NODEFLOW_CHAOS=1: the churn tests then run their long versions; `make test`
+# runs shorter ones that still kill, stop and check the same things.
+CHAOS = os.environ.get("NODEFLOW_CHAOS") == "1"
+
 ROOT = Path(__file__).resolve().parent.parent
 NODEFLOW = str(ROOT / "nodeflow.py")
 PYTHON = sys.executable

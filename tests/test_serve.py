@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, process_state, tree_snapshot
+from tests.support import CHAOS, NODEFLOW, PYTHON, ClusterTestCase, process_state, tree_snapshot
 
 TOOK_OFFICE = re.compile(r"took office as the scheduling node \(epoch (\d+)\)")
 GONE = re.compile(r"node (\S+) \(pid (\d+)\) is gone: its liveness lock is free; handed back (\d+) leases")
@@ -276,8 +276,9 @@ class ServeTestCase(ClusterTestCase):
 
 
 class SchedulerChurn(ServeTestCase):
-    TIMERS = 2000
-    SPAN = 15.0  # the timers fall due evenly over this many seconds
+    TIMERS = 2000 if CHAOS else 800
+    SPAN = 15.0 if CHAOS else 7.0  # the timers fall due evenly over this many seconds
+    KILL_EVERY = (2.0, 4.0) if CHAOS else (1.2, 2.2)  # seconds between kills of the node in office
     LEAD = 3.0  # the first is due this long after the adder starts: all are in before any fires
 
     def test_timers_fire_exactly_once_while_the_scheduler_is_killed_again_and_again(self) -> None:
@@ -318,11 +319,11 @@ class SchedulerChurn(ServeTestCase):
         code, out, err = self.finish(adder, timeout=60)
         self.assertEqual((code, out.strip()), (0, f"added {self.TIMERS}"), err)
 
-        # Kill whichever node is in office every 2-4 s until a second after the last timer is due,
+        # Kill whichever node is in office every KILL_EVERY seconds until a second after the last timer is due,
         # and restart it under the same id at once.
         kills: list[tuple[float, str, int]] = []  # (when, node id, pid)
         while time.time() < start + self.SPAN + 1.0:
-            time.sleep(rng.uniform(2.0, 4.0))
+            time.sleep(rng.uniform(*self.KILL_EVERY))
             office = self.nf.scheduler()
             if office is None:
                 continue  # between terms (a node is taking office): try again next round
