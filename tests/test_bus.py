@@ -3,8 +3,8 @@
 Covered, with real child processes, real files and real signals (no mocks):
 
 - 10,000 messages (4,000 outside `make chaos`) through four consumer processes while one of them
-  is SIGKILLed and restarted every 0.3-0.5 s: afterwards every message was acked exactly once or dead-lettered, none lost.
-  Each ack writes a row in the ack's own transaction (``ack(also=...)``), so the database itself
+  is SIGKILLed and restarted every 0.3-0.5 s: afterwards every message was acked exactly once
+  or dead-lettered, none lost. Each ack writes a row in the ack's own transaction (``ack(also=...)``), so the database itself
   says how many times each message was acked.
 - Poison messages (nacked each time, or killing their consumer each time) end in dead letters after
   ``max_deliveries`` with their last error; dead letters are listed, retried and purged through
