@@ -4,20 +4,23 @@ Covered, with real child processes, real files and real signals (no mocks):
 
 - 10,000 messages (4,000 outside `make chaos`) through four consumer processes while one of them
   is SIGKILLed and restarted every 0.3-0.5 s: afterwards every message was acked exactly once or
-  dead-lettered, none lost. Each ack writes a row in the ack's own transaction
-  (``ack(also=...)``), so the database itself says how many times each message was acked. - Poison
-  messages (nacked each time, or killing their consumer each time) end in dead letters after
+  dead-lettered, none lost.
+  Each ack writes a row in the ack's own transaction (``ack(also=...)``), so the database itself
+  says how many times each message was acked.
+- Poison messages (nacked each time, or killing their consumer each time) end in dead letters after
   ``max_deliveries`` with their last error; dead letters are listed, retried and purged through
-  the Python API and the CLI. - Deduplication keys, delays (and a waiter that wakes when a delay
-  ends), priorities with FIFO order within a priority. - Leases: expiry and redelivery, LeaseLost
-  for the old holder with its ``also`` writes rolled back, ``extend``, a SIGSTOPped holder losing
-  its lease, ``release_leases`` for a SIGKILLed holder. - Transactional ack, also inside a shared
-  (group-committed) transaction. - Doorbells: a receiver in another process wakes on a send
-  although its poll interval is far longer than the bound; with every doorbell socket removed it
-  still gets the message by polling. - Competing consumers without crashes never share a message;
-  writer processes share the database fairly; concurrent coroutines share transactions (group
-  commit). - CLI send/receive/status/dead-letters, and bad input at the CLI and the Python API:
-  refused with InvalidInput (exit 2, one line on stderr) and nothing written.
+  the Python API and the CLI.
+- Deduplication keys, delays (and a waiter that wakes when a delay ends), priorities with FIFO order
+  within a priority.
+- Leases: expiry and redelivery, LeaseLost for the old holder with its ``also`` writes rolled back,
+  ``extend``, a SIGSTOPped holder losing its lease, ``release_leases`` for a SIGKILLed holder.
+- Transactional ack, also inside a shared (group-committed) transaction.
+- Doorbells: a receiver in another process wakes on a send although its poll interval is far longer
+  than the bound; with every doorbell socket removed it still gets the message by polling.
+- Competing consumers without crashes never share a message; writer processes share the database
+  fairly; concurrent coroutines share transactions (group commit).
+- CLI send/receive/status/dead-letters, and bad input at the CLI and the Python API: refused with
+  InvalidInput (exit 2, one line on stderr) and nothing written.
 
 No timing assertions on speed: a bound is only ever used where the mechanism under test is the one
 thing that could explain meeting it (for instance a wake-up well before a wait or poll interval that
