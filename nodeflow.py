@@ -246,7 +246,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -384,6 +384,10 @@ _MIGRATIONS: dict[int, str] = {
             outcome  TEXT NOT NULL,
             PRIMARY KEY (instance, step)
         ) WITHOUT ROWID;
+    """,
+    5: """
+        CREATE INDEX instances_created ON instances (created, id);
+        CREATE INDEX instances_definition ON instances (definition, created, id);
     """,
 }
 
@@ -4179,7 +4183,9 @@ def _create_instance(conn: sqlite3.Connection, definition: str, version: int | N
         version = _latest_version(conn, definition)
     now = time.time()
     while True:
-        instance = secrets.token_hex(8)
+        # Milliseconds, then 20 random bits: new rows of instances, journal and lock_fences land
+        # at the end of their indexes, in pages a commit has in hand, not all over a large file.
+        instance = f"{int(now * 1000):011x}{secrets.randbits(20):05x}"
         try:
             conn.execute(
                 "INSERT INTO instances (id, definition, version, status, variables, started_by, created, updated) "
@@ -4187,27 +4193,30 @@ def _create_instance(conn: sqlite3.Connection, definition: str, version: int | N
                 (instance, definition, version, variables, by, now, now),
             )
             break
-        except sqlite3.IntegrityError:  # 64 random bits met an old id: draw again
+        except sqlite3.IntegrityError:  # another start in the same millisecond drew the same bits
             continue
     _run_message(conn, instance, 0, now, now)
     return instance
 
 
 def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
-    """An instance id from its full id or a unique prefix of at least four characters."""
+    """An instance id from its full id, or a unique prefix or suffix of at least four characters.
+
+    Ids begin with their start time, so instances started together share a prefix; the end of
+    an id (its random part) is the quicker thing to type.
+    """
     if conn.execute("SELECT 1 FROM instances WHERE id = ?", (text,)).fetchone():
         return text
     if len(text) >= INSTANCE_ID_MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", text):
-        found = [
-            row[0]
-            for row in conn.execute(
-                "SELECT id FROM instances WHERE id > ? AND id < ? ORDER BY id LIMIT 3", (text, text + "g")
-            )
-        ]
-        if len(found) == 1:
-            return str(found[0])
-        if found:
-            raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
+        for query in (
+            "SELECT id FROM instances WHERE id > :text AND id < :text || 'g' ORDER BY id LIMIT 3",
+            "SELECT id FROM instances WHERE substr(id, -length(:text)) = :text LIMIT 3",  # reads every id
+        ):
+            found = [str(row[0]) for row in conn.execute(query, {"text": text})]
+            if len(found) == 1:
+                return found[0]
+            if found:
+                raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
     raise InvalidInput(f"no instance {_show_name(text)}; list them with: instances")
 
 
@@ -4728,6 +4737,8 @@ class WorkflowRunner:
             )
             if burst.run_again_at is not None:
                 _run_message(conn, burst.id, burst.seq + 1, burst.run_again_at, now)
+            if burst.status == "completed":  # it never runs again: its fence counter can go
+                conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + burst.id,))
 
         return commit
 
@@ -5611,12 +5622,15 @@ class Node:
     async def _consume(self, queue: str, function: Callable[[Message], Any]) -> None:
         """Take messages of ``queue`` while fewer than ``concurrency`` are in hand, until stopping.
 
-        One receiver per queue claims as many messages as there are free places, in one
-        transaction, and starts a handler run for each. (A receiver per place would wake all of
-        them on every doorbell, and all but one would read and claim for nothing.)
+        One receiver per queue claims messages in one transaction and starts a handler run for
+        each. (A receiver per place would wake all of them on every doorbell, and all but one
+        would read and claim for nothing.) It claims one at a time while the queue runs dry,
+        and doubles its claim, up to the free places, while claims come back full: a few
+        messages spread over the nodes, a flood is taken in batches.
         """
         assert self.nf is not None and self._stop is not None
         free = self.concurrency
+        claim = 1
         room = asyncio.Event()
 
         def finished(task: asyncio.Task[None]) -> None:
@@ -5631,11 +5645,15 @@ class Node:
                 await room.wait()
                 continue
             try:
-                messages = await self.nf.areceive(queue, lease=self.lease, wait=self.settings.poll_interval, batch=free)
+                wanted = min(claim, free)
+                messages = await self.nf.areceive(
+                    queue, lease=self.lease, wait=self.settings.poll_interval, batch=wanted
+                )
             except NodeflowError as error:
                 self.say(f"receiving from {queue} failed: {error}")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
+            claim = min(self.concurrency, claim * 2) if len(messages) == wanted else 1
             for message in messages:  # stopping cancels this receiver, never the runs it started
                 free -= 1
                 handling = asyncio.create_task(self._handle(message, function))

@@ -19,7 +19,7 @@ Covered:
   tries then faulted, ``show --json``, ``retry`` after the cause is mended; signal waits and
   ``signal --input``; a signal trigger; fail; start_at; runtime faults; a loop longer than a burst.
 - Bad input on the command line (unknown workflow, --input not an object, bad instance ids)
-  exits 2 and writes nothing; ``show`` takes a unique prefix.
+  exits 2 and writes nothing; ``show`` takes a unique prefix or suffix.
 - Journal invariants for every completed instance: steps 0..n-1, one fence per burst (fences never
   go down, a wait or a retry starts a burst with a higher fence), started <= ended.
 """
@@ -709,7 +709,7 @@ class VersionAndCommandLineTests(ClusterTestCase):
         self.assertIn("no nodeflow database", result.stderr)
         self.assertFalse(os.path.exists(fresh))
 
-    def test_show_by_unique_prefix(self) -> None:
+    def test_show_by_unique_prefix_or_suffix(self) -> None:
         with nodeflow.connect(self.db) as nf:
             nf.define(VERSIONED_V1)
             ids = [nf.start("ver", {"n": n}) for n in range(6)]
@@ -724,6 +724,8 @@ class VersionAndCommandLineTests(ClusterTestCase):
         self.assertEqual(text.returncode, 0, text.stderr)
         self.assertIn(f"instance {target}: ver v1, running", text.stdout)
         self.assertIn("journal: no steps yet", text.stdout)
+        by_end = self.json_of("show", target[-6:], "--json")  # ids start with their time: the end is quicker
+        self.assertEqual(by_end["id"], target)
         listed = self.json_of("instances", "--definition", "ver", "--limit", "2", "--json")["instances"]
         self.assertEqual([i["id"] for i in listed], ids[-2:])
 
@@ -1071,7 +1073,7 @@ class NodeWorkflowTests(ClusterTestCase):
         self.assertIn(instance, [i["id"] for i in listed])
 
         open(flag, "w").close()  # mend the cause
-        retried = self.cli("retry", instance[:8])
+        retried = self.cli("retry", instance[-8:])  # the end of an id is its random part
         self.assertEqual(retried.returncode, 0, retried.stderr)
         self.assertEqual(retried.stdout, f"instance {instance} resumed at charge\n")
         done = self.wait_status(instance, "completed", "faulted")
