@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import select
@@ -143,6 +144,19 @@ class ClusterTestCase(unittest.TestCase):
             if time.monotonic() > deadline:
                 self.fail(f"{what}: not true within {timeout}s")
             time.sleep(0.01)
+
+
+def thread_states(pid: int) -> set[str]:
+    """The state letters of every thread of a process (all "T" once a SIGSTOP has stopped it)."""
+    states = set()
+    with contextlib.suppress(FileNotFoundError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                    states.add(stat.read().rsplit(")", 1)[1].split()[0])
+            except (FileNotFoundError, ProcessLookupError, IndexError):
+                continue  # a thread that just ended
+    return states
 
 
 def process_state(pid: int) -> str | None:

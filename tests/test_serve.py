@@ -50,7 +50,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import nodeflow
-from tests.support import CHAOS, NODEFLOW, PYTHON, ClusterTestCase, process_state, tree_snapshot
+from tests.support import CHAOS, NODEFLOW, PYTHON, ClusterTestCase, process_state, thread_states, tree_snapshot
 
 TOOK_OFFICE = re.compile(r"took office as the scheduling node \(epoch (\d+)\)")
 GONE = re.compile(r"node (\S+) \(pid (\d+)\) is gone: its liveness lock is free; handed back (\d+) leases")
@@ -96,19 +96,6 @@ def flock_pids(path: str) -> tuple[set[int], set[int]]:
             if (int(major, 16), int(minor, 16), int(inode)) == key:
                 (waiters if waiting else holders).add(int(fields[4]))
     return holders, waiters
-
-
-def thread_states(pid: int) -> set[str]:
-    """The state letters of every thread of a process (all "T" once a SIGSTOP has stopped it)."""
-    states = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat") as stat:
-                    states.add(stat.read().rsplit(")", 1)[1].split()[0])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue  # a thread that just ended
-    return states
 
 
 class Daemon:

@@ -28,7 +28,6 @@ No speed assertions: every wait is bounded generously, and a failure prints the 
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import glob
 import itertools
@@ -46,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, process_state
+from tests.support import NODEFLOW, PYTHON, ClusterTestCase, process_state, thread_states
 
 # The nodes' --app: the function a "call" activity runs; what it returns is stored in the
 # instance's variables (the activity's id, "charge", names the variable).
@@ -165,19 +164,6 @@ def lock_free_within(path: str, seconds: float) -> bool:
                 time.sleep(0.002)
     finally:
         os.close(fd)
-
-
-def thread_states(pid: int) -> set[str]:
-    """The state letters of every thread of a process (all "T" once a SIGSTOP has stopped it)."""
-    states = set()
-    with contextlib.suppress(FileNotFoundError):
-        for task in os.listdir(f"/proc/{pid}/task"):
-            try:
-                with open(f"/proc/{pid}/task/{task}/stat") as stat:
-                    states.add(stat.read().rsplit(")", 1)[1].split()[0])
-            except (FileNotFoundError, ProcessLookupError, IndexError):
-                continue  # a thread that just ended
-    return states
 
 
 class Serve:
