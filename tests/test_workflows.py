@@ -26,7 +26,9 @@ Covered:
 
 from __future__ import annotations
 
+import asyncio
 import datetime
+import io
 import itertools
 import json
 import os
@@ -1280,3 +1282,41 @@ class NodeWorkflowTests(ClusterTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class BlueprintCacheTests(ClusterTestCase):
+    """A node compiles each (workflow, version) once and then runs it from its memory cache, until
+    a define fires the "definitions" token: then it loads the new version, and only that."""
+
+    def test_a_node_reads_a_definition_once_until_the_next_define(self) -> None:
+        steps = {"a": {"type": "set", "values": {"x": 1}, "next": "b"}, "b": {"type": "set", "add": {"x": 1}}}
+        with nodeflow.connect(self.db) as nf:
+            nf.define({"id": "cached", "start": "a", "activities": steps})
+
+            async def scenario() -> tuple[int, int, list[int]]:
+                node = nodeflow.Node(self.db, node_id="n1", out=io.StringIO(), activities={})
+                running = asyncio.create_task(node.run())
+                try:
+                    first = [nf.start("cached", {"n": n}) for n in range(20)]
+                    for instance_id in first:
+                        done = await asyncio.to_thread(nf.wait, instance_id, 20)
+                        self.assertEqual(done.status, "completed", done)
+                    assert node.nf is not None
+                    after_v1 = node.nf.workflows.blueprints_loaded
+                    nf.define({"id": "cached", "start": "a", "activities": {**steps, "b": {**steps["b"], "next": "c"},
+                               "c": {"type": "set", "values": {"v": 2}}}})  # fmt: skip
+                    second = [nf.start("cached", {"n": n}) for n in range(20)]
+                    versions = []
+                    for instance_id in second:
+                        done = await asyncio.to_thread(nf.wait, instance_id, 20)
+                        self.assertEqual(done.status, "completed", done)
+                        versions.append(done.version)
+                    return after_v1, node.nf.workflows.blueprints_loaded, versions
+                finally:
+                    node.request_stop()
+                    await asyncio.wait_for(running, 30)
+
+            after_v1, after_v2, versions = asyncio.run(scenario())
+        self.assertEqual(after_v1, 1, "20 instances of v1: one read of the definition")
+        self.assertEqual(versions, [2] * 20)
+        self.assertEqual(after_v2, 2, "the define evicted the cache; 20 instances of v2: one more read")
