@@ -3429,12 +3429,12 @@ def check_signal_name(value: object, what: str = "a signal name") -> str:
     return value
 
 
-def check_instance_input(value: object, what: str = "input", limit: int = 1024 * 1024) -> dict[str, Any]:
+def check_instance_input(value: object, what: str = "input") -> dict[str, Any]:
+    """An input (an instance's or a signal's) is a JSON object; encoding it where it is stored checks the rest."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput(f'{what} must be a JSON object, such as {{"order": 42}}, not {type(value).__name__}')
-    encode_body(value, limit)
     return value
 
 
@@ -4387,7 +4387,7 @@ class Workflows:
         return await self.committer.asubmit(work, rings)
 
     def _signal_work(self, name: str, data: dict[str, Any]) -> Callable[[sqlite3.Connection], SignalOutcome]:
-        resume = json.dumps(data, separators=(",", ":"))
+        resume = encode_body(data, self.store.settings.max_body_bytes)
 
         def deliver(conn: sqlite3.Connection) -> SignalOutcome:
             now = time.time()
@@ -4492,7 +4492,9 @@ class Workflows:
 
         def retry(conn: sqlite3.Connection) -> None:
             now = time.time()
-            status, seq = conn.execute("SELECT status, seq FROM instances WHERE id = ?", (found,)).fetchone()
+            status, seq, bookmark, wake_at = conn.execute(
+                "SELECT status, seq, bookmark, wake_at FROM instances WHERE id = ?", (found,)
+            ).fetchone()
             if status == "faulted":
                 conn.execute(
                     "UPDATE instances SET status = 'running', seq = seq + 1, attempt = 0, error = NULL, updated = ? "
@@ -4504,9 +4506,6 @@ class Workflows:
             queued = conn.execute(
                 "SELECT 1 FROM messages WHERE queue = ? AND json_extract(body, '$.run') = ?", (WORKFLOW_QUEUE, found)
             ).fetchone()
-            bookmark, wake_at = conn.execute(
-                "SELECT bookmark, wake_at FROM instances WHERE id = ?", (found,)
-            ).fetchone()
             if queued is None and (status == "running" or (status == "waiting" and bookmark == "timer")):
                 _run_message(conn, found, seq, max(now, wake_at or now), now)  # its message went dead: a new one
                 return
@@ -4517,34 +4516,37 @@ class Workflows:
         self.committer.submit(retry, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
         return self.instance(found, journal=False)
 
+    def _ended_or_pause(self, instance_id: str, deadline: float | None) -> tuple[Instance, float | None]:
+        """The instance, and how long to wait for a ring before looking again (None: stop waiting)."""
+        found = self.instance(instance_id, journal=False)
+        left = 3600.0 if deadline is None else deadline - time.monotonic()
+        if found.status in ("completed", "faulted") or left <= 0:
+            return found, None
+        return found, min(left, self.store.settings.poll_interval)
+
+    def _deadline(self, timeout: float | str | None) -> float | None:
+        limit = None if timeout is None else parse_duration(timeout, "timeout")
+        self.signals.listen()  # ends are rung: hear them
+        return None if limit is None else time.monotonic() + limit
+
     def wait(self, instance_id: str, timeout: float | str | None = None) -> Instance:
         """Wait until the instance completes or faults (or ``timeout`` runs out); returns it as it is then."""
-        limit = None if timeout is None else parse_duration(timeout, "timeout")
-        deadline = None if limit is None else time.monotonic() + limit
-        self.signals.listen()  # ends are rung: hear them
+        deadline = self._deadline(timeout)
         while True:
-            seen = self.wakeups.generation(RING_INSTANCES)
-            found = self.instance(instance_id, journal=False)
-            if found.status in ("completed", "faulted"):
+            seen = self.wakeups.generation(RING_INSTANCES)  # before looking: a ring after it is not lost
+            found, pause = self._ended_or_pause(instance_id, deadline)
+            if pause is None:
                 return found
-            left = 3600.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return found
-            self.wakeups.wait(RING_INSTANCES, seen, min(left, self.store.settings.poll_interval))
+            self.wakeups.wait(RING_INSTANCES, seen, pause)
 
     async def await_end(self, instance_id: str, timeout: float | str | None = None) -> Instance:
-        limit = None if timeout is None else parse_duration(timeout, "timeout")
-        deadline = None if limit is None else time.monotonic() + limit
-        self.signals.listen()
+        deadline = self._deadline(timeout)
         while True:
             seen = self.wakeups.generation(RING_INSTANCES)
-            found = self.instance(instance_id, journal=False)
-            if found.status in ("completed", "faulted"):
+            found, pause = self._ended_or_pause(instance_id, deadline)
+            if pause is None:
                 return found
-            left = 3600.0 if deadline is None else deadline - time.monotonic()
-            if left <= 0:
-                return found
-            await self.wakeups.await_change(RING_INSTANCES, seen, min(left, self.store.settings.poll_interval))
+            await self.wakeups.await_change(RING_INSTANCES, seen, pause)
 
 
 # Running instances: bursts of steps under the instance lock ---------------------------------------
