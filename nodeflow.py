@@ -4638,7 +4638,7 @@ class WorkflowRunner:
         row: tuple[Any, ...] | None = self.workflows.store.read(
             lambda conn: conn.execute(
                 "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
-                "definition, version, fence FROM instances WHERE id = ?",
+                "definition, version FROM instances WHERE id = ?",
                 (instance,),
             ).fetchone()
         )
@@ -4680,7 +4680,7 @@ class WorkflowRunner:
                 await self.bus.aack(message)
                 return
             assert row is not None
-            burst = await self._burst(row, held.fence)
+            burst = await self._burst(row)
             try:
                 await self.bus.aack(message, also=self._commit_work(burst, held.fence), rings=self._rings(burst))
             except _StaleInstance as error:
@@ -4746,14 +4746,15 @@ class WorkflowRunner:
 
     # Steps --------------------------------------------------------------------------------
 
-    async def _burst(self, row: tuple[Any, ...], fence: int) -> _Burst:
+    async def _burst(self, row: tuple[Any, ...]) -> _Burst:
+        state, (definition, version) = row[:11], row[11:13]
         try:
-            blueprint = self.workflows.blueprint(row[11], row[12])
+            blueprint = self.workflows.blueprint(definition, version)
         except (InvalidInput, sqlite3.Error) as error:
-            burst = _Burst(row[:11], _EMPTY_BLUEPRINT)
-            burst.status, burst.error = "faulted", f"cannot load workflow {row[11]} v{row[12]}: {error}"
+            burst = _Burst(state, _EMPTY_BLUEPRINT)
+            burst.status, burst.error = "faulted", f"cannot load workflow {definition} v{version}: {error}"
             return burst
-        burst = _Burst(row[:11], blueprint)
+        burst = _Burst(state, blueprint)
         burst.status = "running"
         for _ in range(BURST_MAX_STEPS):
             activity = blueprint.activities.get(burst.position or "")
@@ -4765,7 +4766,7 @@ class WorkflowRunner:
                 return burst
             started = time.time()
             try:
-                following, outcome = await self._step(burst, activity, fence)
+                following, outcome = await self._step(burst, activity)
             except _Fault as error:
                 burst.status, burst.error = "faulted", str(error)
                 burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"))
@@ -4795,7 +4796,7 @@ class WorkflowRunner:
         burst.run_again_at = time.time()  # a long run of steps: let other instances have a turn
         return burst
 
-    async def _step(self, burst: _Burst, activity: BlueprintActivity, fence: int) -> tuple[str | None, str]:
+    async def _step(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
         """Run one activity; returns where to go next and the journal's outcome."""
         spec, variables = activity.spec, burst.variables
         if burst.bookmark is not None:  # the wait this activity began is over
