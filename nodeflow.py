@@ -27,9 +27,11 @@ import errno
 import fcntl
 import functools
 import hashlib
+import hmac
 import importlib
 import importlib.util
 import inspect
+import ipaddress
 import json
 import logging
 import math
@@ -45,6 +47,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import weakref
 import zoneinfo
 from collections.abc import Awaitable, Callable, Generator, Iterable
@@ -246,7 +249,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -388,6 +391,9 @@ _MIGRATIONS: dict[int, str] = {
     5: """
         CREATE INDEX instances_created ON instances (created, id);
         CREATE INDEX instances_definition ON instances (definition, created, id);
+    """,
+    6: """
+        CREATE INDEX journal_ended ON journal (ended);
     """,
 }
 
@@ -878,7 +884,7 @@ def _kernel_flock_owners() -> dict[tuple[int, int, int], int] | None:
 class HeldLock:
     """A lock this process holds; ``release()`` (or leaving the ``with`` block) frees it."""
 
-    __slots__ = ("name", "fence", "_locks", "_path", "_fd", "_inode", "_owner_set", "_pid", "__weakref__")
+    __slots__ = ("name", "fence", "_locks", "_path", "_fd", "_inode", "_owner_set", "_pid", "_since", "__weakref__")
 
     def __init__(self, locks: LockManager, name: str, fence: int | None, path: str, fd: int, inode: int) -> None:
         self.name = name
@@ -889,6 +895,7 @@ class HeldLock:
         self._inode = inode
         self._owner_set: set[tuple[str, str]] | None = None
         self._pid = os.getpid()
+        self._since = time.monotonic()
 
     @property
     def held(self) -> bool:
@@ -902,6 +909,7 @@ class HeldLock:
             return  # a forked child's copy: its descriptor was closed at fork; the lock is the parent's
         if self._owner_set is not None:
             self._owner_set.discard((self._locks.directory, self.name))
+        self._locks.hold_seconds += time.monotonic() - self._since
         _park_lock_file(fd, self._inode, self._path)
 
     def __enter__(self) -> HeldLock:
@@ -1094,6 +1102,7 @@ class LockManager:
         self.node = node
         # Set by the handle: lets a fenced async acquisition take its token in a shared transaction.
         self.write_async: Callable[[Callable[[sqlite3.Connection], int]], Awaitable[int]] | None = None
+        self.acquisitions, self.wait_seconds, self.hold_seconds = 0, 0.0, 0.0  # for /metrics
         self.directory = os.path.join(store.lock_dir, folder)
         self._mine = threading.local()  # names each thread holds through the blocking API
         if folder == "locks":  # other folders are made when first used
@@ -1204,7 +1213,12 @@ class LockManager:
                 raise LockTimeout(name, time.monotonic() - started, self.holder(name))
         held._owner_set = mine
         mine.add((self.directory, name))
+        self._count(started)
         return held
+
+    def _count(self, started: float) -> None:
+        self.acquisitions += 1
+        self.wait_seconds += time.monotonic() - started
 
     # Asyncio API ----------------------------------------------------------------------------
 
@@ -1225,6 +1239,7 @@ class LockManager:
                         raise
                     assert held._fd is not None
                     self._write_note(held._fd, name, held.fence, 1 << 16)  # may be shorter than the note it replaces
+                self._count(started)
                 return held
             if wait == 0:
                 raise LockTimeout(name, 0, self.holder(name))
@@ -1255,6 +1270,7 @@ class LockManager:
             if attempt.error is not None:
                 raise attempt.error
             raise LockTimeout(name, time.monotonic() - started if wait else 0, self.holder(name))
+        self._count(started)
         return held
 
     # Who holds what -------------------------------------------------------------------------
@@ -1941,6 +1957,7 @@ class Bus:
         # Queues whose last claim here got a message: the next receive claims at once, without
         # first reading whether one is ready (it most likely is).
         self._busy_queues: set[str] = set()
+        self.sent = self.acked = self.nacked = self.dead_lettered = 0  # this handle's, for /metrics
 
     # The pieces of work, each run inside a shared transaction ------------------------------
 
@@ -2019,13 +2036,17 @@ class Bus:
 
     def send(self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None) -> int:
         work, rings = self._prepare_send(queue, body, delay, priority, key)
-        return self.committer.submit(work, rings)
+        sent = self.committer.submit(work, rings)
+        self.sent += 1
+        return sent
 
     async def asend(
         self, queue: str, body: Any, delay: float | str = 0, priority: int = 0, key: str | None = None
     ) -> int:
         work, rings = self._prepare_send(queue, body, delay, priority, key)
-        return await self.committer.asubmit(work, rings)
+        sent = await self.committer.asubmit(work, rings)
+        self.sent += 1
+        return sent
 
     # Receiving ----------------------------------------------------------------------------
 
@@ -2150,12 +2171,16 @@ class Bus:
 
         ``rings`` are the doorbell topics to ring after the commit, for what ``also`` wrote.
         """
-        return self.committer.submit(self._ack_work(message, also), rings)
+        result = self.committer.submit(self._ack_work(message, also), rings)
+        self.acked += 1
+        return result
 
     async def aack(
         self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None, rings: Iterable[str] = ()
     ) -> T | None:
-        return await self.committer.asubmit(self._ack_work(message, also), rings)
+        result = await self.committer.asubmit(self._ack_work(message, also), rings)
+        self.acked += 1
+        return result
 
     def _nack_work(self, message: Message, delay: float, error: str | None) -> Callable[[sqlite3.Connection], str]:
         limit = self.settings.max_deliveries
@@ -2186,11 +2211,16 @@ class Bus:
     def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         """Hand a message back for another try after ``delay``; "dead" once it has had its deliveries."""
         work, rings = self._prepare_nack(message, delay, error)
-        return self.committer.submit(work, rings)  # type: ignore[no-any-return]
+        return self._count_nack(self.committer.submit(work, rings))
 
     async def anack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         work, rings = self._prepare_nack(message, delay, error)
-        return await self.committer.asubmit(work, rings)
+        return self._count_nack(await self.committer.asubmit(work, rings))
+
+    def _count_nack(self, outcome: str) -> str:
+        self.nacked += 1
+        self.dead_lettered += outcome == "dead"
+        return outcome
 
     def extend(self, message: Message, lease: float | str) -> float:
         """Push the lease to ``lease`` seconds from now; returns the new lease end (wall clock)."""
@@ -2607,6 +2637,16 @@ class Signals:
 
         self.committer.submit(save)
         self._saved_cursor = position
+
+    def lag(self) -> list[tuple[dict[str, str], int]]:
+        """For each node with a saved cursor: how many instructions it has yet to apply."""
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT c.node, MAX(0, (SELECT COALESCE(MAX(id), 0) FROM instructions) - c.position) "
+                "FROM instruction_cursors c ORDER BY c.node"
+            ).fetchall()
+        )
+        return [({"node": node}, int(behind)) for node, behind in rows]
 
     def prune(self, max_age: float | str | None = None, max_count: int | None = None) -> int:
         settings = self.store.settings
@@ -3320,8 +3360,10 @@ def _cron_schedule(expression: str, tz: str | None) -> CronSchedule:
     return CronSchedule.parse(expression, tz)  # parsed once per expression, not once per firing
 
 
-def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[str]]]:
-    def fire(conn: sqlite3.Connection) -> tuple[int, set[str]]:
+def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[str], float]]:
+    """Fire what is due; returns how many fired, the queues they sent to, and their total lateness."""
+
+    def fire(conn: sqlite3.Connection) -> tuple[int, set[str], float]:
         check_epoch(conn, epoch)
         now = time.time()  # in the transaction: the firing time is its commit's, not its queueing's
         rows = conn.execute(
@@ -3330,8 +3372,8 @@ def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[
             (now, FIRE_BATCH),
         ).fetchall()
         queues: set[str] = set()
-        fired = 0
-        for name, queue, body, cron, tz, _due in rows:
+        fired, lateness = 0, 0.0
+        for name, queue, body, cron, tz, due in rows:
             # A cron timer's next slot is the first after now: slots missed while no scheduler
             # ran are fired once, here, not once each.
             try:
@@ -3350,7 +3392,8 @@ def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[
             )
             queues.add(queue)
             fired += 1
-        return fired, queues
+            lateness += max(0.0, now - due)
+        return fired, queues, lateness
 
     return fire
 
@@ -4461,6 +4504,18 @@ class Workflows:
         )
         return dict(rows)
 
+    def latest_steps(self, limit: int = 20) -> list[dict[str, Any]]:
+        """The steps committed last, across instances, newest first (for the dashboard's feed)."""
+        rows = self.store.read(
+            lambda conn: conn.execute(
+                "SELECT j.instance, i.definition, j.step, j.activity, j.type, j.node, j.fence, j.started, j.ended, "
+                "j.outcome FROM journal j JOIN instances i ON i.id = j.instance ORDER BY j.ended DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        keys = ("instance", "definition", "step", "activity", "type", "node", "fence", "started", "ended", "outcome")
+        return [dict(zip(keys, row, strict=True)) for row in rows]
+
     def instance(self, instance_id: str, journal: bool = True) -> Instance:
         """One instance, with its journal (a unique prefix of the id will do)."""
         if not isinstance(instance_id, str) or not instance_id:
@@ -5003,6 +5058,75 @@ class _Listener:
         os.close(self._wake_write)
 
 
+# JSON shapes: what `--json` prints and the HTTP API answers, built in one place.
+
+
+def _iso(moment: float | None) -> str | None:
+    if moment is None:
+        return None
+    return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
+
+
+def _lock_entry(info: LockInfo) -> dict[str, Any]:
+    return {
+        "name": info.name,
+        "fence": info.fence,
+        "holder": info.holder,
+        "pid": info.pid,
+        "node": info.node,
+        "since": _iso(info.since),
+        "held_for": None if info.since is None else round(max(0.0, time.time() - info.since), 3),
+    }
+
+
+def _timer_entry(timer: Timer) -> dict[str, Any]:
+    return {"name": timer.name, "queue": timer.queue, "cron": timer.cron, "tz": timer.tz, "next": _iso(timer.due)}
+
+
+def _definition_entry(info: DefinitionInfo) -> dict[str, Any]:
+    return {"id": info.id, "name": info.name, "version": info.version, "created": _iso(info.created),
+            "activities": info.activities, "triggers": list(info.triggers)}  # fmt: skip
+
+
+def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "id": instance.id,
+        "definition": instance.definition,
+        "version": instance.version,
+        "status": instance.status,
+        "activity": instance.position,
+        "waiting_for": instance.waiting_for,
+        "wake_at": _iso(instance.wake_at),
+        "error": instance.error,
+        "created": _iso(instance.created),
+        "updated": _iso(instance.updated),
+        "ended": _iso(instance.ended),
+    }
+    if full:
+        entry["started_by"] = instance.started_by
+        entry["variables"] = instance.variables
+        entry["journal"] = [
+            {"step": e.step, "activity": e.activity, "type": e.type, "node": e.node, "fence": e.fence,
+             "started": _iso(e.started), "ended": _iso(e.ended), "outcome": e.outcome}
+            for e in instance.journal
+        ]  # fmt: skip
+    return entry
+
+
+def _instance_state(instance: Instance) -> str:
+    if instance.status == "waiting":
+        return (
+            f"waiting for signal {instance.waiting_for}"
+            if instance.waiting_for
+            else f"waiting until {_iso(instance.wake_at)}"
+        )
+    if instance.status == "faulted":
+        return f"faulted at {instance.position}: {instance.error}"
+    if instance.status == "running" and instance.error:
+        return f"running (retrying {instance.position}: {instance.error})"
+    return instance.status
+
+
 class Cluster:
     """A synchronous handle on a cluster, with ``a``-prefixed coroutine twins for asyncio code.
 
@@ -5340,6 +5464,22 @@ class Cluster:
             return None
         return {"node": node, "epoch": epoch, "pid": pid}
 
+    def status(self, stall_after: float = 5.0) -> dict[str, Any]:
+        """The cluster at a glance, as ``status --json`` prints it and ``GET /api/status`` answers."""
+        nodes = self.nodes(stall_after)
+        scheduler = self.scheduler()
+        return {
+            "path": self.path,
+            "nodes": [
+                {key: node[key] for key in ("id", "pid", "role", "state", "heartbeat_age", "host")} for node in nodes
+            ],
+            "scheduler": None if scheduler is None else dict(scheduler),
+            "queues": self.queues(),
+            "locks": [_lock_entry(info) for info in self.held()],
+            "timers": [_timer_entry(timer) for timer in self.timers(limit=10) if timer.due is not None],
+            "instances": self.workflows.counts(),
+        }
+
     # Lifecycle ----------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -5459,6 +5599,8 @@ class Node:
         out: Any = None,
         activities: dict[str, Callable[[dict[str, Any]], Any]] | None = None,
         workflows: bool = True,
+        http: str | None = None,
+        http_token: str | None = None,
     ) -> None:
         if role not in ("auto", "replica"):
             raise InvalidInput(f"role must be auto or replica, not {role!r}")
@@ -5481,6 +5623,14 @@ class Node:
         self.activities = dict(_ACTIVITIES if activities is None else activities)
         self.runs_workflows = workflows
         self.runner: WorkflowRunner | None = None
+        self.http_address = None if http is None else parse_http_address(http)
+        if self.http_address is not None and not is_loopback(self.http_address[0]) and not http_token:
+            raise InvalidInput(
+                f"--http {http} can be reached from other machines: give --http-token TOKEN "
+                "(or NODEFLOW_HTTP_TOKEN), or bind 127.0.0.1"
+            )
+        self.http_token = http_token or None
+        self.http: HttpServer | None = None
         self.handled = 0
         self.failed = 0
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
@@ -5488,6 +5638,7 @@ class Node:
         self.nf: Cluster | None = None
         self.epoch: int | None = None  # set while in office
         self.timers_fired = 0
+        self.timer_lateness = 0.0  # seconds past their due times, summed over the timers fired
         self._say_mutex = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -5583,6 +5734,10 @@ class Node:
             queues = sorted(queue for queue in self.handlers if queue != WORKFLOW_QUEUE)
             if queues:
                 self.say(f"consuming {', '.join(queues)} ({self.concurrency} at once each)")
+            if self.http_address is not None:
+                self.http = HttpServer(self, *self.http_address, self.http_token)
+                await self.http.start()
+                self.say(f"dashboard and API at {self.http.url}" + (" (token required)" if self.http_token else ""))
             if self.runner is not None:
                 self.say(
                     f"running workflows ({self.concurrency} at once, {len(set(self.activities.values()))} functions)"
@@ -5591,6 +5746,8 @@ class Node:
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
             for watcher in self._peers.values():
                 watcher.stop()  # peers leaving with us are for the nodes that stay to reap
+            if self.http is not None:
+                await self.http.close()
             await self._drain(workers)
             beating.cancel()
             await self._step_down()
@@ -5869,7 +6026,7 @@ class Node:
         while not self._stop.is_set():
             seen = nf.wakeups.generation(RING_TIMERS)
             try:
-                fired, queues = await nf.committer.asubmit(_fire_due_work(epoch))
+                fired, queues, lateness = await nf.committer.asubmit(_fire_due_work(epoch))
             except LostOffice as error:  # our scheduler.lock was removed and another node took a new one
                 self.say(f"lost office: {error}; standing again")
                 if self._office_fd is not None:
@@ -5884,6 +6041,7 @@ class Node:
                 continue
             if fired:
                 self.timers_fired += fired
+                self.timer_lateness += lateness
                 nf._ring({_ring_topic_for_queue(queue) for queue in queues})
                 if fired == FIRE_BATCH:
                     continue
@@ -5931,6 +6089,436 @@ class Node:
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
+# 11. HTTP: a small asyncio HTTP/1.1 server in a node: the JSON API, the dashboard, /metrics.
+# ══════════════════════════════════════════════════════════════════════════════════════════
+
+# The dashboard: one page, no outside assets; it polls the JSON API of the node that served it.
+DASHBOARD_HTML = r"""<!doctype html><meta charset="utf-8"><title>nodeflow</title>
+<p>nodeflow: the dashboard page comes with the next change; the JSON API is under <a href="/api/status">/api/status</a>.
+"""
+
+HTTP_MAX_HEAD_BYTES = 16 * 1024  # request line and headers
+HTTP_MAX_BODY_BYTES = 2 * 1024 * 1024  # a definition (256 KiB) or an input (1 MiB), with room
+HTTP_READ_TIMEOUT = 10.0  # a request's head and body must arrive within this: a slow client is cut off
+HTTP_IDLE_TIMEOUT = 30.0  # a kept-alive connection with no new request is closed after this
+HTTP_MAX_CONNECTIONS = 128  # beyond this, new connections are answered 503 and closed
+_HTTP_REASONS = {
+    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
+    415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
+    501: "Not Implemented", 503: "Service Unavailable",
+}  # fmt: skip
+
+
+class HTTPError(NodeflowError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_http_address(text: str, what: str = "--http") -> tuple[str, int]:
+    """``HOST:PORT``, ``[V6]:PORT`` or ``PORT`` (on 127.0.0.1); port 0 takes any free port."""
+    host, _, port_text = text.rpartition(":")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise InvalidInput(f"{what} {text!r}: give HOST:PORT, such as 127.0.0.1:8080") from None
+    if not 0 <= port <= 65535:
+        raise InvalidInput(f"{what} {text!r}: the port must be from 0 to 65535")
+    return host, port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name other than localhost: it may resolve anywhere
+
+
+class _Request:
+    __slots__ = ("method", "path", "query", "headers", "body")
+
+    def __init__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str], body: bytes) -> None:
+        self.method, self.path, self.query, self.headers, self.body = method, path, query, headers, body
+
+    def json(self) -> Any:
+        if not self.body:
+            return {}
+        kind = self.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise HTTPError(415, f"send JSON (Content-Type: application/json), not {kind}")
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as error:
+            raise HTTPError(400, f"the body is not JSON: {error}") from None
+
+
+class HttpServer:
+    """Serves one node's HTTP: each connection is its own task, every read has a deadline, every
+    body a size limit, so a slow or malformed client costs a task and a socket, never the node."""
+
+    def __init__(self, node: Node, host: str, port: int, token: str | None) -> None:
+        self.node, self.host, self.port, self.token = node, host, port, token
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self.requests = 0
+        self.errors = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=HTTP_MAX_HEAD_BYTES)
+        self.port = self._server.sockets[0].getsockname()[1]  # the port taken, when 0 was asked
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(self._connections, timeout=2)
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 2)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= HTTP_MAX_CONNECTIONS:
+            await self._send(writer, 503, {"error": "too many connections; try again"}, keep_alive=False)
+            writer.close()
+            return
+        self._connections.add(task)
+        try:
+            await self._serve_connection(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        first = True
+        while True:
+            try:
+                async with asyncio.timeout(HTTP_READ_TIMEOUT if first else HTTP_IDLE_TIMEOUT):
+                    line = await reader.readline()
+                if not line:
+                    return  # the client closed the connection
+                async with asyncio.timeout(HTTP_READ_TIMEOUT):
+                    request = await self._read_request(line, reader)
+            except TimeoutError:
+                if not first:
+                    return  # an idle kept-alive connection: close it quietly
+                await self._send(writer, 408, {"error": "the request did not arrive in time"}, keep_alive=False)
+                return
+            except HTTPError as error:
+                self.errors += 1
+                await self._send(writer, error.status, {"error": str(error)}, keep_alive=False)
+                return
+            except (ValueError, asyncio.LimitOverrunError):
+                self.errors += 1
+                await self._send(writer, 431, {"error": "the request head is too large"}, keep_alive=False)
+                return
+            first = False
+            self.requests += 1
+            keep_alive = request.headers.get("connection", "").lower() != "close"
+            status, content_type, payload = await self._respond(request)
+            await self._send_bytes(writer, status, content_type, payload, keep_alive)
+            if not keep_alive:
+                return
+
+    async def _read_request(self, line: bytes, reader: asyncio.StreamReader) -> _Request:
+        try:
+            method, target, version = line.decode("ascii").rstrip("\r\n").split(" ")
+        except (UnicodeDecodeError, ValueError):
+            raise HTTPError(400, "a request line is METHOD PATH HTTP/1.1") from None
+        if not version.startswith("HTTP/1."):
+            raise HTTPError(400, f"only HTTP/1.x is spoken here, not {version[:20]!r}")
+        headers: dict[str, str] = {}
+        size = len(line)
+        while True:
+            header = await reader.readline()
+            size += len(header)
+            if size > HTTP_MAX_HEAD_BYTES:
+                raise HTTPError(431, f"the request head is larger than {HTTP_MAX_HEAD_BYTES} bytes")
+            if header in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = header.decode("latin-1").partition(":")
+            if not colon:
+                raise HTTPError(400, f"a header line without a colon: {name.strip()[:40]!r}")
+            headers[name.strip().lower()] = value.strip()
+        if "chunked" in headers.get("transfer-encoding", "").lower():
+            raise HTTPError(501, "chunked request bodies are not accepted; send Content-Length")
+        body = b""
+        if "content-length" in headers:
+            try:
+                length = int(headers["content-length"])
+            except ValueError:
+                raise HTTPError(400, "Content-Length is not a number") from None
+            if length < 0:
+                raise HTTPError(400, "Content-Length is negative")
+            if length > HTTP_MAX_BODY_BYTES:
+                raise HTTPError(413, f"the body is {length} bytes; the limit is {HTTP_MAX_BODY_BYTES}")
+            body = await reader.readexactly(length)
+        elif method in ("POST", "PUT", "PATCH"):
+            raise HTTPError(411, "send Content-Length with a body")
+        path, _, query_text = target.partition("?")
+        query: dict[str, str] = {}
+        for pair in query_text.split("&"):
+            if pair:
+                key, _, value = pair.partition("=")
+                query[urllib.parse.unquote_plus(key)] = urllib.parse.unquote_plus(value)
+        return _Request(method, urllib.parse.unquote(path), query, headers, body)
+
+    async def _respond(self, request: _Request) -> tuple[int, str, bytes]:
+        try:
+            if request.path == "/" and request.method == "GET":
+                return 200, "text/html; charset=utf-8", DASHBOARD_HTML.encode("utf-8")
+            self._check_token(request)
+            if request.path == "/metrics" and request.method == "GET":
+                text = await asyncio.to_thread(render_metrics, self.node)
+                return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8")
+            status, answer = await self._api(request)
+            return status, "application/json", _json_bytes(answer)
+        except HTTPError as error:
+            self.errors += 1
+            return error.status, "application/json", _json_bytes({"error": str(error)})
+        except InvalidDefinition as error:
+            self.errors += 1
+            return 400, "application/json", _json_bytes({"error": str(error.problems[0]), "problems": error.problems})
+        except InvalidInput as error:
+            self.errors += 1
+            return 400, "application/json", _json_bytes({"error": str(error)})
+        except StoreBusy as error:
+            self.errors += 1
+            return 503, "application/json", _json_bytes({"error": str(error)})
+        except NodeflowError as error:
+            self.errors += 1
+            return 500, "application/json", _json_bytes({"error": str(error)})
+        except Exception as error:  # a bug: say so, keep serving
+            self.errors += 1
+            log.exception("HTTP %s %s failed", request.method, request.path)
+            return 500, "application/json", _json_bytes({"error": f"internal error: {type(error).__name__}"})
+
+    def _check_token(self, request: _Request) -> None:
+        if self.token is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, value = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
+            raise HTTPError(401, "this node wants its token: send Authorization: Bearer TOKEN")
+
+    async def _api(self, request: _Request) -> tuple[int, Any]:
+        nf = self.node.nf
+        if nf is None:
+            raise HTTPError(503, "the node is starting")
+        parts = [part for part in request.path.split("/") if part]
+        if len(parts) < 2 or parts[0] != "api":
+            raise HTTPError(404, f"no route {request.path[:200]!r}; the API is under /api/ (see README)")
+        route, rest, method = parts[1], parts[2:], request.method
+        allowed = {
+            ("status", 0): ("GET",), ("nodes", 0): ("GET",), ("queues", 0): ("GET",), ("locks", 0): ("GET",),
+            ("timers", 0): ("GET",), ("definitions", 0): ("GET", "POST"), ("definitions", 1): ("GET",),
+            ("instances", 0): ("GET", "POST"), ("instances", 1): ("GET",), ("instances", 2): ("POST",),
+            ("signals", 1): ("POST",), ("journal", 0): ("GET",),
+        }.get((route, len(rest)))  # fmt: skip
+        if allowed is None or (route == "instances" and len(rest) == 2 and rest[1] != "retry"):
+            raise HTTPError(404, f"no route {request.path[:200]!r}")
+        if method not in allowed:
+            raise HTTPError(405, f"{request.path} takes {' or '.join(allowed)}, not {method[:10]}")
+        if route == "status":
+            answer = await asyncio.to_thread(nf.status)
+            return 200, {"node": self.node.id, **answer}
+        if route == "nodes":
+            return 200, {"nodes": await asyncio.to_thread(nf.nodes)}
+        if route == "queues":
+            return 200, {"queues": nf.queues()}
+        if route == "locks":
+            return 200, {"locks": [_lock_entry(info) for info in await asyncio.to_thread(nf.held)]}
+        if route == "timers":
+            return 200, {"timers": [_timer_entry(timer) for timer in nf.timers(limit=_limit(request, 1000))]}
+        if route == "journal":
+            steps = nf.workflows.latest_steps(_limit(request, 20) or 20)
+            return 200, {
+                "journal": [{**step, "started": _iso(step["started"]), "ended": _iso(step["ended"])} for step in steps]
+            }
+        if route == "definitions":
+            if method == "POST":
+                info = await nf.adefine(_object_body(request, "a workflow definition"))
+                return 201 if info.changed else 200, {**_definition_entry(info), "changed": info.changed}
+            if rest:
+                return 200, nf.definition(rest[0], _whole_query(request, "version"))
+            return 200, {"definitions": [_definition_entry(info) for info in nf.definitions()]}
+        if route == "instances":
+            if method == "POST" and rest:
+                return 200, _instance_entry(await asyncio.to_thread(nf.retry, rest[0]))
+            if method == "POST":
+                body = _object_body(request, '{"definition": ID, "input": {...}}')
+                unknown = sorted(set(body) - {"definition", "input"})
+                if unknown or not isinstance(body.get("definition"), str):
+                    raise HTTPError(
+                        400,
+                        'send {"definition": ID, "input": {...}}' + (f"; unknown {unknown[0]!r}" if unknown else ""),
+                    )
+                instance_id = await nf.astart(body["definition"], body.get("input"))
+                return 201, _instance_entry(nf.instance(instance_id))
+            if rest:
+                return 200, _instance_entry(nf.instance(rest[0]), full=True)
+            found = await asyncio.to_thread(
+                nf.instances, request.query.get("status"), request.query.get("definition"), _limit(request, None)
+            )
+            return 200, {"instances": [_instance_entry(instance) for instance in found]}
+        body = _object_body(request, '{"input": {...}}')
+        if set(body) - {"input"}:
+            raise HTTPError(400, 'send {"input": {...}}')
+        outcome = await nf.asignal(rest[0], body.get("input"))
+        return 200, {"resumed": list(outcome.resumed), "started": list(outcome.started)}
+
+    async def _send(self, writer: asyncio.StreamWriter, status: int, answer: Any, keep_alive: bool) -> None:
+        await self._send_bytes(writer, status, "application/json", _json_bytes(answer), keep_alive)
+
+    async def _send_bytes(
+        self, writer: asyncio.StreamWriter, status: int, content_type: str, payload: bytes, keep_alive: bool
+    ) -> None:
+        head = (
+            f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Unknown')}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+            f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+        )
+        writer.write(head.encode("ascii") + payload)
+        async with asyncio.timeout(HTTP_READ_TIMEOUT):  # a client that does not read is cut off too
+            await writer.drain()
+
+
+def _json_bytes(answer: Any) -> bytes:
+    return json.dumps(answer, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def _object_body(request: _Request, shape: str) -> dict[str, Any]:
+    body = request.json()
+    if not isinstance(body, dict):
+        raise HTTPError(400, f"send a JSON object: {shape}")
+    return body
+
+
+def _limit(request: _Request, default: int | None) -> int | None:
+    value = _whole_query(request, "limit")
+    return default if value is None else value
+
+
+def _whole_query(request: _Request, name: str) -> int | None:
+    text = request.query.get(name)
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= 1_000_000:
+        raise HTTPError(400, f"?{name}= takes a whole number from 1, not {text[:20]!r}")
+    return int(text)
+
+
+def _metric_label_value(value: Any) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_labels(labels: dict[str, Any]) -> str:
+    if not labels:
+        return ""
+    return "{" + ",".join(f'{key}="{_metric_label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+def render_metrics(node: Node) -> str:
+    """The Prometheus text format (0.0.4): this node's counters, and the cluster's gauges as it sees them."""
+    nf = node.nf
+    assert nf is not None
+    lines: list[str] = []
+
+    def family(name: str, kind: str, text: str, samples: Iterable[tuple[dict[str, Any], float]]) -> None:
+        lines.append(f"# HELP nodeflow_{name} {text}")
+        lines.append(f"# TYPE nodeflow_{name} {kind}")
+        for labels, value in samples:
+            lines.append(f"nodeflow_{name}{_metric_labels(labels)} {float(value)!r}")
+
+    me = {"node": node.id}
+    status = nf.status()
+    states = {state: 0 for state in NODE_STATES}
+    for peer in status["nodes"]:
+        states[peer["state"]] += 1
+    office = status["scheduler"]
+    bus, locks, runner = nf.bus, nf.locks, node.runner
+    family("up", "gauge", "1 while this node serves.", [(me, 1)])
+    family(
+        "nodes",
+        "gauge",
+        "Nodes that ever ran on this cluster, by state.",
+        [({"state": s}, n) for s, n in states.items()],
+    )
+    family(
+        "scheduler_epoch",
+        "gauge",
+        "The election epoch of the node in office (0: none).",
+        [({}, office["epoch"] if office else 0)],
+    )
+    family(
+        "is_scheduler", "gauge", "1 while this node is the scheduling node.", [(me, 1 if node.epoch is not None else 0)]
+    )
+    depths = [({"queue": q, "state": kind}, n) for q, depth in status["queues"].items() for kind, n in depth.items()]
+    family("queue_messages", "gauge", "Messages per queue: ready, leased (in flight), delayed, dead.", depths)
+    family("messages_sent_total", "counter", "Messages this node sent.", [(me, bus.sent)])
+    family("messages_acked_total", "counter", "Messages this node acked.", [(me, bus.acked)])
+    family("messages_nacked_total", "counter", "Messages this node handed back for another try.", [(me, bus.nacked)])
+    family(
+        "messages_dead_lettered_total",
+        "counter",
+        "Messages this node's nacks made dead letters.",
+        [(me, bus.dead_lettered)],
+    )
+    family("handler_failures_total", "counter", "Handler runs on this node that raised.", [(me, node.failed)])
+    family("lock_acquisitions_total", "counter", "Named locks this node acquired.", [(me, locks.acquisitions)])
+    family(
+        "lock_wait_seconds_total",
+        "counter",
+        "Time this node spent waiting for named locks.",
+        [(me, locks.wait_seconds)],
+    )
+    family(
+        "lock_hold_seconds_total",
+        "counter",
+        "Time this node held named locks (released ones).",
+        [(me, locks.hold_seconds)],
+    )
+    family("timers_fired_total", "counter", "Timers this node fired while in office.", [(me, node.timers_fired)])
+    family("timer_lateness_seconds", "summary", "How long after their due time this node fired timers.", [])
+    lines.append(f"nodeflow_timer_lateness_seconds_sum{_metric_labels(me)} {float(node.timer_lateness):.6f}")
+    lines.append(f"nodeflow_timer_lateness_seconds_count{_metric_labels(me)} {node.timers_fired}")
+    family(
+        "instances",
+        "gauge",
+        "Workflow instances by status.",
+        [({"status": s}, n) for s, n in status["instances"].items()],
+    )
+    family(
+        "workflow_bursts_total",
+        "counter",
+        "Bursts of workflow steps this node committed.",
+        [(me, runner.bursts if runner else 0)],
+    )
+    family(
+        "workflow_steps_total", "counter", "Workflow steps this node committed.", [(me, runner.steps if runner else 0)]
+    )
+    family("instruction_lag", "gauge", "Instructions in the log each node has yet to apply.", nf.signals.lag())
+    http = node.http
+    family("http_requests_total", "counter", "HTTP requests this node answered.", [(me, http.requests if http else 0)])
+    return "\n".join(lines) + "\n"
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════
 # 12. CLI: one subcommand per verb; exit 0 success, 1 a failure explained, 2 bad usage or input.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
@@ -5943,76 +6531,43 @@ class _ArgumentParser(argparse.ArgumentParser):
         raise InvalidInput(f"{self.prog}: {message} (see --help)")
 
 
-def _iso(moment: float | None) -> str | None:
-    if moment is None:
-        return None
-    return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
-
-
-def _lock_entry(info: LockInfo) -> dict[str, Any]:
-    return {
-        "name": info.name,
-        "fence": info.fence,
-        "holder": info.holder,
-        "pid": info.pid,
-        "node": info.node,
-        "since": _iso(info.since),
-    }
-
-
-def _timer_entry(timer: Timer) -> dict[str, Any]:
-    return {"name": timer.name, "queue": timer.queue, "cron": timer.cron, "tz": timer.tz, "next": _iso(timer.due)}
-
-
 def cmd_status(args: argparse.Namespace) -> int:
     stall_after = parse_duration(args.stall_after, "--stall-after")
     with Cluster(args.db, create=False) as nf:
-        nodes = nf.nodes(stall_after)
-        scheduler = nf.scheduler()
-        locks = nf.held()
-        queues = nf.queues()
-        timers = [timer for timer in nf.timers(limit=10) if timer.due is not None]
-        instances = nf.workflows.counts()
-        if args.json:
-            report = {
-                "nodes": [
-                    {key: node[key] for key in ("id", "pid", "role", "state", "heartbeat_age")} for node in nodes
-                ],
-                "scheduler": None if scheduler is None else {"node": scheduler["node"], "epoch": scheduler["epoch"]},
-                "queues": queues,
-                "locks": [_lock_entry(i) for i in locks],
-                "timers": [_timer_entry(timer) for timer in timers],
-                "instances": instances,
-            }
-            print(json.dumps(report))
-            return 0
-        print(f"cluster {nf.path}")
-        if scheduler is None:
-            print("scheduler: none (no eligible node runs; timers wait)")
-        else:
-            print(f"scheduler: {scheduler['node']} (pid {scheduler['pid']}, epoch {scheduler['epoch']})")
-        if not nodes:
-            print("nodes: none has run")
-        for node in nodes:
-            office = " (scheduler)" if scheduler is not None and scheduler["node"] == node["id"] else ""
-            print(
-                f"node {node['id']}{office}: {node['state']}, role {node['role']}, pid {node['pid']}, "
-                f"heartbeat {node['heartbeat_age']:.1f}s ago"
-            )
-        if not queues:
-            print("queues: none")
-        for queue, depth in queues.items():
-            counts = ", ".join(f"{count} {kind}" for kind, count in depth.items())
-            print(f"queue {_show_name(queue)}: {counts}")
-        if any(instances.values()):
-            print("instances: " + ", ".join(f"{count} {status}" for status, count in instances.items()))
-        for timer in timers:
-            print(f"timer {_show_name(timer.name)}: next {_iso(timer.due)} -> queue {_show_name(timer.queue)}")
-        if not locks:
-            print("locks: none held")
-        for info in locks:
-            fence = f"fence {info.fence}" if info.fence is not None else "no fence"
-            print(f"lock {_show_name(info.name)}: {fence}, held by {info.describe()}")
+        report = nf.status(stall_after)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    scheduler, instances = report["scheduler"], report["instances"]
+    print(f"cluster {report['path']}")
+    if scheduler is None:
+        print("scheduler: none (no eligible node runs; timers wait)")
+    else:
+        print(f"scheduler: {scheduler['node']} (pid {scheduler['pid']}, epoch {scheduler['epoch']})")
+    if not report["nodes"]:
+        print("nodes: none has run")
+    for node in report["nodes"]:
+        office = " (scheduler)" if scheduler is not None and scheduler["node"] == node["id"] else ""
+        print(
+            f"node {node['id']}{office}: {node['state']}, role {node['role']}, pid {node['pid']}, "
+            f"heartbeat {node['heartbeat_age']:.1f}s ago"
+        )
+    if not report["queues"]:
+        print("queues: none")
+    for queue, depth in report["queues"].items():
+        counts = ", ".join(f"{count} {kind}" for kind, count in depth.items())
+        print(f"queue {_show_name(queue)}: {counts}")
+    if any(instances.values()):
+        print("instances: " + ", ".join(f"{count} {status}" for status, count in instances.items()))
+    for timer in report["timers"]:
+        print(f"timer {_show_name(timer['name'])}: next {timer['next']} -> queue {_show_name(timer['queue'])}")
+    if not report["locks"]:
+        print("locks: none held")
+    for lock in report["locks"]:
+        fence = f"fence {lock['fence']}" if lock["fence"] is not None else "no fence"
+        who = f"node {lock['node']} (pid {lock['pid']})" if lock["node"] else f"pid {lock['pid']}"
+        held = "" if lock["held_for"] is None else f" for {_format_seconds(lock['held_for'])}"
+        print(f"lock {_show_name(lock['name'])}: {fence}, held by {who}{held}")
     return 0
 
 
@@ -6028,6 +6583,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         heartbeat=args.heartbeat,
         handlers=handlers,
         lease=args.lease,
+        http=args.http,
+        http_token=args.http_token or os.environ.get("NODEFLOW_HTTP_TOKEN"),
     )
     interrupts = 0
 
@@ -6222,50 +6779,6 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
-def _definition_entry(info: DefinitionInfo) -> dict[str, Any]:
-    return {"id": info.id, "name": info.name, "version": info.version, "created": _iso(info.created),
-            "activities": info.activities, "triggers": list(info.triggers)}  # fmt: skip
-
-
-def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
-    entry: dict[str, Any] = {
-        "id": instance.id,
-        "definition": instance.definition,
-        "version": instance.version,
-        "status": instance.status,
-        "activity": instance.position,
-        "waiting_for": instance.waiting_for,
-        "wake_at": _iso(instance.wake_at),
-        "error": instance.error,
-        "created": _iso(instance.created),
-        "updated": _iso(instance.updated),
-        "ended": _iso(instance.ended),
-    }
-    if full:
-        entry["started_by"] = instance.started_by
-        entry["variables"] = instance.variables
-        entry["journal"] = [
-            {"step": e.step, "activity": e.activity, "type": e.type, "node": e.node, "fence": e.fence,
-             "started": _iso(e.started), "ended": _iso(e.ended), "outcome": e.outcome}
-            for e in instance.journal
-        ]  # fmt: skip
-    return entry
-
-
-def _instance_state(instance: Instance) -> str:
-    if instance.status == "waiting":
-        return (
-            f"waiting for signal {instance.waiting_for}"
-            if instance.waiting_for
-            else f"waiting until {_iso(instance.wake_at)}"
-        )
-    if instance.status == "faulted":
-        return f"faulted at {instance.position}: {instance.error}"
-    if instance.status == "running" and instance.error:
-        return f"running (retrying {instance.position}: {instance.error})"
-    return instance.status
-
-
 def cmd_define(args: argparse.Namespace) -> int:
     source = "stdin" if args.file == "-" else args.file
     try:
@@ -6417,6 +6930,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--heartbeat", default="1s", help="how often the node records that it is alive")
     serve.add_argument("--lease", default="30s", help="a handler's lease on its message, renewed while it runs")
     serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
+    serve.add_argument("--http", default=None, help="serve the dashboard, JSON API and /metrics at HOST:PORT")
+    serve.add_argument(
+        "--http-token",
+        default=None,
+        help="bearer token the API requires (needed beyond loopback; or NODEFLOW_HTTP_TOKEN)",
+    )
     serve.set_defaults(run=cmd_serve)
 
     schedule = verbs.add_parser("schedule", help="add, list or remove timers (fired by the scheduling node)")

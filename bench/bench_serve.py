@@ -421,7 +421,7 @@ def measure_scale_point(nf: nodeflow.Cluster, plan: Plan) -> dict[str, Any]:
     epoch = info["epoch"]
 
     def fire_pass() -> None:
-        fired, _queues = nf.committer.submit(nodeflow._fire_due_work(epoch))
+        fired, _queues, _lateness = nf.committer.submit(nodeflow._fire_due_work(epoch))
         if fired:
             raise RuntimeError(f"a firing pass fired {fired} timers; none should be due")
 
