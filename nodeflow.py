@@ -6825,6 +6825,165 @@ def cmd_definitions(args: argparse.Namespace) -> int:
     return 0
 
 
+# The example `cluster` defines when the database has no workflow yet: something to start from
+# the dashboard and watch spread over the nodes, with no --app module needed.
+EXAMPLE_WORKFLOW = {
+    "id": "example",
+    "name": "Example: three steps, a wait, three more",
+    "start": "hello",
+    "activities": {
+        "hello": {"type": "log", "message": "example {input.n} started", "next": "work"},
+        "work": {"type": "work", "duration": "300ms", "next": "pause"},
+        "pause": {"type": "timer", "duration": "2s", "next": "more-work"},
+        "more-work": {"type": "work", "duration": "300ms", "next": "done"},
+        "done": {"type": "log", "message": "example {input.n} done"},
+    },
+}
+_NODE_COLOURS = (36, 33, 35, 32, 34, 31)  # ANSI foreground colours for the nodes' log prefixes
+
+
+def _cluster_child_setup(parent: int, libc: Any) -> None:
+    # Between fork and exec: a node dies (gracefully) with its `cluster` process, even a SIGKILLed one.
+    if libc is not None:
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class _ClusterMember:
+    """One `serve` child of `cluster`: its process, and a thread copying its log lines, prefixed."""
+
+    def __init__(self, node_id: str, command: list[str], prefix: str, out: Any, out_mutex: threading.Lock) -> None:
+        self.node_id, self.command, self.prefix = node_id, command, prefix
+        self._out, self._out_mutex = out, out_mutex
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.url: str | None = None
+        self.joined = threading.Event()
+
+    def start(self, libc: Any) -> None:
+        parent = os.getpid()
+        self.joined.clear()
+        self.process = subprocess.Popen(
+            self.command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            process_group=0,  # the terminal's Ctrl-C reaches `cluster` alone, which stops each node once
+            preexec_fn=lambda: _cluster_child_setup(parent, libc),
+        )
+        self.started = time.monotonic()
+        threading.Thread(target=self._copy, args=(self.process,), name=f"cluster-{self.node_id}", daemon=True).start()
+
+    def _copy(self, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None
+        for raw in process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            if " dashboard and API at " in line:
+                self.url = line.rsplit(" at ", 1)[1].split(" ")[0]
+            if " joined " in line:
+                self.joined.set()
+            with self._out_mutex:
+                print(f"{self.prefix}{line}", file=self._out, flush=True)
+        process.stdout.close()
+
+
+def cmd_cluster(args: argparse.Namespace) -> int:
+    nodes = _whole_number(args.nodes, "--nodes")
+    replicas = _whole_number(args.replicas, "--replicas")
+    if not 1 <= nodes <= 32:
+        raise InvalidInput(f"--nodes must be from 1 to 32, not {nodes}")
+    if not 0 <= replicas < nodes:
+        raise InvalidInput(f"--replicas must be from 0 to {nodes - 1}: at least one node must be able to schedule")
+    port = _whole_number(args.http_port, "--http-port")
+    if port != 0 and not 1 <= port <= 65535 - nodes:
+        raise InvalidInput(f"--http-port must leave room for {nodes} ports below 65536 (or be 0 for any free ports)")
+    grace = parse_duration(args.grace, "--grace")
+    if args.app:
+        load_app(args.app)  # a bad module is refused here, once, not by every node in turn
+    with Cluster(args.db) as nf:
+        if not nf.definitions():
+            nf.define(EXAMPLE_WORKFLOW)
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    out_mutex = threading.Lock()
+    members = []
+    for number in range(1, nodes + 1):
+        node_id = f"n{number}"
+        command = [sys.executable, os.path.abspath(__file__), "--db", args.db, "serve", "--node-id", node_id,
+                   "--grace", args.grace, "--http", f"127.0.0.1:{port + number - 1 if port else 0}"]  # fmt: skip
+        if number > nodes - replicas:
+            command += ["--role", "replica"]
+        if args.app:
+            command += ["--app", args.app]
+        shade = _NODE_COLOURS[(number - 1) % len(_NODE_COLOURS)]
+        prefix = f"\033[{shade}m{node_id:>3} |\033[0m " if colour else f"{node_id:>3} | "
+        members.append(_ClusterMember(node_id, command, prefix, sys.stdout, out_mutex))
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        libc = None
+    stopping = threading.Event()
+    previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for member in members:
+            member.start(libc)
+        deadline = time.monotonic() + 30
+        while not stopping.is_set() and time.monotonic() < deadline:
+            if all(member.joined.is_set() and member.url for member in members):
+                break
+            if any(member.process is not None and member.process.poll() is not None for member in members):
+                break  # a node that could not start: its own log line said why
+            time.sleep(0.05)
+        with out_mutex:
+            urls = ", ".join(f"{member.node_id} {member.url}" for member in members if member.url)
+            print(f"cluster: {nodes} nodes on {args.db}" + (f" ({replicas} replicas)" if replicas else ""), flush=True)
+            print(f"cluster: dashboard at {members[0].url or '(n1 has no HTTP server)'}   (all: {urls})", flush=True)
+            print("cluster: Ctrl-C stops every node gracefully", flush=True)
+        while not stopping.wait(0.2):
+            for member in members:
+                process = member.process
+                if process is None or process.poll() is None:
+                    continue
+                with out_mutex:
+                    print(f"cluster: node {member.node_id} exited with status {process.returncode}", flush=True)
+                if not args.restart:
+                    member.process = None
+                    continue
+                # A node that keeps dying soon after starting is restarted ever more slowly.
+                pause = 1.0 if time.monotonic() - member.started > 10 else min(30.0, 2.0 ** (member.restarts + 1))
+                member.restarts += 1
+                if stopping.wait(pause):
+                    break
+                with out_mutex:
+                    print(f"cluster: restarting node {member.node_id}", flush=True)
+                member.start(libc)
+            if all(member.process is None for member in members):
+                print("cluster: every node has exited", file=sys.stderr, flush=True)
+                return 1
+        with out_mutex:
+            print("cluster: stopping every node", flush=True)
+        for member in members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.send_signal(signal.SIGTERM)
+        ends = time.monotonic() + grace + 10
+        for member in members:
+            if member.process is None:
+                continue
+            try:
+                member.process.wait(max(0.1, ends - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                member.process.kill()
+                member.process.wait()
+        return 0
+    finally:
+        for member in members:
+            if member.process is not None and member.process.poll() is None:
+                member.process.kill()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def _check_wait_timeout(text: str | None) -> float | None:
     return None if text is None else parse_duration(text, "--timeout")
 
@@ -6937,6 +7096,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token the API requires (needed beyond loopback; or NODEFLOW_HTTP_TOKEN)",
     )
     serve.set_defaults(run=cmd_serve)
+
+    cluster = verbs.add_parser("cluster", help="run N serve nodes with merged logs and dashboards; Ctrl-C stops all")
+    cluster.add_argument("--nodes", default="3", help="how many nodes (default 3)")
+    cluster.add_argument("--replicas", default="0", help="how many of them (the last ones) never schedule")
+    cluster.add_argument("--http-port", default="8080", help="node i serves HTTP on this port + i - 1 (0: any free)")
+    cluster.add_argument("--restart", action="store_true", help="start a node again when it dies")
+    cluster.add_argument("--app", default=None, help="module (or .py file) every node loads, as serve --app")
+    cluster.add_argument("--grace", default="10s", help="how long each node may take to stop")
+    cluster.set_defaults(run=cmd_cluster)
 
     schedule = verbs.add_parser("schedule", help="add, list or remove timers (fired by the scheduling node)")
     schedule.add_argument("action", choices=["add", "list", "remove"])
