@@ -6093,8 +6093,528 @@ class Node:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 # The dashboard: one page, no outside assets; it polls the JSON API of the node that served it.
-DASHBOARD_HTML = r"""<!doctype html><meta charset="utf-8"><title>nodeflow</title>
-<p>nodeflow: the dashboard page comes with the next change; the JSON API is under <a href="/api/status">/api/status</a>.
+DASHBOARD_HTML = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>nodeflow</title>
+<style>
+:root{color-scheme:light dark;--bg:#f5f6f8;--fg:#1c2230;--mut:#667085;--card:#fff;--line:#e2e5ea;--ok:#1a9c4b;
+--warn:#c98300;--bad:#d03b3b;--off:#98a2b3;--acc:#3b5bdb;--hl:#fff1b8;--nl:36%}
+@media(prefers-color-scheme:dark){:root{--bg:#111419;--fg:#e4e7ee;--mut:#98a2b3;--card:#1a1e26;--line:#2b313c;
+--ok:#3ecf72;--warn:#f0b429;--bad:#f26b6b;--off:#7a8494;--acc:#7c9cff;--hl:#4d4213;--nl:70%}}
+*{box-sizing:border-box}[hidden]{display:none!important}
+body{margin:0;background:var(--bg);color:var(--fg);
+font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:6px 18px;padding:14px 20px;
+border-bottom:1px solid var(--line);background:var(--card)}
+h1{font-size:20px;margin:0}
+h2{font-size:13px;text-transform:uppercase;letter-spacing:.6px;color:var(--mut);margin:0 0 10px}
+#cluster-line{font-size:15px;margin:0}
+.meta{color:var(--mut);font-size:12.5px;margin-left:auto}
+#banner{margin:12px 20px 0;padding:10px 14px;border-radius:8px;border:1px solid var(--bad);
+background:color-mix(in srgb,var(--bad) 12%,var(--card));font-weight:500}
+#banner[data-kind=auth]{border-color:var(--warn);background:color-mix(in srgb,var(--warn) 14%,var(--card))}
+main{display:grid;gap:16px;padding:16px 20px 28px;grid-template-columns:minmax(0,1fr)}
+@media(min-width:960px){main{grid-template-columns:minmax(0,3fr) minmax(0,2fr)}}
+.full{grid-column:1/-1}.col{display:grid;gap:16px;align-content:start}
+section{background:var(--card);border:1px solid var(--line);border-radius:10px;padding:14px 16px;min-width:0}
+.stale main{opacity:.55}
+#nodes{display:grid;gap:12px;grid-template-columns:repeat(auto-fill,minmax(230px,1fr))}
+.node{border:1px solid var(--line);border-left:5px solid var(--off);border-radius:9px;padding:10px 12px;
+background:var(--card)}
+.node[data-state=running]{border-left-color:var(--ok)}.node[data-state=stalled]{border-left-color:var(--warn)}
+.node[data-state=dead]{border-left-color:var(--bad);background:color-mix(in srgb,var(--bad) 7%,var(--card))}
+.node[data-scheduler=true]{border:2px solid var(--acc);border-left-width:5px;
+box-shadow:0 0 0 3px color-mix(in srgb,var(--acc) 18%,transparent)}
+.nhead{display:flex;align-items:center;gap:5px 8px;flex-wrap:wrap}
+.nid{font-size:26px;font-weight:700;line-height:1.1}
+.badge{font-size:10.5px;font-weight:700;letter-spacing:.5px;padding:2px 7px;border-radius:20px;
+border:1px solid var(--line);color:var(--mut);white-space:nowrap}
+.b-sched{background:var(--acc)}.b-dead{background:var(--bad)}.b-stalled{background:var(--warn)}
+.badge[class*=b-]{border-color:transparent;color:#fff}
+.nstate{display:flex;align-items:center;gap:6px;margin:4px 0 6px;font-weight:600}
+.dot{width:10px;height:10px;border-radius:50%;background:var(--off)}
+[data-state=running] .dot{background:var(--ok)}[data-state=stalled] .dot{background:var(--warn)}
+[data-state=dead] .dot{background:var(--bad)}
+.kv{display:grid;grid-template-columns:auto 1fr;gap:2px 10px;margin:0;font-size:12.5px}
+dt{color:var(--mut)}dd{margin:0;min-width:0;overflow-wrap:anywhere}
+.nc{color:hsl(var(--h,220) 65% var(--nl));font-weight:600}
+.chip{white-space:nowrap}.chip:before{content:"";display:inline-block;width:8px;height:8px;margin-right:4px;
+border-radius:50%;background:hsl(var(--h,220) 65% 50%)}
+.tag{display:inline-block;font-size:11.5px;padding:0 6px;border-radius:5px;
+background:color-mix(in srgb,var(--fg) 7%,transparent);margin:1px 3px 1px 0;max-width:100%}
+.tag,.trunc{overflow:hidden;text-overflow:ellipsis;white-space:nowrap}.tag{vertical-align:bottom}
+.trunc{max-width:220px}
+table{border-collapse:collapse;width:100%;font-size:13px}
+th,td{text-align:left;padding:4px 8px 4px 0;border-bottom:1px solid var(--line);vertical-align:top}
+th{color:var(--mut);font-weight:500;font-size:12px}
+.num{text-align:right;font-variant-numeric:tabular-nums}
+.bad{color:var(--bad);font-weight:600}.warn{color:var(--warn)}.mut{color:var(--mut)}.ok{color:var(--ok)}
+#instance-counts{display:grid;grid-template-columns:repeat(4,1fr);gap:8px;margin-bottom:12px}
+.tile{border:1px solid var(--line);border-radius:8px;padding:6px 10px;font-size:12px;color:var(--mut)}
+.tile b{display:block;font-size:24px;font-variant-numeric:tabular-nums}
+[data-status=running]>b,.st-running{color:var(--acc)}[data-status=waiting]>b,.st-waiting{color:var(--warn)}
+[data-status=completed]>b,.st-completed{color:var(--ok)}[data-status=faulted]>b,.st-faulted{color:var(--bad)}
+.list{list-style:none;margin:0;padding:0}
+.inst{display:grid;grid-template-columns:5.5em minmax(6em,auto) 6.5em minmax(0,1fr);gap:8px;align-items:baseline;
+padding:5px 6px;border-bottom:1px solid var(--line);cursor:pointer}
+.inst:hover,.inst:focus{background:color-mix(in srgb,var(--acc) 9%,transparent);outline:none}
+.inst.sel{background:color-mix(in srgb,var(--acc) 16%,transparent)}
+.mono,textarea{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12.5px}
+.st{font-size:12px;font-weight:600}
+#journal li{display:flex;gap:8px;flex-wrap:wrap;padding:3px 0;border-bottom:1px dashed var(--line);font-size:12.5px}
+.lnk{cursor:pointer;text-decoration:underline dotted}
+.empty{color:var(--mut);font-style:italic;margin:4px 0}
+form{display:grid;gap:6px;margin-bottom:14px}
+label{display:grid;gap:3px;font-size:12.5px;color:var(--mut)}
+select,input,textarea,button{font:inherit;color:inherit;background:var(--bg);border:1px solid var(--line);
+border-radius:6px;padding:5px 8px}
+button{background:var(--acc);color:#fff;font-weight:600;cursor:pointer;justify-self:start;padding:5px 16px}
+button:disabled{opacity:.5}
+.result{margin:0;font-size:13px;overflow-wrap:anywhere}
+.result[data-ok=true]{color:var(--ok)}.result[data-ok=false]{color:var(--bad)}
+#panel{position:fixed;top:0;right:0;bottom:0;width:min(520px,100vw);background:var(--card);
+border-left:1px solid var(--line);box-shadow:-6px 0 24px #0003;padding:16px;overflow:auto}
+#panel-close{float:right;background:none;color:var(--fg);padding:2px 10px}
+pre{background:var(--bg);border:1px solid var(--line);border-radius:6px;padding:8px;overflow:auto;max-height:200px;
+font-size:12px;margin:4px 0 12px}
+@keyframes chg{from{background:var(--hl)}}
+.chg{animation:chg 1.4s ease-out}
+@media(prefers-reduced-motion:reduce){.chg{animation:none}}
+</style>
+</head>
+<body>
+<header>
+<h1>nodeflow</h1>
+<p id="cluster-line"><span id="sum-nodes">connecting…</span> · scheduler <b id="scheduler">…</b><span
+  id="epoch-wrap"> · epoch <b id="epoch">…</b></span></p>
+<span class="meta">served by <b id="served-by" class="nc">…</b> · <span id="updated">not updated yet</span></span>
+</header>
+<div id="banner" role="alert" hidden></div>
+<main>
+<section class="full"><h2>Nodes</h2><div id="nodes"></div>
+<p id="nodes-empty" class="empty" hidden>No node has joined this cluster.</p></section>
+<div class="col">
+<section><h2>Instances</h2><div id="instance-counts"></div>
+<ul id="instances" class="list"></ul><p id="instances-empty" class="empty" hidden>No instances yet.</p>
+<p id="instances-err" class="result" data-ok="false"></p></section>
+<section><h2>Latest steps</h2><ol id="journal" class="list"></ol>
+<p id="journal-empty" class="empty" hidden>No steps yet.</p><p id="journal-err" class="result" data-ok="false"></p>
+</section>
+</div>
+<div class="col">
+<section><h2>Queues</h2><table id="queues"><thead><tr><th>queue</th><th class="num">ready</th>
+<th class="num">in flight</th><th class="num">delayed</th><th class="num">dead</th></tr></thead><tbody></tbody>
+</table><p id="queues-empty" class="empty" hidden>No queues.</p></section>
+<section><h2>Locks held</h2><table id="locks"><thead><tr><th>name</th><th>node</th><th class="num">fence</th>
+<th>held for</th></tr></thead><tbody></tbody></table><p id="locks-empty" class="empty" hidden>No locks held.</p>
+</section>
+<section><h2>Timers</h2><table id="timers"><thead><tr><th>name</th><th>queue</th><th>schedule</th><th>next due</th>
+</tr></thead><tbody></tbody></table><p id="timers-empty" class="empty" hidden>No timers.</p></section>
+<section><h2>Controls</h2>
+<form id="start-form"><label>Start an instance of<select id="start-definition"></select></label>
+<label>Input (JSON object)<textarea id="start-input" rows="3" spellcheck="false">{}</textarea></label>
+<button id="start-button">Start</button><p id="start-result" class="result" role="status"></p></form>
+<form id="signal-form"><label>Send the signal named<input id="signal-name" placeholder="approve-42"
+  autocomplete="off"></label>
+<label>Input (JSON object)<textarea id="signal-input" rows="3" spellcheck="false">{}</textarea></label>
+<button id="signal-button">Send signal</button><p id="signal-result" class="result" role="status"></p></form>
+</section>
+</div>
+</main>
+<aside id="panel" hidden>
+<button id="panel-close" type="button" aria-label="Close">&times;</button>
+<h2 id="panel-title">Instance</h2><dl class="kv" id="panel-meta"></dl>
+<p id="panel-err" class="result" data-ok="false"></p>
+<h2 style="margin-top:12px">Variables</h2><pre id="panel-vars"></pre>
+<h2>Journal</h2><table id="panel-journal"><thead><tr><th class="num">#</th><th>node</th><th class="num">fence</th>
+<th>activity</th><th>outcome</th><th>time</th></tr></thead><tbody></tbody></table>
+</aside>
+<script>
+'use strict';
+(()=>{
+const POLL=1000,TIMEOUT=4000,WIN=10,JLIM=50,FEED=20;
+const $=(id)=>document.getElementById(id);
+let token=null,skew=0,timer=null,busy=false,lastOk=0,sel=null,journal=[],defsAt=0;
+const prev={},deadAt={};
+const readToken=()=>{const m=/(?:^#|&)token=([^&]*)/.exec(location.hash); token=m?decodeURIComponent(m[1]):null;};
+const now=()=>Date.now()+skew;
+
+// DOM helpers: text only, so no server string ever becomes markup
+function h(tag,props,...kids){
+ const e=document.createElement(tag);
+ for(const k in props||{}){
+  const v=props[k];
+  if(v==null) continue;
+  if(k==='t') e.textContent=v; else if(k==='c') e.className=v; else e.setAttribute(k,v); // t: text, c: class
+ }
+ for(const c of kids) if(c!=null) e.append(c);
+ return e;
+}
+const flash=(e)=>{e.classList.remove('chg'); void e.offsetWidth; e.classList.add('chg');};
+function txt(e,v,quiet){// set text; highlight a change (not the first fill, not when quiet)
+ const s=v==null?'':String(v);
+ if(e.textContent===s) return;
+ const seen=e.dataset.seen;
+ e.textContent=s; e.dataset.seen=1;
+ if(seen&&!quiet) flash(e);
+}
+const show=(e,y)=>{e.hidden=!y;};
+function hue(id){// one colour per node id everywhere: nN -> golden-angle steps, other ids -> hash
+ id=String(id==null?'':id);
+ const m=/^[^0-9]*([0-9]+)$/.exec(id);
+ let n=m?+m[1]:7;
+ if(!m) for(const c of id) n=(n*31+c.charCodeAt(0)) >>> 0;
+ return Math.round((n*137.508+200)%360);
+}
+const paint=(e,id)=>{e.style.setProperty('--h',hue(id)); return e;};
+const chip=(id)=>paint(h('span',{c:'chip nc',t:id==null?'?':id}),id);
+const short=(id)=>{id=String(id==null?'':id); return id.length>6?'…'+id.slice(-6):id;};
+const ms=(v)=>v==null||v===''?NaN:typeof v==='number'?(v>1e12?v:v*1000):Date.parse(v);
+const clock=(v)=>{const t=ms(v); return isNaN(t)?'-':new Date(t).toLocaleTimeString([],{hour12:false});};
+function dur(s){
+ if(s==null||isNaN(s)) return '-';
+ const a=Math.abs(s),f=Math.floor;
+ return (s<0?'-':'')+(a<10?a.toFixed(1)+' s':a<60?Math.round(a)+' s':a<3600?f(a/60)+'m '+f(a%60)+'s'
+ :a<86400?f(a/3600)+'h '+f(a%3600/60)+'m':f(a/86400)+'d '+f(a%86400/3600)+'h');
+}
+const plural=(n,w)=>n+' '+w+(n===1?'':'s');
+const outCls=(o)=>/fault|error|fail/i.test(o)?'bad':/wait/i.test(o)?'warn':'ok';
+const byId=(a,b)=>String(a.id).localeCompare(String(b.id),undefined,{numeric:true});
+
+function sync(box,items,key,make,upd){// keyed list: one element per key, kept across polls
+ const old=box._rows||new Map(),rows=new Map();
+ let last=null;
+ for(const it of items){
+  const k=String(key(it));
+  let e=old.get(k);
+  const isNew=!e;
+  if(isNew) e=make(it);
+  if(upd) upd(e,it,isNew&&old.size>0);
+  rows.set(k,e);
+  const want=last?last.nextSibling:box.firstChild;
+  if(want!==e) box.insertBefore(e,want);
+  last=e;
+ }
+ old.forEach((e,k)=>{if(!rows.has(k)) e.remove();});
+ box._rows=rows;
+}
+
+async function api(path,method,body){
+ const ctl=new AbortController(),t=setTimeout(()=>ctl.abort(),TIMEOUT);
+ const hd={Accept:'application/json' };
+ if(token) hd.Authorization='Bearer '+token;
+ if(body!==undefined) hd['Content-Type']='application/json';
+ let res,text;
+ try {
+  res=await fetch(path,{method:method||'GET',headers:hd,cache:'no-store',signal:ctl.signal,
+    body:body===undefined?undefined:JSON.stringify(body)});
+  text=await res.text();
+ } catch(e){
+  throw Object.assign(new Error(e.name==='AbortError'?'no answer within '+TIMEOUT/1000+' s':'connection failed'),
+    {net:true});
+ } finally {clearTimeout(t);}
+ const d=Date.parse(res.headers.get('Date')||''); // the node's clock, to judge "last 10 s" right
+ if(!isNaN(d)){const s=d+500-Date.now(); skew=Math.abs(s)>2000?s:0;}
+ let data=null;
+ try {data=JSON.parse(text);} catch(e){data=null;}
+ if(!res.ok) throw Object.assign(new Error((data&&data.error)||'HTTP '+res.status),{status:res.status});
+ if(!data||typeof data!=='object') throw new Error('the node did not answer JSON');
+ return data;
+}
+
+function banner(kind,msg){
+ const b=$('banner');
+ show(b,!!kind); b.dataset.kind=kind||''; b.textContent=msg||'';
+ document.body.classList.toggle('stale',kind==='unreachable'||kind==='auth');
+}
+const authMsg=()=>'Unauthorized: '+
+  (token?'this node refused the token in the address. ':'this node requires a token. ') +
+ 'Open the page as '+location.origin+location.pathname+'#token=YOUR_TOKEN';
+
+async function poll(){
+ timer=null;
+ if(document.hidden||busy) return;
+ busy=true;
+ const want=sel,paths=['/api/status','/api/instances?limit=12','/api/journal?limit='+JLIM];
+ if(want) paths.push('/api/instances/'+encodeURIComponent(want));
+ const r=await Promise.allSettled(paths.map((p)=>api(p)));
+ busy=false;
+ try {handle(r,want);} catch(e){console.error(e);}
+ if(lastOk&&Date.now()-defsAt>15000) loadDefs();
+ if(!timer&&!document.hidden) timer=setTimeout(poll,POLL);
+}
+function pollNow(){clearTimeout(timer); timer=null; poll();}
+
+function handle(r,want){
+ const [st,inst,jr,one]=r;
+ if(r.some((x)=>x.reason&&x.reason.status===401)){banner('auth',
+   authMsg()); document.title='nodeflow · unauthorized'; return;}
+ if(st.reason){
+  const e=st.reason;
+  if(!e.net) return banner('error','The node answered with an error: '+e.message);
+  banner('unreachable','Node unreachable ('+e.message+'). ' +
+   (lastOk?'Showing data from '+clock(lastOk)+', '+dur((Date.now()-lastOk)/1000)+' ago. ':'')+
+     'Retrying every second…');
+  document.title='nodeflow · unreachable';
+  return;
+ }
+ banner();
+ lastOk=Date.now();
+ txt($('updated'),'updated '+clock(lastOk),1);
+ if(jr.reason) txt($('journal-err'),'Latest steps unavailable: '+jr.reason.message);
+ else {journal=Array.isArray(jr.value.journal)?jr.value.journal:[]; txt($('journal-err'),'');}
+ renderStatus(st.value);
+ renderFeed();
+ if(inst.reason) txt($('instances-err'),'Instances unavailable: '+inst.reason.message);
+ else {renderInstances(inst.value.instances||[]); txt($('instances-err'),'');}
+ if(one&&want===sel){if(one.reason) txt($('panel-err'),one.reason.message); else renderPanel(one.value);}
+}
+
+function renderStatus(s){
+ const me=s.node,sch=s.scheduler,t=now();
+ txt(paint($('served-by'),me),me==null?'?':me,1);
+ const nodes=(s.nodes||[]).slice().sort(byId),by={};
+ nodes.forEach((n)=>{by[n.state]=(by[n.state]||0)+1;});
+ const run=by.running||0;
+ let line=(run===nodes.length?'':run+' of ')+plural(nodes.length,'node')+' running';
+ ['stalled','dead','stopped'].forEach((k)=>{if(by[k]) line += ' · '+by[k]+' '+k;});
+ txt($('sum-nodes'),line);
+ txt($('scheduler'),sch?sch.node:'none');
+ $('scheduler').className=sch?'nc':'warn';
+ if(sch) paint($('scheduler'),sch.node);
+ $('epoch-wrap').firstChild.textContent=sch?' · epoch ':''; // no scheduler: no epoch either
+ txt($('epoch'),sch?sch.epoch:'');
+ document.title='nodeflow · '+(me||'?')+(sch?' · scheduler '+sch.node:' · no scheduler');
+
+ const locks=Array.isArray(s.locks)?s.locks:[],recent={};
+ const at=(j)=>ms(j.ended)||ms(j.started);
+ journal.forEach((j)=>{if(t-at(j)<=WIN*1000) (recent[j.node]=recent[j.node]||[]).push(j);});
+ const full=journal.length>=JLIM&&
+   t-at(journal[journal.length-1])<=WIN*1000; // the window holds more than we fetched
+ sync($('nodes'),nodes,(n)=>n.id,makeNode,(e,n)=>updateNode(e,n,sch,me,locks,recent[n.id]||[],full));
+ show($('nodes-empty'),!nodes.length);
+
+ const qs=s.queues||{},internal=(n)=>n.startsWith('nodeflow.');
+ const names=Object.keys(qs).sort((a,b)=>internal(a)-internal(b)||a.localeCompare(b));
+ sync($('queues').tBodies[0],names,(n)=>n,(n)=>h('tr',{'data-queue': n},
+  h('td',{c:'trunc',title:n,t:internal(n)?n.slice(9)+' (internal)':n}),
+  h('td',{c:'num'}),h('td',{c:'num'}),h('td',{c:'num'}),h('td',{c:'num'})),(tr,n)=>{
+  const q=qs[n]||{};
+  ['ready','leased','delayed','dead'].forEach((k,i)=>txt(tr.cells[i+1],q[k]==null?0:q[k]));
+  tr.cells[4].classList.toggle('bad',q.dead>0);
+ });
+ show($('queues-empty'),!names.length);
+
+ sync($('locks').tBodies[0],locks,(l)=>l.name+'|'+l.fence,(l)=>h('tr',{'data-lock': l.name,title:'holder: '+
+   (l.holder||'?')+(l.pid?' · pid '+l.pid:'')},
+  h('td',{c:'trunc mono',title:l.name,t:l.name}),
+  h('td',null,l.node?chip(l.node):h('span',{c:'mut',t:'pid '+l.pid})),
+  h('td',{c:'num',t:l.fence}),h('td')),(tr,l)=>txt(tr.cells[3],dur((t-ms(l.since))/1000),1));
+ show($('locks-empty'),!locks.length);
+
+ const timers=Array.isArray(s.timers)?s.timers:[];
+ sync($('timers').tBodies[0],timers,(x)=>x.name,(x)=>h('tr',{'data-timer': x.name},
+  h('td',{c:'trunc',title:x.name,t:x.name}),h('td',{c:'trunc'}),h('td',{c:'mono'}),h('td')),(tr,x)=>{
+  const nx=ms(x.next),c=tr.cells;
+  txt(c[1],x.queue);
+  txt(c[2],x.cron?x.cron+(x.tz?' ('+x.tz+')':''):'once');
+  c[3].title=x.next||'';
+  txt(c[3],isNaN(nx)?'fired':(nx>=t?'in '+dur((nx-t)/1000):'due '+dur((t-nx)/1000)+' ago')+' · '+clock(nx),1);
+ });
+ show($('timers-empty'),!timers.length);
+
+ const c=s.instances||{};
+ sync($('instance-counts'),['running','waiting','completed','faulted'],(k)=>k,
+  (k)=>h('div',{c:'tile','data-status': k},h('b'),k),(e,k)=>txt(e.firstChild,c[k]||0));
+}
+
+function makeNode(n){
+ const f={},row=(label,key)=>[h('dt',{t:label}),f[key]=h('dd')];
+ const e=h('article',{c:'node','data-node': n.id},
+  h('div',{c:'nhead'},paint(h('span',{c:'nid nc',t:n.id}),n.id),f.badges=h('span',{c:'nhead'})),
+  h('div',{c:'nstate'},h('span',{c:'dot'}),f.state=h('span')),
+  h('dl',{c:'kv'},...row('role','role'),...row('pid','pid'),...row('heartbeat','hb'),
+   ...row('doing','now'),...row('last 10 s','steps'),...row('locks','locks')));
+ e._f=f;
+ return e;
+}
+function updateNode(e,n,sch,me,locks,steps,full){
+ const f=e._f,st=n.state||'unknown',was=prev[n.id],isSch=!!sch&&sch.node===n.id,gone=st==='dead'||st==='stopped';
+ e.dataset.state=st;
+ e.dataset.scheduler=isSch;
+ e.dataset.self=n.id===me;
+ if(was&&was!==st) flash(e);
+ if(st!=='dead') delete deadAt[n.id]; else if(was&&was!=='dead') deadAt[n.id]=now();
+ prev[n.id]=st;
+ const b=[];
+ if(isSch) b.push(h('span',{c:'badge b-sched',t:'SCHEDULER · epoch '+sch.epoch}));
+ if(st==='dead'||st==='stalled') b.push(h('span',{c:'badge b-'+st,t:st.toUpperCase()}));
+ if(n.id===me) b.push(h('span',{c:'badge',t:'serves this page' }));
+ f.badges.replaceChildren(...b);
+ txt(f.state,st);
+ txt(f.role,n.role==='replica'?'replica (never schedules)':n.role);
+ txt(f.pid,n.pid);
+ const age=Number(n.heartbeat_age);
+ let hb=dur(age)+' ago';
+ if(gone) hb='last seen '+clock(now()-age*1000)+' ('+dur(age)+' ago)'+(deadAt[n.id]?' · dead since '+
+   clock(deadAt[n.id]):'');
+ else if(st==='stalled') hb='none for '+dur(age);
+ txt(f.hb,hb,1);
+ f.hb.className=st==='stalled'?'warn':st==='dead'?'bad':'';
+ const j=steps[0];
+ txt(f.now,gone?'—':j?j.activity+' ('+j.definition+' '+short(j.instance)+')':'idle');
+ txt(f.steps,(full&&steps.length?'≥ ':'')+plural(steps.length,'step'));
+ const mine=locks.filter((l)=>l.node===n.id);
+ f.locks.replaceChildren(...(mine.length?mine.map((l)=>h('span',{c:'tag mono',title:l.name+' · fence '+l.fence,
+   t:l.name+' #'+l.fence}))
+ :[h('span',{c:'mut',t:'none' })]));
+}
+
+function detail(i){
+ if(i.status==='faulted') return 'error: '+(i.error||'?');
+ if(i.status==='waiting') return (i.activity?i.activity+' · ':'')+
+   (i.waiting_for?'waits for '+i.waiting_for:'timer')+(i.wake_at?' until '+
+   clock(i.wake_at):'');
+ if(i.status==='completed') return 'done '+clock(i.ended);
+ return i.activity?'at '+i.activity:'';
+}
+function renderInstances(list){
+ sync($('instances'),list.slice().reverse(),(i)=>i.id,(i)=>{
+  const li=h('li',{c:'inst',tabindex:0,role:'button','data-instance': i.id},
+   h('span',{c:'mono',title:i.id,t:short(i.id)}),h('span',{c:'trunc'}),h('span'),h('span',{c:'trunc'}));
+  li.onclick=()=>openPanel(i.id);
+  li.onkeydown=(ev)=>{if(ev.key==='Enter'||ev.key===' '){ev.preventDefault(); openPanel(i.id);}};
+  return li;
+ },(li,i,isNew)=>{
+  const c=li.children,d=detail(i);
+  li.dataset.status=i.status;
+  li.classList.toggle('sel',i.id===sel);
+  txt(c[1],i.definition+' v'+i.version);
+  txt(c[2],i.status); c[2].className='st st-'+i.status;
+  txt(c[3],d); c[3].title=d; c[3].classList.toggle('bad',i.status==='faulted');
+  if(isNew) flash(li);
+ });
+ show($('instances-empty'),!list.length);
+}
+
+function renderFeed(){
+ const rows=journal.slice(0,FEED);
+ sync($('journal'),rows,(j)=>j.instance+':'+j.step+':'+j.fence,(j)=>{
+  const o=j.outcome==null?'':String(j.outcome);
+  const a=h('span',{c:'lnk',title:'instance '+j.instance,t:j.definition+' '+short(j.instance)});
+  a.onclick=()=>openPanel(j.instance);
+  return h('li',{'data-instance': j.instance,'data-node': j.node},h('span',{c:'mut mono',t:clock(j.ended||
+    j.started)}),chip(j.node),a,
+   h('span',{t:'#'+j.step+' '+j.activity}),h('span',{c:'mut',t:j.type}),h('span',{c:outCls(o),t:o}),
+   h('span',{c:'mut',t:'fence '+j.fence}));
+ },(li,j,isNew)=>{if(isNew) flash(li);});
+ show($('journal-empty'),!rows.length);
+}
+
+function openPanel(id){
+ sel=id;
+ $('panel').dataset.instance=id;
+ txt($('panel-title'),'Instance '+short(id)); $('panel-title').title=id;
+ const tb=$('panel-journal').tBodies[0];
+ tb._rows=null; tb.replaceChildren(); $('panel-meta').replaceChildren(); $('panel-vars').textContent='';
+ txt($('panel-err'),'loading…');
+ document.querySelectorAll('.inst').forEach((li)=>li.classList.toggle('sel',li.dataset.instance===id));
+ show($('panel'),true);
+ $('panel-close').focus();
+ pollNow();
+}
+function closePanel(){
+ sel=null; show($('panel'),false);
+ document.querySelectorAll('.inst.sel').forEach((li)=>li.classList.remove('sel'));
+}
+function renderPanel(i){
+ txt($('panel-err'),'');
+ const kv=[['id',i.id,'mono'],['definition',i.definition+' v'+i.version],['status',i.status,'st st-'+i.status]];
+ if(i.activity) kv.push(['activity',i.activity]);
+ if(i.waiting_for) kv.push(['waits for',i.waiting_for+(i.wake_at?' until '+clock(i.wake_at):'')]);
+ if(i.error) kv.push(['error',i.error,'bad']);
+ kv.push(['created',clock(i.created)],['updated',clock(i.updated)]);
+ if(i.ended) kv.push(['ended',clock(i.ended)]);
+ $('panel-meta').replaceChildren(...kv.flatMap(([k,v,c])=>[h('dt',{t:k}),h('dd',{c:c,t:v})]));
+ txt($('panel-vars'),JSON.stringify(i.variables==null?{}:i.variables,null,2),1);
+ sync($('panel-journal').tBodies[0],Array.isArray(i.journal)?i.journal:[],(j)=>j.step+':'+j.fence+':'+j.started,
+   (j)=>{
+  const o=j.outcome==null?'':String(j.outcome),took=ms(j.ended)-ms(j.started);
+  return h('tr',{'data-step': j.step,'data-node': j.node},h('td',{c:'num',t:j.step}),h('td',null,chip(j.node)),
+   h('td',{c:'num',t:j.fence}),h('td',null,j.activity+' ',h('span',{c:'mut',t:j.type})),
+   h('td',{c:outCls(o),t:o}),
+   h('td',{c:'mono',title:j.started+' → '+j.ended,t:clock(j.started)+(isNaN(took)?'':' · '+Math.max(0,
+     Math.round(took))+' ms')}));
+ },(tr,j,isNew)=>{if(isNew) flash(tr);});
+}
+
+async function loadDefs(){
+ defsAt=Date.now();
+ let defs;
+ try {defs=(await api('/api/definitions')).definitions||[];} catch(e){return;}
+ const s=$('start-definition'),keep=s.value,sig=JSON.stringify(defs.map((d)=>[d.id,d.version,d.name]));
+ if(s._sig===sig) return;
+ s._sig=sig;
+ s.replaceChildren(...(defs.length?defs.map((d)=>h('option',{value:d.id,t:(d.name&&d.name!==d.id?d.name+' ('+d.id+
+   ')':d.id)+' v'+d.version}))
+ :[h('option',{value:'',t:'no definitions yet' })]));
+ if(defs.some((d)=>d.id===keep)) s.value=keep;
+}
+function parseInput(text){
+ if(!text.trim()) return {};
+ let v;
+ try {v=JSON.parse(text);} catch(e){throw new Error('Input is not valid JSON: '+e.message);}
+ if(!v||typeof v!=='object'||
+   Array.isArray(v)) throw new Error('Input must be a JSON object, such as {} or {"order": 42}.');
+ return v;
+}
+function form(id,fail,run){// validate the JSON input, run, show the answer or the error
+ const f=$(id),out=f.querySelector('.result'),btn=f.querySelector('button');
+ const say=(ok,...msg)=>{out.dataset.ok=ok; out.replaceChildren(...msg);};
+ f.addEventListener('submit',async (ev)=>{
+  ev.preventDefault();
+  let input;
+  try {input=parseInput(f.querySelector('textarea').value);} catch(e){return say(false,e.message);}
+  btn.disabled=true; say(true,'…');
+  try {say(true,...await run(input)); pollNow();} catch(e){
+   say(false,fail+(e.status===401?'unauthorized, open the page with #token=YOUR_TOKEN ('+e.message+')':e.message));
+  } finally {btn.disabled=false;}
+ });
+}
+form('start-form','Could not start: ',async (input)=>{
+ const def=$('start-definition').value;
+ if(!def) throw new Error('choose a definition first (add one with: nodeflow define FILE).');
+ const r=await api('/api/instances','POST',{definition:def,input});
+ $('start-result').dataset.instance=r.id;
+ const a=h('span',{c:'lnk mono',title:'show its journal',t:r.id});
+ a.onclick=()=>openPanel(r.id);
+ return ['Started ',a];
+});
+form('signal-form','Could not send: ',async (input)=>{
+ const name=$('signal-name').value.trim();
+ if(!name) throw new Error('give the signal a name.');
+ const r=await api('/api/signals/'+encodeURIComponent(name),'POST',{input});
+ const rs=r.resumed||[],sd=r.started||[];
+ return ['Signal '+name+': resumed '+rs.length+', started '+sd.length+(rs.length?' ('+rs.map(short).join(', ')+
+   ')':'')];
+});
+
+$('start-definition').onfocus=()=>{if(Date.now()-defsAt>3000) loadDefs();};
+$('panel-close').onclick=closePanel;
+document.addEventListener('keydown',(e)=>{if(e.key==='Escape'&&sel) closePanel();});
+document.addEventListener('visibilitychange',
+  ()=>{if(document.hidden){clearTimeout(timer); timer=null;} else pollNow();});
+window.addEventListener('hashchange',()=>{readToken(); loadDefs(); pollNow();});
+readToken();
+loadDefs();
+poll();
+})();
+</script>
+</body>
+</html>
 """
 
 HTTP_MAX_HEAD_BYTES = 16 * 1024  # request line and headers
@@ -6390,6 +6910,7 @@ class HttpServer:
         head = (
             f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
+            f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}\r\n"
             f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
             f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
