@@ -5,8 +5,9 @@ DEV := $(VENV)/.installed
 
 .PHONY: test chaos lint bench bench-quick run clean
 
+# Two unittest processes at once, balanced by measured time (tests/run.py); NODEFLOW_TEST_JOBS=1 for one.
 test:
-	$(PYTHON) -m unittest discover -s tests -t . -v
+	$(PYTHON) tests/run.py
 
 # The churn tests at full length (make test runs shorter versions of the same tests).
 chaos:

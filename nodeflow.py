@@ -5487,7 +5487,7 @@ class Cluster:
             "nodes": [
                 {key: node[key] for key in ("id", "pid", "role", "state", "heartbeat_age", "host")} for node in nodes
             ],
-            "scheduler": None if scheduler is None else dict(scheduler),
+            "scheduler": None if scheduler is None else {"node": scheduler["node"], "epoch": scheduler["epoch"]},
             "queues": self.queues(),
             "locks": [_lock_entry(info) for info in self.held()],
             "timers": [_timer_entry(timer) for timer in self.timers(limit=10) if timer.due is not None],
@@ -7137,7 +7137,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     if scheduler is None:
         print("scheduler: none (no eligible node runs; timers wait)")
     else:
-        print(f"scheduler: {scheduler['node']} (pid {scheduler['pid']}, epoch {scheduler['epoch']})")
+        pid = next((node["pid"] for node in report["nodes"] if node["id"] == scheduler["node"]), "?")
+        print(f"scheduler: {scheduler['node']} (pid {pid}, epoch {scheduler['epoch']})")
     if not report["nodes"]:
         print("nodes: none has run")
     for node in report["nodes"]:
@@ -7803,23 +7804,29 @@ def _demo_cache(folder: str, on: bool) -> dict[str, Any]:
     try:
         nf = cluster.nf
         nf.define(definition(1))
+        asked = 0
 
-        # Every node starts some instances of version 1, so every node has it in its cache.
-        def every_node_has_started_one() -> bool:
-            nf.signal("go")
+        def every_node_has_started_one() -> bool:  # then every node has version 1 in its cache
+            nonlocal asked
+            nf.signal("go", {"round": "before"})
+            asked += 1
             return len({instance.started_by.split(" ")[0] for instance in nf.instances()}) == 3
 
         _demo_wait(every_node_has_started_one, 10)
+        _demo_wait(lambda: len(nf.instances()) >= asked, 10)  # no start asked for before the define is pending
         nf.define(definition(2))
-        defined = time.time()
         for _ in range(30):
-            nf.signal("go")
-        _demo_wait(lambda: sum(i.created > defined for i in nf.instances()) >= 30, 10)
-        after = [i for i in nf.instances() if i.created > defined]
+            nf.signal("go", {"round": "after"})  # each start these ask for follows the define
+
+        def after() -> list[Instance]:
+            return [i for i in nf.instances() if i.variables["input"].get("round") == "after"]
+
+        _demo_wait(lambda: len(after()) >= 30, 10)
+        started = after()
     finally:
         cluster.stop()
-    stale = [i for i in after if i.version == 1]
-    return {"started": len(after), "stale": len(stale),
+    stale = [i for i in started if i.version == 1]
+    return {"started": len(started), "stale": len(stale),
             "stale_nodes": sorted({i.started_by.split(" ")[0] for i in stale})}  # fmt: skip
 
 
