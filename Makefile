@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 DEV := $(VENV)/.installed
 
-.PHONY: test chaos lint bench bench-quick run clean
+.PHONY: test chaos lint bench bench-quick run screenshot clean
 
 # Two unittest processes at once, balanced by measured time (tests/run.py); NODEFLOW_TEST_JOBS=1 for one.
 test:
@@ -38,6 +38,10 @@ bench-quick: $(DEV)
 
 run:
 	$(PYTHON) examples/counter.py
+
+# README's picture of the dashboard: a real cluster running examples/order.json, in headless chromium.
+screenshot:
+	$(PYTHON) examples/screenshot.py examples/dashboard.png
 
 clean:
 	rm -rf $(VENV) *.egg-info build .mypy_cache .ruff_cache
