@@ -8,6 +8,7 @@ import os
 import select
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -144,6 +145,30 @@ class ClusterTestCase(unittest.TestCase):
             if time.monotonic() > deadline:
                 self.fail(f"{what}: not true within {timeout}s")
             time.sleep(0.01)
+
+
+class LoggedProcess:
+    """A child process and the file its output goes to."""
+
+    def __init__(self, process: subprocess.Popen, log_path: str) -> None:
+        self.process, self.log_path = process, log_path
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def text(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as log:
+            return log.read()
+
+
+def table_rows(db: str, tables: tuple[str, ...]) -> dict[str, list[tuple]]:
+    """Every row of ``tables``, sorted, read through a read-only connection (which writes nothing)."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr) for table in tables}
+    finally:
+        conn.close()
 
 
 def thread_states(pid: int) -> set[str]:

@@ -40,7 +40,6 @@ import re
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -52,7 +51,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase
+from tests.support import NODEFLOW, PYTHON, ClusterTestCase, LoggedProcess, table_rows
 
 # The nodes' --app: "flaky" fails the first time it runs for a key, and succeeds after (a retry).
 APP = """
@@ -107,20 +106,13 @@ JOURNAL_KEYS = {"activity", "node", "fence", "started", "ended", "outcome"}
 # A node, and talking to it ---------------------------------------------------------------------
 
 
-class HttpNode:
+class HttpNode(LoggedProcess):
     """One ``serve --http`` process, the file its log goes to, and the port it took."""
 
     def __init__(self, process: subprocess.Popen[str], node_id: str, log_path: str) -> None:
-        self.process, self.node_id, self.log_path = process, node_id, log_path
+        super().__init__(process, log_path)
+        self.node_id = node_id
         self.host, self.port = "", 0
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def text(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            return log.read()
 
     def tail(self, lines: int = 30) -> str:
         try:
@@ -256,15 +248,6 @@ def parse_answers(raw: bytes) -> list[Answer]:
         answers.append(Answer(int(status), headers, rest[:length]))
         raw = rest[length:]
     return answers
-
-
-def table_rows(db: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the watched tables, read through a read-only connection."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr) for table in WATCHED_TABLES}
-    finally:
-        conn.close()
 
 
 # The Prometheus text format 0.0.4 ----------------------------------------------------------------
@@ -619,9 +602,9 @@ class HttpApi(HttpTestCase):
         self.assertEqual(done["variables"]["charge"], {"tries": 2})
         # A completed instance cannot be retried: 400, and nothing written.
         self.settle()
-        before = table_rows(self.node_db)
+        before = table_rows(self.node_db, WATCHED_TABLES)
         self.assert_error(self.call("POST", f"/api/instances/{instance}/retry"), 400, "retry a completed instance")
-        self.assertEqual(table_rows(self.node_db), before)
+        self.assertEqual(table_rows(self.node_db, WATCHED_TABLES), before)
 
     def test_the_page_is_html(self) -> None:
         answer = self.call("GET", "/")
@@ -663,7 +646,7 @@ class HttpApi(HttpTestCase):
 
     def test_bad_requests_get_their_status_and_a_json_error_and_write_nothing(self) -> None:
         self.settle()
-        before = table_rows(self.node_db)
+        before = table_rows(self.node_db, WATCHED_TABLES)
         bad_definition = {
             "id": "http-bad",
             "start": "nowhere",
@@ -769,7 +752,7 @@ class HttpApi(HttpTestCase):
             self.assertEqual(len(body), 2 * 1024 * 1024)
             self.assert_error(self.call("POST", "/api/definitions", body), 400, "a 2 MiB definition")
 
-        self.assertEqual(table_rows(self.node_db), before, "a refused request wrote to the database")
+        self.assertEqual(table_rows(self.node_db, WATCHED_TABLES), before, "a refused request wrote to the database")
         self.assertIsNone(self.node.process.poll(), "the node still runs")
         self.assertEqual(self.get("/api/status")["node"], "n1", "and still answers")
 
@@ -788,10 +771,10 @@ class HttpApi(HttpTestCase):
         self.assertEqual(refused.returncode, 2, "define refuses it")
         self.assertIn("activities.a: two activities have this id", refused.stderr)
         self.settle()
-        before = table_rows(self.node_db)
+        before = table_rows(self.node_db, WATCHED_TABLES)
         data = self.assert_error(self.call("POST", "/api/definitions", text), 400, "two activities named a")
         self.assertIn("activities.a: two activities have this id", data.get("problems", []), data)
-        self.assertEqual(table_rows(self.node_db), before, "nothing stored")
+        self.assertEqual(table_rows(self.node_db, WATCHED_TABLES), before, "nothing stored")
 
     def test_limit_written_with_a_digit_int_cannot_read_is_400_not_500(self) -> None:
         """BUG: _whole_query checks ``text.isdigit()``, true for "²" (U+00B2), which int() refuses:
@@ -943,12 +926,12 @@ class HttpToken(HttpTestCase):
         self.assertEqual(answer.json()["node"], "n1")
 
     def test_a_refused_write_writes_nothing(self) -> None:
-        before = table_rows(self.node_db)
+        before = table_rows(self.node_db, WATCHED_TABLES)
         answer = call(self.port, "POST", "/api/definitions", GREET, token="wrong")
         self.assert_error(answer, 401, "define with a wrong token")
         answer = call(self.port, "POST", "/api/signals/go", {"input": {}})
         self.assert_error(answer, 401, "signal without a token")
-        self.assertEqual(table_rows(self.node_db), before)
+        self.assertEqual(table_rows(self.node_db, WATCHED_TABLES), before)
         self.assertEqual(call(self.port, "POST", "/api/definitions", GREET, token="s3cret").status, 201)
 
     def test_the_page_is_served_without_the_token_and_metrics_want_it(self) -> None:

@@ -50,7 +50,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import nodeflow
-from tests.support import CHAOS, NODEFLOW, PYTHON, ClusterTestCase, process_state, thread_states, tree_snapshot
+from tests.support import (
+    CHAOS,
+    NODEFLOW,
+    PYTHON,
+    ClusterTestCase,
+    LoggedProcess,
+    process_state,
+    thread_states,
+    tree_snapshot,
+)
 
 TOOK_OFFICE = re.compile(r"took office as the scheduling node \(epoch (\d+)\)")
 GONE = re.compile(r"node (\S+) \(pid (\d+)\) is gone: its liveness lock is free; handed back (\d+) leases")
@@ -98,20 +107,8 @@ def flock_pids(path: str) -> tuple[set[int], set[int]]:
     return holders, waiters
 
 
-class Daemon:
+class Daemon(LoggedProcess):
     """One ``serve`` process and the file its log (stderr) goes to."""
-
-    def __init__(self, process: subprocess.Popen[str], log_path: str) -> None:
-        self.process = process
-        self.log_path = log_path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def text(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            return log.read()
 
     def events(self) -> list[tuple[str, str]]:
         """(node id, event) per log line: "HH:MM:SS.mmm ID LABEL EVENT" with LABEL padded."""

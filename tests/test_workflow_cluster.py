@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, process_state, thread_states
+from tests.support import NODEFLOW, PYTHON, ClusterTestCase, LoggedProcess, process_state, thread_states
 
 # The nodes' --app: the function a "call" activity runs; what it returns is stored in the
 # instance's variables (the activity's id, "charge", names the variable).
@@ -166,19 +166,12 @@ def lock_free_within(path: str, seconds: float) -> bool:
         os.close(fd)
 
 
-class Serve:
+class Serve(LoggedProcess):
     """One ``serve`` process and the file its log (stderr) goes to."""
 
     def __init__(self, process: subprocess.Popen[str], node_id: str, log_path: str) -> None:
-        self.process, self.node_id, self.log_path = process, node_id, log_path
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def text(self) -> str:
-        with open(self.log_path, encoding="utf-8", errors="replace") as log:
-            return log.read()
+        super().__init__(process, log_path)
+        self.node_id = node_id
 
 
 class WorkflowClusterTestCase(ClusterTestCase):

@@ -35,7 +35,6 @@ import os
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import tempfile
 import textwrap
@@ -45,19 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, tree_snapshot
+from tests.support import NODEFLOW, PYTHON, ClusterTestCase, table_rows, tree_snapshot
 
 # Tables whose rows a refused define (or any refused command) must leave exactly as they were.
 WATCHED_TABLES = ("definitions", "signal_triggers", "timers", "instructions", "instances", "messages", "journal")
-
-
-def table_rows(db: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every row of the watched tables, read through a read-only SQLite connection."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-    try:
-        return {table: sorted(conn.execute(f"SELECT * FROM {table}").fetchall(), key=repr) for table in WATCHED_TABLES}
-    finally:
-        conn.close()
 
 
 def one(activity: dict[str, Any], activity_id: str = "a", **top: Any) -> dict[str, Any]:
@@ -251,12 +241,12 @@ class BadDefinitionTests(ClusterTestCase):
             with open(os.path.join(self.dir, name), "wb") as out:
                 out.write(definition_bytes(definition))
             files.append(name)
-        rows_before = table_rows(self.db)
+        rows_before = table_rows(self.db, WATCHED_TABLES)
         files_before = tree_snapshot(self.db)
         with ThreadPoolExecutor(3) as pool:
             results = list(pool.map(lambda name: self.cli("define", name), files))
         files_after = tree_snapshot(self.db)
-        rows_after = table_rows(self.db)
+        rows_after = table_rows(self.db, WATCHED_TABLES)
         for (case, _, place, message), name, result in zip(BAD_DEFINITIONS, files, results, strict=True):
             with self.subTest(case):
                 self.assertEqual(result.returncode, 2, result.stderr)
@@ -289,7 +279,7 @@ class BadDefinitionTests(ClusterTestCase):
         with nodeflow.connect(self.db) as nf:
             for case, definition, place, message in BAD_DEFINITIONS:
                 with self.subTest(case):
-                    before = table_rows(self.db)
+                    before = table_rows(self.db, WATCHED_TABLES)
                     with self.assertRaises(nodeflow.InvalidDefinition) as caught:
                         nf.define(definition)
                     problems = caught.exception.problems
@@ -299,14 +289,14 @@ class BadDefinitionTests(ClusterTestCase):
                         any(problem.startswith(wanted) and message in problem for problem in problems), problems
                     )
                     self.assertEqual(str(caught.exception), "\n".join(problems))
-                    self.assertEqual(table_rows(self.db), before)
+                    self.assertEqual(table_rows(self.db, WATCHED_TABLES), before)
             self.assertEqual([info.id for info in nf.definitions()], ["seed"])
 
     def test_several_problems_are_all_reported(self) -> None:
         path = os.path.join(self.dir, "several.json")
         with open(path, "w") as out:
             json.dump(SEVERAL_PROBLEMS, out)
-        before = table_rows(self.db)
+        before = table_rows(self.db, WATCHED_TABLES)
         result = self.cli("define", "several.json")
         self.assertEqual(result.returncode, 2)
         lines = result.stderr.splitlines()
@@ -314,7 +304,7 @@ class BadDefinitionTests(ClusterTestCase):
         self.assertEqual(lines[-1], "nodeflow: define several.json: 9 problems; nothing was stored")
         places = [line.removeprefix("nodeflow: define several.json: ").split(": ", 1)[0] for line in lines[:-1]]
         self.assertEqual(sorted(places), sorted(SEVERAL_PROBLEMS_PLACES))
-        self.assertEqual(table_rows(self.db), before)
+        self.assertEqual(table_rows(self.db, WATCHED_TABLES), before)
         # The API lists the very same problems.
         with self.assertRaises(nodeflow.InvalidDefinition) as caught:
             nodeflow.compile_definition(SEVERAL_PROBLEMS)
@@ -323,7 +313,7 @@ class BadDefinitionTests(ClusterTestCase):
         )
 
     def test_unreadable_file_and_stdin(self) -> None:
-        before = table_rows(self.db)
+        before = table_rows(self.db, WATCHED_TABLES)
         missing = self.cli("define", "no-such-file.json")
         self.assertEqual(missing.returncode, 2)
         self.assertIn("cannot read no-such-file.json", missing.stderr)
@@ -332,7 +322,7 @@ class BadDefinitionTests(ClusterTestCase):
         self.assertIn('nodeflow: define stdin: start: no activity named "nowhere"', piped.stderr)
         self.assertIn("nodeflow: define stdin: activities.a.message: is missing", piped.stderr)
         self.assertIn("nodeflow: define stdin: 2 problems; nothing was stored", piped.stderr)
-        self.assertEqual(table_rows(self.db), before)
+        self.assertEqual(table_rows(self.db, WATCHED_TABLES), before)
 
     def test_refused_define_creates_no_database(self) -> None:
         fresh = os.path.join(self.dir, "fresh.db")
@@ -620,7 +610,7 @@ class VersionAndCommandLineTests(ClusterTestCase):
         self.assertEqual(piped.returncode, 0, piped.stderr)
         self.assertEqual(json.loads(piped.stdout)["changed"], False)
         self.assertEqual(json.loads(piped.stdout)["version"], 1)
-        rows = table_rows(self.db)
+        rows = table_rows(self.db, WATCHED_TABLES)
         self.assertEqual([(row[0], row[1]) for row in rows["definitions"]], [("ver", 1)])
         timers = {row[0]: row for row in rows["timers"]}
         self.assertEqual(set(timers), {"workflow:ver#0"})
@@ -640,7 +630,7 @@ class VersionAndCommandLineTests(ClusterTestCase):
         self.assertEqual(self.cli("define", v1).stdout, "defined ver version 3 (2 activities, 2 triggers)\n")
         self.assertEqual(self.cli("define", v2).stdout, "defined ver version 4 (1 activities, 1 triggers)\n")
 
-        rows = table_rows(self.db)
+        rows = table_rows(self.db, WATCHED_TABLES)
         self.assertEqual(rows["timers"], [], "the cron trigger of the old version is gone")
         self.assertEqual([row[:3] for row in rows["signal_triggers"]], [("ver-poke", "ver", 0)])
 
@@ -675,7 +665,7 @@ class VersionAndCommandLineTests(ClusterTestCase):
         with nodeflow.connect(self.db) as nf:
             nf.define(VERSIONED_V1)
             running = nf.start("ver", {"n": 1})
-        before = table_rows(self.db)
+        before = table_rows(self.db, WATCHED_TABLES)
         cases = [
             (("start", "no-such-flow"), "no workflow definition 'no-such-flow'"),
             (("start", "no-such-flow", "--wait", "--timeout", "1s"), "no workflow definition"),
@@ -701,7 +691,7 @@ class VersionAndCommandLineTests(ClusterTestCase):
                 self.assertEqual(result.returncode, 2, result.stderr)
                 self.assertIn(message, result.stderr)
                 self.assertTrue(result.stderr.startswith("nodeflow: "), result.stderr)
-        self.assertEqual(table_rows(self.db), before)
+        self.assertEqual(table_rows(self.db, WATCHED_TABLES), before)
         # start on a database that does not exist: refused, and no database is created for it
         fresh = os.path.join(self.dir, "none.db")
         result = subprocess.run(
