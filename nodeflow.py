@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import atexit
+import concurrent.futures
 import contextlib
 import ctypes
 import datetime
@@ -2814,7 +2815,7 @@ def _process_runs(pid: int) -> bool:
     """Whether ``pid`` is a process that can still run: a zombie (killed, not yet reaped) cannot."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return stat.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except (FileNotFoundError, ProcessLookupError):
         return False
     except (OSError, IndexError):
@@ -2845,7 +2846,10 @@ def liveness_lock_free(lock_dir: str, node: str, pid: int) -> bool:
 
 
 def scheduler_pid(lock_dir: str) -> int | None:
-    return _lock_file_holders(lock_dir, ".lock").get("scheduler")
+    # /proc/locks is not one snapshot (see liveness_lock_free): a lock missing once is looked for again.
+    return _lock_file_holders(lock_dir, ".lock").get("scheduler") or _lock_file_holders(lock_dir, ".lock").get(
+        "scheduler"
+    )
 
 
 class _FlockWaiter:
@@ -4293,7 +4297,6 @@ class Workflows:
         self.wakeups, self.node, self._listening = wakeups, node, listening
         self.blueprints_loaded = 0
         self.cache_signals = True  # False only in `demo cache`: then cached blueprints are never evicted
-        self._unsignalled: dict[tuple[str, int | None], Blueprint] = {}
 
     # Definitions ----------------------------------------------------------------------------
 
@@ -4407,17 +4410,12 @@ class Workflows:
         """The compiled definition (the latest version when none is given), from the cache when fresh."""
         if not self._listening():
             return self._load_blueprint(workflow_id, version)
-        if not self.cache_signals:  # the demo's stale cache: what a node has, it keeps
-            key = (workflow_id, version)
-            if key not in self._unsignalled:
-                self._unsignalled[key] = self._load_blueprint(workflow_id, version)
-            return self._unsignalled[key]
-        if version is None:
+        if version is None and self.cache_signals:
             self.signals.catch_up()  # a define committed before this call has fired the token now
         return self.cache.get_or_create(
             ("blueprint", workflow_id, version),
             functools.partial(self._load_blueprint, workflow_id, version),
-            tokens=(DEFINITIONS_TOKEN,),
+            tokens=(DEFINITIONS_TOKEN,) if self.cache_signals else (),  # the demo's stale cache keeps what it has
         )
 
     # Instances ------------------------------------------------------------------------------
@@ -5438,12 +5436,16 @@ class Cluster:
 
     def nodes(self, stall_after: float = 5.0) -> list[dict[str, Any]]:
         """Every node that ever ran here: id, pid, host, role, state and heartbeat age (seconds)."""
-        alive = live_nodes(self.store.lock_dir)
+        # The rows first, then the kernel's word: a node that joins in between is seen alive.
         rows = self.store.read(
             lambda conn: conn.execute(
                 "SELECT id, pid, host, role, started, heartbeat, state FROM nodes ORDER BY id"
             ).fetchall()
         )
+        alive = live_nodes(self.store.lock_dir)
+        for node, pid, *_, state in rows:  # /proc/locks can miss a held lock: ask the lock before saying dead
+            if state == "running" and node not in alive and not liveness_lock_free(self.store.lock_dir, node, pid):
+                alive[node] = pid
         now = time.time()
         found = []
         for node, pid, host, role, started, heartbeat, state in rows:
@@ -5798,6 +5800,8 @@ class Node:
                 with _LOCK_FDS_MUTEX:
                     _close_lock_fd(self._office_fd)
                 self._office_fd, self.epoch = None, None
+            if self.http is not None:  # also when run() failed or was cancelled: the port is freed
+                await self.http.close()
             logging.getLogger("nodeflow").removeHandler(self._log_handler)
             nf.close()
 
@@ -6096,27 +6100,35 @@ class Node:
         assert self.nf is not None and self._stop is not None
         nf = self.nf
         while not self._stop.is_set():
-            due = nf.store.read(
-                lambda conn: conn.execute(
-                    "SELECT name, queue, body FROM timers WHERE due IS NOT NULL AND due <= ?", (time.time(),)
-                ).fetchall()
-            )
-            for _name, queue, body in due:
-                await nf.asend(queue, json.loads(body))
-                self.timers_fired += 1
-            if due:
-                self.say(f"fired {len(due)} timers (no election: every node fires what it sees due)")
-                marks = [(time.time(), row[0]) for row in due]
+            try:
+                await self._fire_what_is_due_without_election(nf)
+            except NodeflowError as error:
+                self.say(f"firing timers failed: {error}")
+                await asyncio.sleep(0.2)
 
-                def mark(conn: sqlite3.Connection, marks: list[tuple[float, str]] = marks) -> None:
-                    conn.executemany(
-                        "UPDATE timers SET due = NULL, fired = fired + 1, last_fired = ? WHERE name = ?", marks
-                    )
+    async def _fire_what_is_due_without_election(self, nf: Cluster) -> None:
+        """One pass: read what is due, send it, then mark it fired; then sleep until the next is due."""
+        due = nf.store.read(
+            lambda conn: conn.execute(
+                "SELECT name, queue, body FROM timers WHERE due IS NOT NULL AND due <= ?", (time.time(),)
+            ).fetchall()
+        )
+        for _name, queue, body in due:
+            await nf.asend(queue, json.loads(body))
+            self.timers_fired += 1
+        if due:
+            self.say(f"fired {len(due)} timers (no election: every node fires what it sees due)")
+            marks = [(time.time(), row[0]) for row in due]
 
-                await nf.committer.asubmit(mark)
-            # Like an in-process timer, wake when the next one falls due: every node wakes at once.
-            following = nf.store.read(_next_due)
-            await asyncio.sleep(0.2 if following is None else min(0.2, max(0.0, following - time.time())))
+            def mark(conn: sqlite3.Connection, marks: list[tuple[float, str]] = marks) -> None:
+                conn.executemany(
+                    "UPDATE timers SET due = NULL, fired = fired + 1, last_fired = ? WHERE name = ?", marks
+                )
+
+            await nf.committer.asubmit(mark)
+        # Like an in-process timer, wake when the next one falls due: every node wakes at once.
+        following = nf.store.read(_next_due)
+        await asyncio.sleep(0.2 if following is None else min(0.2, max(0.0, following - time.time())))
 
     async def _step_down(self) -> None:
         """Leave office (if in it) before leaving the cluster, so a standby takes over at once."""
@@ -6677,6 +6689,8 @@ HTTP_MAX_BODY_BYTES = 2 * 1024 * 1024  # a definition (256 KiB) or an input (1 M
 HTTP_READ_TIMEOUT = 10.0  # a request's head and body must arrive within this: a slow client is cut off
 HTTP_IDLE_TIMEOUT = 30.0  # a kept-alive connection with no new request is closed after this
 HTTP_MAX_CONNECTIONS = 128  # beyond this, new connections are answered 503 and closed
+HTTP_WORKERS = 4  # threads that read the database and encode answers: the event loop never does
+HTTP_DEFAULT_LIMIT = 1000  # instances listed when no ?limit= is given (the newest)
 _HTTP_REASONS = {
     200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
@@ -6686,9 +6700,10 @@ _HTTP_REASONS = {
 
 
 class HTTPError(NodeflowError):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers or {}
 
 
 def parse_http_address(text: str, what: str = "--http") -> tuple[str, int]:
@@ -6731,9 +6746,6 @@ class _Request:
     def json(self) -> Any:
         if not self.body:
             return {}
-        kind = self.headers.get("content-type", "application/json").split(";")[0].strip().lower()
-        if kind != "application/json":
-            raise HTTPError(415, f"send JSON (Content-Type: application/json), not {kind}")
         try:
             return json.loads(self.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as error:
@@ -6748,10 +6760,13 @@ class HttpServer:
         self.node, self.host, self.port, self.token = node, host, port, token
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._slots = asyncio.Semaphore(HTTP_WORKERS)  # requests beyond these wait their turn, off the pool
         self.requests = 0
         self.errors = 0
 
     async def start(self) -> None:
+        self._pool = concurrent.futures.ThreadPoolExecutor(HTTP_WORKERS, thread_name_prefix="nodeflow-http")
         try:
             self._server = await asyncio.start_server(self._accept, self.host, self.port, limit=HTTP_MAX_HEAD_BYTES)
         except OSError as error:
@@ -6773,6 +6788,16 @@ class HttpServer:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 2)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self._server = self._pool = None
+
+    async def _off_loop(self, work: Callable[[], T]) -> T:
+        """Database reads and JSON encoding run on the HTTP threads: a big answer never stalls the
+        node's heartbeat, leases and workers, which share its event loop."""
+        assert self._pool is not None
+        async with self._slots:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -6784,7 +6809,7 @@ class HttpServer:
         self._connections.add(task)
         try:
             await self._serve_connection(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, TimeoutError):
             pass
         finally:
             self._connections.discard(task)
@@ -6816,8 +6841,8 @@ class HttpServer:
             first = False
             self.requests += 1
             keep_alive = request.keep_alive
-            status, content_type, payload = await self._respond(request)
-            await self._send_bytes(writer, status, content_type, payload, keep_alive)
+            status, content_type, payload, extra = await self._respond(request)
+            await self._send_bytes(writer, status, content_type, payload, keep_alive, extra)
             if not keep_alive:
                 return
 
@@ -6837,23 +6862,23 @@ class HttpServer:
                 raise HTTPError(431, f"the request head is larger than {HTTP_MAX_HEAD_BYTES} bytes")
             if header in (b"\r\n", b"\n", b""):
                 break
+            if header[:1] in (b" ", b"\t"):
+                raise HTTPError(400, "folded header lines are not accepted")
             name, colon, value = header.decode("latin-1").partition(":")
-            if not colon:
-                raise HTTPError(400, f"a header line without a colon: {name.strip()[:40]!r}")
-            key, value = name.strip().lower(), value.strip()
+            if not colon or not name or name != name.strip() or " " in name or "\t" in name:
+                raise HTTPError(400, f"a malformed header line: {name.strip()[:40]!r}")
+            key, value = name.lower(), value.strip()
             if key == "content-length" and headers.get(key, value) != value:
                 raise HTTPError(400, "two different Content-Length headers")
             headers[key] = value
-        if "chunked" in headers.get("transfer-encoding", "").lower():
-            raise HTTPError(501, "chunked request bodies are not accepted; send Content-Length")
+        if "transfer-encoding" in headers:
+            raise HTTPError(501, "transfer encodings (chunked, ...) are not accepted; send Content-Length")
         body = b""
         if "content-length" in headers:
-            try:
-                length = int(headers["content-length"])
-            except ValueError:
-                raise HTTPError(400, "Content-Length is not a number") from None
-            if length < 0:
-                raise HTTPError(400, "Content-Length is negative")
+            text = headers["content-length"]
+            if not (text.isascii() and text.isdigit()):
+                raise HTTPError(400, f"Content-Length is not a whole number: {text[:20]!r}")
+            length = int(text)
             if length > HTTP_MAX_BODY_BYTES:
                 raise HTTPError(413, f"the body is {length} bytes; the limit is {HTTP_MAX_BODY_BYTES}")
             body = await reader.readexactly(length)
@@ -6865,39 +6890,47 @@ class HttpServer:
             if pair:
                 key, _, value = pair.partition("=")
                 query[urllib.parse.unquote_plus(key)] = urllib.parse.unquote_plus(value)
-        return _Request(method, urllib.parse.unquote(path), query, headers, body, version)
+        return _Request(method, path, query, headers, body, version)  # parts are unquoted one by one
 
-    async def _respond(self, request: _Request) -> tuple[int, str, bytes]:
+    async def _respond(self, request: _Request) -> tuple[int, str, bytes, dict[str, str]]:
         try:
             if request.path == "/" and request.method == "GET":
-                return 200, "text/html; charset=utf-8", DASHBOARD_HTML.encode("utf-8")
+                return 200, "text/html; charset=utf-8", DASHBOARD_HTML.encode("utf-8"), {}
+            self._check_origin(request)
             self._check_token(request)
             if request.path == "/metrics" and request.method == "GET":
                 if self.node.nf is None:
                     raise HTTPError(503, "the node is starting")
-                text = await asyncio.to_thread(render_metrics, self.node)
-                return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8")
+                text = await self._off_loop(functools.partial(render_metrics, self.node))
+                return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8"), {}
             status, answer = await self._api(request)
-            return status, "application/json", _json_bytes(answer)
-        except HTTPError as error:
+            return status, "application/json", await self._off_loop(functools.partial(_json_bytes, answer)), {}
+        except Exception as error:
             self.errors += 1
-            return error.status, "application/json", _json_bytes({"error": str(error)})
-        except InvalidDefinition as error:
-            self.errors += 1
-            return 400, "application/json", _json_bytes({"error": str(error.problems[0]), "problems": error.problems})
-        except InvalidInput as error:
-            self.errors += 1
-            return 400, "application/json", _json_bytes({"error": str(error)})
-        except StoreBusy as error:
-            self.errors += 1
-            return 503, "application/json", _json_bytes({"error": str(error)})
-        except NodeflowError as error:
-            self.errors += 1
-            return 500, "application/json", _json_bytes({"error": str(error)})
-        except Exception as error:  # a bug: say so, keep serving
-            self.errors += 1
-            log.exception("HTTP %s %s failed", request.method, request.path)
-            return 500, "application/json", _json_bytes({"error": f"internal error: {type(error).__name__}"})
+            if isinstance(error, InvalidDefinition):
+                status, answer = 400, {"error": str(error.problems[0]), "problems": error.problems}
+            elif isinstance(error, NodeflowError):
+                status = getattr(error, "status", None) or (
+                    400 if isinstance(error, InvalidInput) else 503 if isinstance(error, StoreBusy) else 500
+                )
+                answer = {"error": str(error)}
+            else:  # a bug: say so, keep serving
+                log.exception("HTTP %s %s failed", request.method, request.path)
+                status, answer = 500, {"error": f"internal error: {type(error).__name__}"}
+            return status, "application/json", _json_bytes(answer), getattr(error, "headers", {})
+
+    def _check_origin(self, request: _Request) -> None:
+        """Without a token, only this host's own pages may drive the API: a page from elsewhere can
+        neither post to it (every POST must say it is JSON, which a plain form cannot, and a script
+        from another origin would need CORS, which this server never grants) nor read it through
+        a DNS name rebound to 127.0.0.1 (its Host header would not be ours)."""
+        if self.token is not None:
+            return
+        host = request.headers.get("host")
+        if host is not None:
+            name = _host_name(host)
+            if name.lower() not in {"127.0.0.1", "localhost", "::1", self.host.lower()}:
+                raise HTTPError(403, f"Host {host[:80]!r} is not this node; give it a token to serve other names")
 
     def _check_token(self, request: _Request) -> None:
         if self.token is None:
@@ -6905,13 +6938,15 @@ class HttpServer:
         given = request.headers.get("authorization", "")
         scheme, _, value = given.partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), self.token.encode()):
-            raise HTTPError(401, "this node wants its token: send Authorization: Bearer TOKEN")
+            raise HTTPError(
+                401, "this node wants its token: send Authorization: Bearer TOKEN", {"WWW-Authenticate": "Bearer"}
+            )
 
     async def _api(self, request: _Request) -> tuple[int, Any]:
         nf = self.node.nf
         if nf is None:
             raise HTTPError(503, "the node is starting")
-        parts = [part for part in request.path.split("/") if part]
+        parts = [urllib.parse.unquote(part) for part in request.path.split("/") if part]
         if len(parts) < 2 or parts[0] != "api":
             raise HTTPError(404, f"no route {request.path[:200]!r}; the API is under /api/ (see README)")
         route, rest, method = parts[1], parts[2:], request.method
@@ -6924,72 +6959,94 @@ class HttpServer:
         if allowed is None or (route == "instances" and len(rest) == 2 and rest[1] != "retry"):
             raise HTTPError(404, f"no route {request.path[:200]!r}")
         if method not in allowed:
-            raise HTTPError(405, f"{request.path} takes {' or '.join(allowed)}, not {method[:10]}")
-        if route == "status":
-            answer = await asyncio.to_thread(nf.status)
-            return 200, {"node": self.node.id, **answer}
-        if route == "nodes":
-            return 200, {"nodes": await asyncio.to_thread(nf.nodes)}
-        if route == "queues":
-            return 200, {"queues": nf.queues()}
-        if route == "locks":
-            return 200, {"locks": [_lock_entry(info) for info in await asyncio.to_thread(nf.held)]}
-        if route == "timers":
-            return 200, {"timers": [_timer_entry(timer) for timer in nf.timers(limit=_limit(request, 1000))]}
-        if route == "journal":
-            steps = nf.workflows.latest_steps(_limit(request, 20) or 20)
-            return 200, {
-                "journal": [{**step, "started": _iso(step["started"]), "ended": _iso(step["ended"])} for step in steps]
-            }
-        if route == "definitions":
-            if method == "POST":
-                _object_body(request, "a workflow definition")  # the Content-Type (415) and the shape, as elsewhere
-                info = await nf.adefine(request.body)  # parsed by parse_definition, which catches repeated keys
-                return 201 if info.changed else 200, {**_definition_entry(info), "changed": info.changed}
-            if rest:
-                return 200, nf.definition(rest[0], _whole_query(request, "version"))
-            return 200, {"definitions": [_definition_entry(info) for info in nf.definitions()]}
-        if route == "instances":
-            if method == "POST" and rest:
-                return 200, _instance_entry(await asyncio.to_thread(nf.retry, rest[0]))
-            if method == "POST":
-                body = _object_body(request, '{"definition": ID, "input": {...}}')
-                unknown = sorted(set(body) - {"definition", "input"})
-                if unknown or not isinstance(body.get("definition"), str):
-                    raise HTTPError(
-                        400,
-                        'send {"definition": ID, "input": {...}}' + (f"; unknown {unknown[0]!r}" if unknown else ""),
-                    )
-                instance_id = await nf.astart(body["definition"], body.get("input"))
-                return 201, _instance_entry(nf.instance(instance_id))
-            if rest:
-                return 200, _instance_entry(nf.instance(rest[0]), full=True)
-            found = await asyncio.to_thread(
-                nf.instances, request.query.get("status"), request.query.get("definition"), _limit(request, None)
+            raise HTTPError(
+                405, f"{request.path} takes {' or '.join(allowed)}, not {method[:10]}", {"Allow": ", ".join(allowed)}
             )
-            return 200, {"instances": [_instance_entry(instance) for instance in found]}
+        if method == "GET":
+            return 200, await self._off_loop(functools.partial(self._read_route, nf, route, rest, request))
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind != "application/json":  # a plain cross-site form cannot say this (see _check_origin)
+            raise HTTPError(415, f"send JSON with Content-Type: application/json, not {kind or 'nothing'!r}")
+        if route == "definitions":
+            _object_body(request, "a workflow definition")
+            info = await nf.adefine(request.body)  # parsed by parse_definition, which catches repeated keys
+            return 201 if info.changed else 200, {**_definition_entry(info), "changed": info.changed}
+        if route == "instances" and rest:
+            return 200, _instance_entry(await self._off_loop(functools.partial(nf.retry, rest[0])))
+        if route == "instances":
+            body = _object_body(request, '{"definition": ID, "input": {...}}')
+            unknown = sorted(set(body) - {"definition", "input"})
+            if unknown or not isinstance(body.get("definition"), str):
+                raise HTTPError(
+                    400, 'send {"definition": ID, "input": {...}}' + (f"; unknown {unknown[0]!r}" if unknown else "")
+                )
+            instance_id = await nf.astart(body["definition"], body.get("input"))
+            return 201, _instance_entry(await self._off_loop(functools.partial(nf.instance, instance_id)))
         body = _object_body(request, '{"input": {...}}')
         if set(body) - {"input"}:
             raise HTTPError(400, 'send {"input": {...}}')
         outcome = await nf.asignal(rest[0], body.get("input"))
         return 200, {"resumed": list(outcome.resumed), "started": list(outcome.started)}
 
+    def _read_route(self, nf: Cluster, route: str, rest: list[str], request: _Request) -> Any:
+        """A GET route's answer, read in an HTTP thread."""
+        if route == "status":
+            return {"node": self.node.id, **nf.status()}
+        if route == "nodes":
+            return {"nodes": nf.nodes()}
+        if route == "queues":
+            return {"queues": nf.queues()}
+        if route == "locks":
+            return {"locks": [_lock_entry(info) for info in nf.held()]}
+        if route == "timers":
+            return {"timers": [_timer_entry(timer) for timer in nf.timers(limit=_limit(request, 1000))]}
+        if route == "journal":
+            steps = nf.workflows.latest_steps(_limit(request, 20) or 20)
+            return {
+                "journal": [{**step, "started": _iso(step["started"]), "ended": _iso(step["ended"])} for step in steps]
+            }
+        if route == "definitions":
+            if rest:
+                return nf.definition(rest[0], _whole_query(request, "version"))
+            return {"definitions": [_definition_entry(info) for info in nf.definitions()]}
+        if rest:
+            return _instance_entry(nf.instance(rest[0]), full=True)
+        found = nf.instances(
+            request.query.get("status"), request.query.get("definition"), _limit(request, HTTP_DEFAULT_LIMIT)
+        )
+        return {"instances": [_instance_entry(instance) for instance in found]}
+
     async def _send(self, writer: asyncio.StreamWriter, status: int, answer: Any, keep_alive: bool) -> None:
         await self._send_bytes(writer, status, "application/json", _json_bytes(answer), keep_alive)
 
     async def _send_bytes(
-        self, writer: asyncio.StreamWriter, status: int, content_type: str, payload: bytes, keep_alive: bool
+        self,
+        writer: asyncio.StreamWriter,
+        status: int,
+        content_type: str,
+        payload: bytes,
+        keep_alive: bool,
+        extra: dict[str, str] | None = None,
     ) -> None:
         head = (
             f"HTTP/1.1 {status} {_HTTP_REASONS.get(status, 'Unknown')}\r\n"
             f"Content-Type: {content_type}\r\nContent-Length: {len(payload)}\r\n"
             f"Date: {time.strftime('%a, %d %b %Y %H:%M:%S GMT', time.gmtime())}\r\n"
             f"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
-            f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
+            f"X-Frame-Options: DENY\r\n"
+            + "".join(f"{name}: {value}\r\n" for name, value in (extra or {}).items())
+            + f"Connection: {'keep-alive' if keep_alive else 'close'}\r\n\r\n"
         )
         writer.write(head.encode("ascii") + payload)
         async with asyncio.timeout(HTTP_READ_TIMEOUT):  # a client that does not read is cut off too
             await writer.drain()
+
+
+def _host_name(host: str) -> str:
+    """The name in a Host header: "[::1]:8080" gives "::1", "localhost:8080" gives "localhost"."""
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.partition(":")[0] if host.count(":") <= 1 else host  # a bare IPv6 address has several
 
 
 def _json_bytes(answer: Any) -> bytes:
@@ -7427,11 +7484,11 @@ EXAMPLE_WORKFLOW = {
     "name": "Example: three steps, a wait, three more",
     "start": "hello",
     "activities": {
-        "hello": {"type": "log", "message": "example {input.n} started", "next": "work"},
+        "hello": {"type": "log", "message": "example started with input {input}", "next": "work"},
         "work": {"type": "work", "duration": "300ms", "next": "pause"},
         "pause": {"type": "timer", "duration": "2s", "next": "more-work"},
         "more-work": {"type": "work", "duration": "300ms", "next": "done"},
-        "done": {"type": "log", "message": "example {input.n} done"},
+        "done": {"type": "log", "message": "example done"},
     },
 }
 _NODE_COLOURS = (36, 33, 35, 32, 34, 31)  # ANSI foreground colours for the nodes' log prefixes
@@ -7479,7 +7536,7 @@ class _ClusterMember:
                 self.url = line.rsplit(" at ", 1)[1].split(" ")[0]
             if " joined " in line:
                 self.joined.set()
-            with self._out_mutex:
+            with self._out_mutex, contextlib.suppress(OSError, ValueError):  # a closed stdout: keep draining
                 print(f"{self.prefix}{line}", file=self._out, flush=True)
         process.stdout.close()
 
@@ -7492,7 +7549,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     if not 0 <= replicas < nodes:
         raise InvalidInput(f"--replicas must be from 0 to {nodes - 1}: at least one node must be able to schedule")
     port = _whole_number(args.http_port, "--http-port")
-    if port != 0 and not 1 <= port <= 65535 - nodes:
+    if port != 0 and not 1 <= port <= 65536 - nodes:
         raise InvalidInput(f"--http-port must leave room for {nodes} ports below 65536 (or be 0 for any free ports)")
     grace = parse_duration(args.grace, "--grace")
     if args.app:
@@ -7500,6 +7557,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
     with Cluster(args.db) as nf:
         if not nf.definitions():
             nf.define(EXAMPLE_WORKFLOW)
+            print(f"cluster: {args.db} had no workflow: defined one named example, to start from the dashboard")
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     out_mutex = threading.Lock()
     members = []
@@ -7518,58 +7576,69 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         libc = None
-    stopping = threading.Event()
-    previous = {signum: signal.signal(signum, lambda *_: stopping.set()) for signum in (signal.SIGINT, signal.SIGTERM)}
+    asked = 0  # stop requests (Ctrl-C, SIGTERM) so far: the first stops gracefully, the second at once
+
+    def on_signal(*_: object) -> None:
+        nonlocal asked
+        asked += 1
+
+    def say(text: str) -> None:
+        with out_mutex, contextlib.suppress(OSError, ValueError):
+            print(f"cluster: {text}", flush=True)
+
+    def pause(seconds: float) -> bool:
+        """Sleep up to ``seconds``; True when a stop was asked for meanwhile."""
+        ends = time.monotonic() + seconds
+        while not asked and time.monotonic() < ends:
+            time.sleep(0.05)
+        return bool(asked)
+
+    previous = {signum: signal.signal(signum, on_signal) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         for member in members:
             member.start(libc)
         deadline = time.monotonic() + 30
-        while not stopping.is_set() and time.monotonic() < deadline:
-            if all(member.joined.is_set() and member.url for member in members):
+        while not asked and time.monotonic() < deadline:
+            started = [m for m in members if m.process is not None and m.process.poll() is None]
+            if all(member.joined.is_set() and member.url for member in started) and len(started) == len(members):
                 break
-            if any(member.process is not None and member.process.poll() is not None for member in members):
-                break  # a node that could not start: its own log line said why
+            if len(started) < len(members) and all(m.joined.is_set() for m in started):
+                break  # a node could not start (its own log line said why); the others are up
             time.sleep(0.05)
-        with out_mutex:
-            urls = ", ".join(f"{member.node_id} {member.url}" for member in members if member.url)
-            print(f"cluster: {nodes} nodes on {args.db}" + (f" ({replicas} replicas)" if replicas else ""), flush=True)
-            print(f"cluster: dashboard at {members[0].url or '(n1 has no HTTP server)'}   (all: {urls})", flush=True)
-            print("cluster: Ctrl-C stops every node gracefully", flush=True)
-        while not stopping.wait(0.2):
+        urls = ", ".join(f"{member.node_id} {member.url}" for member in members if member.url)
+        say(f"{nodes} nodes on {args.db}" + (f" ({replicas} replicas)" if replicas else ""))
+        say(f"dashboard at {members[0].url or '(n1 has no HTTP server)'}   (all: {urls})")
+        say("Ctrl-C stops every node gracefully")
+        while not pause(0.2):
             for member in members:
                 process = member.process
                 if process is None or process.poll() is None:
                     continue
-                with out_mutex:
-                    print(f"cluster: node {member.node_id} exited with status {process.returncode}", flush=True)
+                say(f"node {member.node_id} exited with status {process.returncode}")
                 if not args.restart:
                     member.process = None
                     continue
                 # A node that keeps dying soon after starting is restarted ever more slowly.
-                pause = 1.0 if time.monotonic() - member.started > 10 else min(30.0, 2.0 ** (member.restarts + 1))
+                wait = 1.0 if time.monotonic() - member.started > 10 else min(30.0, 2.0 ** (member.restarts + 1))
                 member.restarts += 1
-                if stopping.wait(pause):
+                if pause(wait):
                     break
-                with out_mutex:
-                    print(f"cluster: restarting node {member.node_id}", flush=True)
+                say(f"restarting node {member.node_id}")
                 member.start(libc)
             if all(member.process is None for member in members):
-                print("cluster: every node has exited", file=sys.stderr, flush=True)
+                with contextlib.suppress(OSError, ValueError):
+                    print("cluster: every node has exited", file=sys.stderr, flush=True)
                 return 1
-        with out_mutex:
-            print("cluster: stopping every node", flush=True)
+        say("stopping every node (Ctrl-C again: at once)")
         for member in members:
             if member.process is not None and member.process.poll() is None:
                 member.process.send_signal(signal.SIGTERM)
         ends = time.monotonic() + grace + 10
         for member in members:
-            if member.process is None:
-                continue
-            try:
-                member.process.wait(max(0.1, ends - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                member.process.kill()
-                member.process.wait()
+            while member.process is not None and member.process.poll() is None:
+                if asked > 1 or time.monotonic() > ends:
+                    member.process.kill()
+                time.sleep(0.05)
         return 0
     finally:
         for member in members:
@@ -7684,7 +7753,7 @@ sys.exit(asyncio.run(main()))
 """
 
 _DEMO_COUNTER = r"""
-import sys, time
+import os, sys, time
 sys.path.insert(0, sys.argv[1])
 import nodeflow
 db, path, rounds, locked = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5] == "on"
@@ -7693,14 +7762,15 @@ with nodeflow.connect(db) as nf:
     for _ in range(rounds):
         held = nf.lock("demo-counter") if locked else None
         with open(path) as counter:
-            value = int(counter.read() or 0)
+            value = int(counter.read())
         time.sleep(0.0005)  # between its read and its write, another process reads the same value
-        with open(path, "w") as counter:
+        with open(path + f".{os.getpid()}", "w") as counter:
             counter.write(str(value + 1))
+        os.replace(path + f".{os.getpid()}", path)  # whole: a reader sees the old count or the new one
         if held is not None:
-            fences.append(held.fence)
+            fences.append(f"{held.fence}:{value + 1}")
             held.release()
-print(" ".join(map(str, fences)))
+print(" ".join(fences))
 """
 
 _DEMO_JOBS = """
@@ -7714,26 +7784,36 @@ def job(message):
 
 
 class _DemoCluster:
-    """A few nodes for one run of a demo, in a folder of their own, stopped and removed at the end."""
+    """A few nodes for one run of a demo, in a folder of their own; stop() ends them all."""
 
     def __init__(self, folder: str, nodes: int, switches: dict[str, Any], **options: Any) -> None:
         self.folder, self.db = folder, os.path.join(folder, "demo.db")
-        here = os.path.dirname(os.path.abspath(__file__))
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.nf = Cluster(self.db)  # the demo's own handle; it creates the database the nodes join
+        try:
+            self._start(nodes, switches, options)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, nodes: int, switches: dict[str, Any], options: dict[str, Any]) -> None:
+        here, parent = os.path.dirname(os.path.abspath(__file__)), os.getpid()
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+        except OSError:
+            libc = None
         for number in range(1, nodes + 1):
             node_id = f"n{number}"
             arguments = [json.dumps({"node_id": node_id, "grace": 1, **options}), json.dumps(switches)]
-            log = open(os.path.join(folder, f"{node_id}.log"), "wb")  # noqa: SIM115 - the child keeps it
-            self.processes[node_id] = subprocess.Popen(
-                [sys.executable, "-c", _DEMO_NODE, here, self.db, *arguments], stdout=log, stderr=subprocess.STDOUT
-            )
-            log.close()
-        self.nf = Cluster(self.db)
-        deadline = time.monotonic() + 15
-        while len([n for n in self.nf.nodes() if n["state"] == "running"]) < nodes:
-            if time.monotonic() > deadline:
-                raise NodeflowError(f"demo: the nodes did not start; see the logs in {folder}")
-            time.sleep(0.05)
+            with open(os.path.join(self.folder, f"{node_id}.log"), "wb") as log:
+                self.processes[node_id] = subprocess.Popen(
+                    [sys.executable, "-c", _DEMO_NODE, here, self.db, *arguments],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=lambda: _cluster_child_setup(parent, libc),  # the demo's nodes die with it
+                )
+        nf = self.nf
+        _demo_wait(lambda: len([n for n in nf.nodes() if n["state"] == "running"]) == nodes, 15, "the nodes to start")
 
     def stop(self) -> None:
         for process in self.processes.values():
@@ -7744,16 +7824,17 @@ class _DemoCluster:
                 process.wait(10)
             except subprocess.TimeoutExpired:
                 process.kill()
+                process.wait()
         self.nf.close()
 
 
-def _demo_wait(condition: Callable[[], bool], seconds: float) -> bool:
+def _demo_wait(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    """Wait for ``condition``; a demo whose cluster does not get there in time reports no counts."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            return False
+            raise NodeflowError(f"demo: waited {_format_seconds(seconds)} for {what} in vain")
         time.sleep(0.01)
-    return True
 
 
 def _demo_locks(folder: str, on: bool) -> dict[str, Any]:
@@ -7772,23 +7853,32 @@ def _demo_locks(folder: str, on: bool) -> dict[str, Any]:
         )
         for _ in range(processes)
     ]
-    fences = sorted(int(token) for worker in workers for token in worker.communicate(timeout=60)[0].split())
+    try:
+        outputs = [worker.communicate(timeout=60)[0] for worker in workers]
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    pairs = [token.split(":") for output in outputs for token in output.split()]
     with open(counter) as handle:
-        final = int(handle.read() or 0)
+        final = int(handle.read())
+    # In turn: the holder of fence N wrote the count N (its predecessor had written N - 1).
+    in_turn = bool(pairs) and all(fence == value for fence, value in pairs)
     return {"expected": processes * rounds, "counter": final, "lost": processes * rounds - final,
-            "fences_in_turn": fences == list(range(1, len(fences) + 1)) and bool(fences)}  # fmt: skip
+            "fences_in_turn": in_turn}  # fmt: skip
 
 
 def _demo_timers(folder: str, on: bool) -> dict[str, Any]:
     timers = 20
     cluster = _DemoCluster(folder, 3, {"_without_election": not on})
+    nf = cluster.nf
     try:
         due = time.time() + 1.5
         for number in range(timers):
-            cluster.nf.schedule(f"t{number}", "demo-fired", {"timer": number}, at=due)
-        _demo_wait(lambda: not any(timer.due for timer in cluster.nf.timers()), 10)
+            nf.schedule(f"t{number}", "demo-fired", {"timer": number}, at=due)
+        _demo_wait(lambda: not any(timer.due for timer in nf.timers()), 10, "every timer to fire")
         time.sleep(0.5)  # let any late duplicate land
-        sent = cluster.nf.queues().get("demo-fired", {}).get("ready", 0)
+        sent = nf.queues().get("demo-fired", {}).get("ready", 0)
     finally:
         cluster.stop()
     return {"timers": timers, "fired": sent, "duplicates": sent - timers}
@@ -7812,8 +7902,8 @@ def _demo_cache(folder: str, on: bool) -> dict[str, Any]:
             asked += 1
             return len({instance.started_by.split(" ")[0] for instance in nf.instances()}) == 3
 
-        _demo_wait(every_node_has_started_one, 10)
-        _demo_wait(lambda: len(nf.instances()) >= asked, 10)  # no start asked for before the define is pending
+        _demo_wait(every_node_has_started_one, 10, "every node to start an instance")
+        _demo_wait(lambda: len(nf.instances()) >= asked, 10, "the warm-up starts")  # none pending at the define
         nf.define(definition(2))
         for _ in range(30):
             nf.signal("go", {"round": "after"})  # each start these ask for follows the define
@@ -7821,7 +7911,7 @@ def _demo_cache(folder: str, on: bool) -> dict[str, Any]:
         def after() -> list[Instance]:
             return [i for i in nf.instances() if i.variables["input"].get("round") == "after"]
 
-        _demo_wait(lambda: len(after()) >= 30, 10)
+        _demo_wait(lambda: len(after()) >= 30, 10, "the starts after the define")
         started = after()
     finally:
         cluster.stop()
@@ -7846,7 +7936,7 @@ def _demo_failover(folder: str, on: bool) -> dict[str, Any]:
                 lambda conn: [row[0] for row in conn.execute("SELECT id FROM messages WHERE lease_owner = ?", (node,))]
             )
 
-        _demo_wait(lambda: bool(held_by("n2")), 10)
+        _demo_wait(lambda: bool(held_by("n2")), 10, "node n2 to take a job")
         held = held_by("n2")
         cluster.processes["n2"].kill()
         killed = time.monotonic()
@@ -7861,7 +7951,7 @@ def _demo_failover(folder: str, on: bool) -> dict[str, Any]:
             )  # fmt: skip
             return "n2" not in owners  # each handed back, done, or leased to a live node
 
-        _demo_wait(taken_over, lease + 10)
+        _demo_wait(taken_over, lease + 10, "the killed node's jobs to be handed back")
         took = time.monotonic() - killed
     finally:
         cluster.stop()
@@ -7882,8 +7972,9 @@ def _demo_report(scenario: str, off: dict[str, Any], on: dict[str, Any]) -> list
             f"without the lock: the counter ended at {off['counter']} of {off['expected']}: {off['lost']} updates "
             "were lost, each time two processes read the same value and both wrote it plus one.",
             f"with the lock:    the counter ended at {on['counter']} of {on['expected']}: "
-            + ("none lost" if on["lost"] == 0 else f"{on['lost']} lost") + "; the fencing tokens "
-            + ("went 1, 2, 3 ... to each holder in turn." if on["fences_in_turn"] else "were not in turn."),
+            + ("none lost" if on["lost"] == 0 else f"{on['lost']} lost") + "; counts and fencing tokens "
+            + ("match: the holder of token N wrote count N, one at a time."
+               if on["fences_in_turn"] else "do not match."),
         ]  # fmt: skip
     if scenario == "timers":
         return [
@@ -7911,12 +8002,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     if not args.json:
         print(f"demo {args.scenario}: {what}; first with the piece switched off, then on.", flush=True)
-    for label, on in (("off", False), ("on", True)):
-        folder = tempfile.mkdtemp(prefix=f"nodeflow-demo-{args.scenario}-{label}-")
-        try:
-            results[label] = run(folder, on)
-        finally:
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind: every node is stopped
+    try:
+        for label, on in (("off", False), ("on", True)):
+            folder = tempfile.mkdtemp(prefix=f"nodeflow-demo-{args.scenario}-{label}-")
+            try:
+                results[label] = run(folder, on)
+            except NodeflowError as error:  # keep the folder: the error names it, for the nodes' logs
+                raise NodeflowError(f"{error} (the nodes' logs are in {folder})") from None
+            except BaseException:  # interrupted: nothing to look at
+                shutil.rmtree(folder, ignore_errors=True)
+                raise
             shutil.rmtree(folder, ignore_errors=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if args.json:
         print(json.dumps({"demo": args.scenario, **results}))
     else:

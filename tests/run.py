@@ -9,6 +9,7 @@ module took in a sequential run (measured on 2026-11-23; a module not listed cou
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,6 +22,7 @@ SECONDS = {
     "test_lock_cli": 13, "test_signals": 13, "test_http": 12, "test_store": 9, "test_workflow_cluster": 9,
     "test_cluster": 7, "test_dashboard": 2, "test_cron": 1,
 }  # fmt: skip
+GROUP_TIMEOUT = 900.0  # a group still running after this is killed and counted as failed
 
 
 def groups(modules: list[str], jobs: int) -> list[list[str]]:
@@ -42,9 +44,20 @@ def main() -> int:
         log = tempfile.TemporaryFile()  # noqa: SIM115 - read after the process ends, closed with the run
         command = [sys.executable, "-m", "unittest", "-v", *(f"tests.{module}" for module in members)]
         runs.append((members, log, subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)))
+    def stop_children(signum: int, _frame: object) -> None:  # SIGTERM to make: no orphaned test processes
+        for _, _, process in runs:
+            process.terminate()
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop_children)
     failed = False
     for members, log, process in runs:
-        code = process.wait()
+        try:
+            code = process.wait(max(1.0, started + GROUP_TIMEOUT - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            code = process.wait()
+            log.write(f"\n{' '.join(members)}: still running after {GROUP_TIMEOUT:.0f} s; killed\n".encode())
         log.seek(0)
         sys.stdout.write(f"\n===== {', '.join(members)}: exit {code} =====\n")
         sys.stdout.write(log.read().decode("utf-8", "replace"))

@@ -191,6 +191,7 @@ def call(
         data = None
         if body is not None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        if body is not None or method == "POST":  # every POST says it is JSON, an empty one too
             sent.setdefault("Content-Type", "application/json")
         if token is not None:
             sent["Authorization"] = f"Bearer {token}"
@@ -446,7 +447,7 @@ class HttpApi(HttpTestCase):
         cls.addClassCleanup(cls.silent.close)
         cls.halting = socket.create_connection(("127.0.0.1", cls.port))
         cls.addClassCleanup(cls.halting.close)
-        cls.halting.sendall(b"GET /api/status HTTP/1.1\r\nHost: x\r\n")
+        cls.halting.sendall(b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         cls.silent_since = time.monotonic()
 
     def start(self, definition: str, data: dict[str, Any]) -> str:
@@ -717,7 +718,7 @@ class HttpApi(HttpTestCase):
             self.assert_error(answer, 415, "text/plain body")
 
         raw_cases = [
-            (b"POST /api/definitions HTTP/1.1\r\nHost: x\r\n\r\n", 411, "Content-Length"),
+            (b"POST /api/definitions HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", 411, "Content-Length"),
             (b"POST /api/signals/go HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501, "chunked"),
             (b"POST /api/signals/go HTTP/1.1\r\nContent-Length: abc\r\n\r\n", 400, "Content-Length"),
             (b"POST /api/signals/go HTTP/1.1\r\nContent-Length: -5\r\n\r\n", 400, "Content-Length"),
@@ -737,7 +738,7 @@ class HttpApi(HttpTestCase):
         with self.subTest("a body over 2 MiB: 413 before it is sent"):
             with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
                 sock.sendall(  # the head and a beginning of the body, far from all of it
-                    b"POST /api/definitions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"POST /api/definitions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b'Content-Length: %d\r\n\r\n{"id": ' % (2 * 1024 * 1024 + 1)
                 )
                 began = time.monotonic()
@@ -839,8 +840,8 @@ class HttpApi(HttpTestCase):
         # Two requests in one write; the second asks to close.
         raw, ended = exchange(
             self.port,
-            b"GET /api/nodes HTTP/1.1\r\nHost: x\r\n\r\n"
-            b"POST /api/signals/pipelined HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"GET /api/nodes HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            b"POST /api/signals/pipelined HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             b'Content-Length: 13\r\nConnection: close\r\n\r\n{"input": {}}',
         )
         self.assertEqual(ended, "eof")
@@ -901,12 +902,41 @@ class HttpApi(HttpTestCase):
                     self.assert_error(answer, 408, what)
         self.assertEqual(self.get("/api/status")["node"], "n1")
 
+    # 4. Tokens -------------------------------------------------------------------------------------------
 
-# 4. Tokens -------------------------------------------------------------------------------------------
+    def test_other_sites_can_neither_post_nor_read_without_a_token(self) -> None:
+        before = table_rows(self.node_db, WATCHED_TABLES)
+        # What a cross-site form can send: no JSON content type, so refused before anything is done.
+        for kind in (None, "application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"):
+            with self.subTest(kind=kind):
+                headers = {} if kind is None else {"Content-Type": kind}
+                connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+                try:
+                    connection.request("POST", "/api/signals/approve-1", body=b"", headers=headers)
+                    response = connection.getresponse()
+                    answer = Answer(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+                finally:
+                    connection.close()
+                self.assert_error(answer, 415, f"POST as {kind}", "application/json")
+        self.assertEqual(table_rows(self.node_db, WATCHED_TABLES), before)
+        # A page reached through a DNS name rebound to 127.0.0.1 says so in its Host header.
+        for host in ("evil.example", "evil.example:80", "127.0.0.1.evil.example"):
+            with self.subTest(host=host):
+                answer = call(self.port, "GET", "/api/status", headers={"Host": host})
+                self.assert_error(answer, 403, f"Host {host}", "Host")
+        for host in (f"127.0.0.1:{self.port}", f"localhost:{self.port}", "localhost"):
+            with self.subTest(host=host):
+                self.assertEqual(call(self.port, "GET", "/api/status", headers={"Host": host}).status, 200)
+        page = call(self.port, "GET", "/")
+        self.assertEqual(page.headers.get("x-frame-options"), "DENY", "the dashboard must not be framed elsewhere")
 
 
 class HttpToken(HttpTestCase):
     NODE_OPTIONS = ("--http-token", "s3cret")
+
+    def test_with_a_token_other_host_names_are_served(self) -> None:
+        answer = call(self.port, "GET", "/api/status", headers={"Host": "nodes.example:8080"}, token="s3cret")
+        self.assertEqual(answer.status, 200, "a token, not the name, protects a node bound beyond loopback")
 
     def test_the_api_wants_the_bearer_token(self) -> None:
         self.assertIn("(token required)", self.node.text())
