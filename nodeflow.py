@@ -7309,6 +7309,14 @@ def cmd_schedule(args: argparse.Namespace) -> int:
     return 0
 
 
+def _libc() -> Any:
+    """The C library, for prctl (a child's death signal); None where it cannot be loaded."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def _child_setup(parent: int, libc: Any, mask: Iterable[int]) -> None:
     # Runs in the child between fork and exec: it must not inherit the blocked signals, and it
     # dies with the `lock` process, so the command never runs on after the lock was freed.
@@ -7321,10 +7329,7 @@ def _child_setup(parent: int, libc: Any, mask: Iterable[int]) -> None:
 
 def _run_holding(held: HeldLock, command: list[str], db: str) -> int:
     env = dict(os.environ, NODEFLOW_LOCK=held.name, NODEFLOW_FENCE=str(held.fence), NODEFLOW_DB=db)
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        libc = None
+    libc = _libc()
     waited = {*_FORWARDED_SIGNALS, signal.SIGCHLD}
     parent = os.getpid()
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
@@ -7572,10 +7577,7 @@ def cmd_cluster(args: argparse.Namespace) -> int:
         shade = _NODE_COLOURS[(number - 1) % len(_NODE_COLOURS)]
         prefix = f"\033[{shade}m{node_id:>3} |\033[0m " if colour else f"{node_id:>3} | "
         members.append(_ClusterMember(node_id, command, prefix, sys.stdout, out_mutex))
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:
-        libc = None
+    libc = _libc()
     asked = 0  # stop requests (Ctrl-C, SIGTERM) so far: the first stops gracefully, the second at once
 
     def on_signal(*_: object) -> None:
@@ -7798,10 +7800,7 @@ class _DemoCluster:
 
     def _start(self, nodes: int, switches: dict[str, Any], options: dict[str, Any]) -> None:
         here, parent = os.path.dirname(os.path.abspath(__file__)), os.getpid()
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-        except OSError:
-            libc = None
+        libc = _libc()
         for number in range(1, nodes + 1):
             node_id = f"n{number}"
             arguments = [json.dumps({"node_id": node_id, "grace": 1, **options}), json.dumps(switches)]
