@@ -7166,6 +7166,13 @@ def render_metrics(node: Node) -> str:
     family("instruction_lag", "gauge", "Instructions in the log each node has yet to apply.", nf.signals.lag())
     http = node.http
     family("http_requests_total", "counter", "HTTP requests this node answered.", [(me, http.requests if http else 0)])
+    family(
+        "http_errors_total", "counter", "HTTP requests this node refused or failed.", [(me, http.errors if http else 0)]
+    )
+    family(
+        "workflow_runs_requeued_total", "counter", "Workflow runs put back because another node held the instance.",
+        [(me, runner.requeued if runner else 0)],
+    )  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -618,6 +618,7 @@ class HttpApi(HttpTestCase):
         for instance in ids:
             self.wait_for_instance(instance, "completed")
         self.settle()
+        self.assertEqual(self.call("GET", "/api/no-such-route").status, 404)  # counted as an error below
         answer = self.call("GET", "/metrics")
         self.assertEqual(answer.status, 200)
         self.assertEqual(answer.headers["content-type"].replace(" ", ""), "text/plain;version=0.0.4;charset=utf-8")
@@ -630,7 +631,7 @@ class HttpApi(HttpTestCase):
         self.assertGreaterEqual(sample(families, "nodeflow_scheduler_epoch"), 1)
         for counter in (
             "nodeflow_workflow_steps_total", "nodeflow_workflow_bursts_total", "nodeflow_messages_acked_total",
-            "nodeflow_lock_acquisitions_total", "nodeflow_http_requests_total",
+            "nodeflow_lock_acquisitions_total", "nodeflow_http_requests_total", "nodeflow_http_errors_total",
         ):  # fmt: skip
             self.assertGreater(sample(families, counter, node="n1"), 0, counter)
         self.assertGreaterEqual(sample(families, "nodeflow_workflow_steps_total", node="n1"), 2 * len(ids))
