@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import contextlib
+import contextvars
 import ctypes
 import datetime
 import errno
@@ -94,6 +95,9 @@ __all__ = [
     "compile_definition",
     "parse_definition",
     "activity",
+    "current_call",
+    "CallContext",
+    "SETTLED",
     "main",
 ]
 
@@ -243,6 +247,10 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds:.3g}s" if seconds < 1000 else f"{seconds:.0f}s"  # never 7.2e+03s
 
 
+def _iso_text(moment: float) -> str:
+    return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
+
+
 def _show_name(name: str, limit: int = 80) -> str:
     shown = repr(name)
     return shown if len(shown) <= limit else shown[: limit - 5] + "...'"
@@ -252,7 +260,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -398,6 +406,25 @@ _MIGRATIONS: dict[int, str] = {
     6: """
         CREATE INDEX journal_ended ON journal (ended);
     """,
+    7: """
+        CREATE TABLE elections (
+            epoch INTEGER PRIMARY KEY,
+            node  TEXT NOT NULL,
+            pid   INTEGER NOT NULL,
+            since REAL NOT NULL
+        );
+        CREATE TABLE timer_firings (
+            name    TEXT NOT NULL,
+            due     REAL NOT NULL,
+            fired   REAL NOT NULL,
+            epoch   INTEGER NOT NULL,
+            node    TEXT,
+            message INTEGER NOT NULL,
+            PRIMARY KEY (name, due)
+        ) WITHOUT ROWID;
+        CREATE INDEX timer_firings_fired ON timer_firings (fired);
+        ALTER TABLE nodes ADD COLUMN blueprints TEXT;
+    """,
 }
 
 # Filesystems on which SQLite WAL (shared memory) or kernel file locks are not reliable.
@@ -503,6 +530,9 @@ class Store:
             _private_directory(self.lock_dir, create=True)
             self._create_atomically()
             self._conn = self._open(self.path)
+        opened = os.stat(self.path)
+        self._identity = (opened.st_dev, opened.st_ino)
+        self._largest = opened.st_size
         _LIVE_STORES.add(self)
 
     # Opening ------------------------------------------------------------------------------
@@ -600,6 +630,26 @@ class Store:
         except BaseException:
             conn.execute("ROLLBACK")
             raise
+
+    def file_problem(self) -> str | None:
+        """Why the file at ``path`` is no longer the database this handle opened, or None.
+
+        Only ``os.stat``: opening the file would drop SQLite's own locks on it. Without VACUUM a
+        database file never shrinks (freed pages are reused, not cut off), so a smaller file was
+        truncated by someone else; a new inode means the file was replaced.
+        """
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return f"the database file {self.path} was removed"
+        except OSError as error:
+            return f"the database file {self.path} cannot be looked at ({error.strerror})"
+        if (now.st_dev, now.st_ino) != self._identity:
+            return f"the database file {self.path} was replaced by another file"
+        if now.st_size < self._largest:
+            return f"the database file {self.path} was truncated ({self._largest} bytes, now {now.st_size})"
+        self._largest = now.st_size
+        return None
 
     # Transactions ---------------------------------------------------------------------------
 
@@ -2772,6 +2822,12 @@ class MemoryCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def fresh_items(self) -> list[tuple[Any, Any]]:
+        """(key, value) of every entry whose tokens have not fired: what a lookup would return now."""
+        with self._mutex:
+            entries = list(self._entries.items())
+        return [(key, value) for key, (value, tokens, _) in entries if not any(token._fired for token in tokens)]
+
     def __contains__(self, key: Any) -> bool:
         return self._lookup(key)[0]
 
@@ -2912,9 +2968,16 @@ class _FlockWaiter:
 
 
 def take_office(conn: sqlite3.Connection, node: str) -> int:
-    """The new scheduler's first act: bump the election epoch, in its own transaction."""
-    conn.execute("UPDATE election SET epoch = epoch + 1, node = ?, since = ? WHERE id = 1", (node, time.time()))
-    return int(conn.execute("SELECT epoch FROM election WHERE id = 1").fetchone()[0])
+    """The new scheduler's first act: bump the election epoch, in its own transaction.
+
+    Each term is also kept in ``elections``: an audit of who held office when, which lets a
+    checker prove that no epoch ever had two schedulers.
+    """
+    now = time.time()
+    conn.execute("UPDATE election SET epoch = epoch + 1, node = ?, since = ? WHERE id = 1", (node, now))
+    epoch = int(conn.execute("SELECT epoch FROM election WHERE id = 1").fetchone()[0])
+    conn.execute("INSERT INTO elections (epoch, node, pid, since) VALUES (?, ?, ?, ?)", (epoch, node, os.getpid(), now))
+    return epoch
 
 
 def check_epoch(conn: sqlite3.Connection, epoch: int) -> None:
@@ -3371,20 +3434,25 @@ def _cron_schedule(expression: str, tz: str | None) -> CronSchedule:
     return CronSchedule.parse(expression, tz)  # parsed once per expression, not once per firing
 
 
-def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[str], float]]:
-    """Fire what is due; returns how many fired, the queues they sent to, and their total lateness."""
+def _fire_due_work(epoch: int, node: str | None = None) -> Callable[[sqlite3.Connection], tuple[int, set[str], float]]:
+    """Fire what is due; returns how many fired, the queues they sent to, and their total lateness.
+
+    Each firing is kept in ``timer_firings``, keyed by timer and due time: the record of what
+    fired, when, in which epoch, as which message, and a second guard (besides the epoch) that
+    no due time of a timer is ever fired twice.
+    """
 
     def fire(conn: sqlite3.Connection) -> tuple[int, set[str], float]:
         check_epoch(conn, epoch)
         now = time.time()  # in the transaction: the firing time is its commit's, not its queueing's
         rows = conn.execute(
-            "SELECT name, queue, body, cron, tz, due FROM timers WHERE due IS NOT NULL AND due <= ? "
+            "SELECT name, queue, body, cron, tz, due, created FROM timers WHERE due IS NOT NULL AND due <= ? "
             "ORDER BY due LIMIT ?",
             (now, FIRE_BATCH),
         ).fetchall()
         queues: set[str] = set()
         fired, lateness = 0, 0.0
-        for name, queue, body, cron, tz, due in rows:
+        for name, queue, body, cron, tz, due, created in rows:
             # A cron timer's next slot is the first after now: slots missed while no scheduler
             # ran are fired once, here, not once each.
             try:
@@ -3393,20 +3461,33 @@ def _fire_due_work(epoch: int) -> Callable[[sqlite3.Connection], tuple[int, set[
                 log.warning("timer %r cannot be scheduled any more (%s); it is paused", name, error)
                 conn.execute("UPDATE timers SET due = NULL WHERE name = ?", (name,))
                 continue
-            conn.execute(
+            conn.execute("UPDATE timers SET due = ? WHERE name = ?", (following, name))
+            if conn.execute(
+                "SELECT 1 FROM timer_firings WHERE name = ? AND due = ? AND fired >= ?", (name, due, created)
+            ).fetchone():  # never seen; if it ever is, it must not fire twice
+                log.warning("timer %r was fired for %s already; not again", name, _iso_text(due))
+                continue
+            message = conn.execute(
                 "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
                 (queue, body, now, now),
-            )
+            ).lastrowid
             conn.execute(
-                "UPDATE timers SET due = ?, fired = fired + 1, last_fired = ? WHERE name = ?",
-                (following, now, name),
+                "INSERT OR REPLACE INTO timer_firings (name, due, fired, epoch, node, message) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (name, due, now, epoch, node, message),
             )
+            conn.execute("UPDATE timers SET fired = fired + 1, last_fired = ? WHERE name = ?", (now, name))
             queues.add(queue)
             fired += 1
             lateness += max(0.0, now - due)
         return fired, queues, lateness
 
     return fire
+
+
+def prune_timer_firings(conn: sqlite3.Connection, max_age: float) -> int:
+    """Forget firings older than ``max_age``: the guard only matters for due times still ahead or just past."""
+    return conn.execute("DELETE FROM timer_firings WHERE fired < ?", (time.time() - max_age,)).rowcount
 
 
 def _next_due(conn: sqlite3.Connection) -> float | None:
@@ -4149,6 +4230,38 @@ def activity(name: str) -> Callable[[Callable[[dict[str, Any]], Any]], Callable[
     return register
 
 
+@dataclass(frozen=True)
+class CallContext:
+    """What a ``call`` function may ask of the step it runs for, through ``nodeflow.current_call()``."""
+
+    instance: str
+    activity: str
+    step: int  # the journal step this call will be recorded as
+    fence: int  # the instance lock's fencing token for this burst
+    node: str
+
+    @property
+    def key(self) -> str:
+        """An idempotency key: the same when a burst that was lost (a crash) runs this call again."""
+        return f"{self.instance}:{self.step}"
+
+
+_CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("nodeflow_call", default=None)
+
+
+def current_call() -> CallContext:
+    """Inside a function that a ``call`` activity runs: its instance, step, fence and idempotency key.
+
+    A call runs at least once: when a node dies after the call but before its burst commits,
+    the call runs again from the last committed state, with the same ``key``. A function whose
+    effects are keyed by it (an INSERT OR IGNORE, a request with an idempotency key) has them once.
+    """
+    context = _CURRENT_CALL.get()
+    if context is None:
+        raise NodeflowError("nodeflow.current_call() is only known inside a function that a call activity runs")
+    return context
+
+
 # What the runtime reads and shows -----------------------------------------------------------------
 
 
@@ -4418,6 +4531,14 @@ class Workflows:
             tokens=(DEFINITIONS_TOKEN,) if self.cache_signals else (),  # the demo's stale cache keeps what it has
         )
 
+    def cached_versions(self) -> dict[str, int]:
+        """definition id -> the version a start would use from this process's cache (no read)."""
+        return {
+            key[1]: value.version
+            for key, value in self.cache.fresh_items()
+            if isinstance(key, tuple) and len(key) == 3 and key[0] == "blueprint" and key[2] is None
+        }
+
     # Instances ------------------------------------------------------------------------------
 
     def _prepare_start(
@@ -4641,6 +4762,7 @@ class _Burst:
         self.journal: list[tuple[Any, ...]] = []
         self.run_again_at: float | None = None  # when to send the next run message (None: no message)
         self.definition = blueprint.id
+        self.fence = 0  # the instance lock's fence for this burst
 
 
 class WorkflowRunner:
@@ -4747,7 +4869,7 @@ class WorkflowRunner:
                 await self.bus.aack(message)
                 return
             assert row is not None
-            burst = await self._burst(row)
+            burst = await self._burst(row, held.fence)
             try:
                 await self.bus.aack(message, also=self._commit_work(burst, held.fence), rings=self._rings(burst))
             except _StaleInstance as error:
@@ -4813,7 +4935,7 @@ class WorkflowRunner:
 
     # Steps --------------------------------------------------------------------------------
 
-    async def _burst(self, row: tuple[Any, ...]) -> _Burst:
+    async def _burst(self, row: tuple[Any, ...], fence: int) -> _Burst:
         state, (definition, version) = row[:11], row[11:13]
         try:
             blueprint = self.workflows.blueprint(definition, version)
@@ -4822,7 +4944,7 @@ class WorkflowRunner:
             burst.status, burst.error = "faulted", f"cannot load workflow {definition} v{version}: {error}"
             return burst
         burst = _Burst(state, blueprint)
-        burst.status = "running"
+        burst.status, burst.fence = "running", fence
         for _ in range(BURST_MAX_STEPS):
             activity = blueprint.activities.get(burst.position or "")
             if activity is None:
@@ -4912,7 +5034,8 @@ class WorkflowRunner:
             burst.status, burst.bookmark, burst.waiting_for = "waiting", "signal", name
             return None, f"waiting for signal {name}"
         if kind == "call":
-            result = await self._call(spec["function"], variables)
+            context = CallContext(burst.id, activity.id, burst.steps + len(burst.journal), burst.fence, self.node)
+            result = await self._call(spec["function"], variables, context)
             variables[spec.get("result") or activity.id] = result
             return activity.next, f"called {spec['function']}"
         if kind == "fail":
@@ -4928,7 +5051,7 @@ class WorkflowRunner:
             return activity.next, f"worked {_format_seconds(seconds)} ({spec.get('kind') or 'io'})"
         raise _Fault(f"unknown activity type {kind!r}")
 
-    async def _call(self, name: str, variables: dict[str, Any]) -> Any:
+    async def _call(self, name: str, variables: dict[str, Any], context: CallContext) -> Any:
         function = self.functions.get(name)
         if function is None and ":" in name:
             function = self.functions.get(name.split(":", 1)[1])
@@ -4938,6 +5061,7 @@ class WorkflowRunner:
                 f"no function {name!r} on node {self.node}; start nodes with --app MODULE that registers it"
             )
         given = json.loads(json.dumps(variables))  # a copy: the function cannot change state behind our back
+        reset = _CURRENT_CALL.set(context)  # to_thread copies the context: sync functions see it too
         try:
             if inspect.iscoroutinefunction(function):
                 result = await function(given)
@@ -4947,6 +5071,8 @@ class WorkflowRunner:
             raise
         except Exception as error:
             raise _CallFailed(f"{type(error).__name__}: {error}") from None
+        finally:
+            _CURRENT_CALL.reset(reset)
         try:
             encode_body(result, self.workflows.store.settings.max_body_bytes)
         except InvalidInput as error:
@@ -4963,10 +5089,6 @@ def _spin(seconds: float) -> None:
     total = 0
     while time.monotonic() < end:
         total += sum(range(200))
-
-
-def _iso_text(moment: float) -> str:
-    return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
@@ -5530,6 +5652,7 @@ def connect(path: str | None = None, **options: Any) -> Cluster:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
+CLOCK_STEP_NOTICE = 2.0  # a wall clock that moved this much more or less than the monotonic clock stepped
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 
 
@@ -5663,6 +5786,7 @@ class Node:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
         self._stop_reason = "asked to"
+        self._fatal: str | None = None  # why the node must stop at once, writing nothing more
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -5714,6 +5838,13 @@ class Node:
         )
         # Leases of an earlier life under this id are its own no more: hand them back now.
         return hand_back_leases(conn, self.id, f"node {self.id} restarted")[0]
+
+    def _fail(self, problem: str) -> None:
+        """Stop at once without another write: the file under us is not the cluster's database any more."""
+        if self._fatal is None:
+            self._fatal = problem
+            self.say(f"error: {problem}; stopping now, without writing to it: restart the nodes once it is sorted out")
+        self.request_stop("a fatal error")
 
     def request_stop(self, reason: str = "asked to") -> None:
         """Begin a graceful stop; safe from any thread and from signal handlers."""
@@ -5769,6 +5900,11 @@ class Node:
                     f"running workflows ({self.concurrency} at once, {len(set(self.activities.values()))} functions)"
                 )
             await self._stop.wait()
+            if self._fatal is not None:
+                for task in [*workers, *self._handling]:
+                    task.cancel()
+                await asyncio.gather(*workers, *self._handling, return_exceptions=True)
+                return 1
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
             for watcher in self._peers.values():
                 watcher.stop()  # peers leaving with us are for the nodes that stay to reap
@@ -5919,18 +6055,45 @@ class Node:
         node, pid = self.id, os.getpid()
 
         def beat(conn: sqlite3.Connection) -> None:
+            # With the beat, the versions of the blueprints this node would use: a stale cache shows.
+            blueprints = json.dumps(self.nf.workflows.cached_versions() if self.nf else {}, sort_keys=True)
             conn.execute(
-                "UPDATE nodes SET heartbeat = ?, state = 'running' WHERE id = ? AND pid = ?", (time.time(), node, pid)
+                "UPDATE nodes SET heartbeat = ?, state = 'running', blueprints = ? WHERE id = ? AND pid = ?",
+                (time.time(), blueprints, node, pid),
             )
 
+        clock = (time.time(), time.monotonic())
         while True:
             seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
+            clock = self._notice_clock_step(clock)
+            problem = self.nf.store.file_problem()
+            if problem is not None:
+                self._fail(problem)
+                return
             try:
                 await self.nf.committer.asubmit(beat)
                 await asyncio.to_thread(self._look_after_peers)  # may wait for the writer: not on the loop
+            except (CorruptDatabase, NotADatabase) as error:
+                self._fail(str(error))
+                return
             except Exception as error:  # a busy or full disk: keep beating, say so
                 self.say(f"heartbeat failed: {error}")
             await self.nf.wakeups.await_change(RING_MEMBERSHIP, seen, self.heartbeat)  # a node joined: watch it now
+
+    def _notice_clock_step(self, last: tuple[float, float]) -> tuple[float, float]:
+        """Say when the wall clock stepped (NTP, an operator): due times are wall-clock times."""
+        now = (time.time(), time.monotonic())
+        step = (now[0] - last[0]) - (now[1] - last[1])
+        if abs(step) >= CLOCK_STEP_NOTICE:
+            self.say(
+                f"the wall clock stepped {'forward' if step > 0 else 'back'} by {_format_seconds(abs(step))}: "
+                + (
+                    "what fell due in the skipped time fires now, once"
+                    if step > 0
+                    else "timers wait for their due times to come round again; none fires twice"
+                )
+            )
+        return now
 
     def _look_after_peers(self) -> None:
         if self._without_liveness_locks:
@@ -6056,7 +6219,9 @@ class Node:
         while not self._stop.is_set():
             seen = nf.wakeups.generation(RING_TIMERS)
             try:
-                fired, queues, lateness = await nf.committer.asubmit(_fire_due_work(epoch))
+                if not self._keep_office_file():
+                    raise LostOffice("scheduler.lock was removed and another node locked the new one")
+                fired, queues, lateness = await nf.committer.asubmit(_fire_due_work(epoch, self.id))
             except LostOffice as error:  # our scheduler.lock was removed and another node took a new one
                 self.say(f"lost office: {error}; standing again")
                 if self._office_fd is not None:
@@ -6087,11 +6252,45 @@ class Node:
                     )
                     if pruned:
                         self.say(f"pruned {pruned} old instructions")
+                    await nf.committer.asubmit(
+                        functools.partial(prune_timer_firings, max_age=self.settings.instruction_max_age)
+                    )
             due = nf.store.read(_next_due)
             # Wake at the next due time, on a ring (a timer added), and at least every second:
             # a wall-clock step must not leave a timer waiting long.
             pause = 1.0 if due is None else min(1.0, max(0.0, due - time.time()))
             await nf.wakeups.await_change(RING_TIMERS, seen, pause)
+
+    def _keep_office_file(self) -> bool:
+        """Whether we still hold the file at scheduler.lock; when it was removed (the lock folder
+        deleted, say), lock a new one: a node starting now would otherwise find it free and take
+        office too (its new epoch would depose us, but the cluster would change scheduler for nothing)."""
+        assert self.nf is not None
+        if self._office_fd is None:
+            return True
+        lock_dir = self.nf.store.lock_dir
+        path = os.path.join(lock_dir, "scheduler.lock")
+        try:
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(self._office_fd).st_ino:
+                return True
+        except FileNotFoundError:
+            pass
+        try:
+            fd = open_lock_file(path, (lock_dir,))
+        except (OSError, StoreError) as error:
+            self.say(f"scheduler.lock was removed and cannot be made again ({error}); trying again")
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            kept = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except OSError:
+            kept = False
+        with _LOCK_FDS_MUTEX:
+            _close_lock_fd(self._office_fd if kept else fd)
+        if kept:
+            self._office_fd = fd
+            self.say("scheduler.lock was removed; locked a new one and kept office")
+        return kept
 
     async def _fire_without_election(self) -> None:
         """For `demo timers` only: what every node does when no election picks one to schedule.
@@ -7255,6 +7454,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 node.say("second interrupt: exiting at once")
                 os._exit(130)
         node.request_stop(signal.Signals(signum).name)
+
+    # A file-size limit (ulimit -f) reached by a write kills a process by SIGXFSZ by default;
+    # ignored, the write fails with EFBIG instead, as it does on a full disk, and is retried.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
     async def serve() -> int:
         loop = asyncio.get_running_loop()
