@@ -1610,6 +1610,9 @@ class Doorbells:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 QUEUE_NAME_MAX_BYTES = 200
+# nodeflow's own queues (workflow runs): their messages never become dead letters, since losing
+# one would strand what it drives; their handler settles a message it cannot serve itself.
+INTERNAL_QUEUE_PREFIX = "nodeflow."
 GROUP_COMMIT_MAX = 256  # pieces of work in one shared transaction
 
 
@@ -2056,7 +2059,7 @@ class Bus:
                 for message_id, body, priority, attempts, created, last_error, previous in rows:
                     if previous is not None:  # its lease ran out without an ack or a nack
                         last_error = f"lease of {previous} expired after delivery {attempts}"
-                    if attempts >= limit:  # delivered the most times allowed: a poison message
+                    if attempts >= limit and not queue.startswith(INTERNAL_QUEUE_PREFIX):  # a poison message
                         _bury(conn, message_id, last_error, now)
                         continue
                     conn.execute(
@@ -2249,7 +2252,7 @@ class Bus:
                 raise LeaseLost(
                     f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
                 )
-            if message.attempts >= limit:
+            if message.attempts >= limit and not message.queue.startswith(INTERNAL_QUEUE_PREFIX):
                 _bury(conn, message.id, error, now)
                 return "dead"
             return "queued"
@@ -3500,7 +3503,7 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
 #    in bursts under instance locks, one journal row per step.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-WORKFLOW_QUEUE = "nodeflow.workflows"  # "run" and "start" messages; every serve node consumes it
+WORKFLOW_QUEUE = INTERNAL_QUEUE_PREFIX + "workflows"  # "run" and "start" messages; every serve node consumes it
 DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cached blueprints are stale
 RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
 INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted")
@@ -3516,6 +3519,10 @@ BURST_MAX_STEPS = 100  # then the instance goes back in the queue, so a loop sha
 CALL_ATTEMPTS = 3  # tries of a failing call before its instance is faulted ("retry" per activity)
 CALL_RETRY_DELAY = 1.0  # before the second try; doubled for each try after it, up to an hour
 INSTANCE_LOCK_WAIT = 5.0  # then a run message goes back in the queue, to try again a second later
+# A run message delivered this many times (times max_deliveries) without a burst committing: each
+# node running it died, stopped or could not commit. The instance is faulted (retry resumes it)
+# rather than crash the cluster's nodes one by one for ever; its message is never a dead letter.
+BURST_DELIVERY_FACTOR = 4
 INSTANCE_ID_MIN_PREFIX = 4
 
 _WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -4869,7 +4876,7 @@ class WorkflowRunner:
                 await self.bus.aack(message)
                 return
             assert row is not None
-            burst = await self._burst(row, held.fence)
+            burst = await self._burst(row, held.fence, message.attempts)
             try:
                 await self.bus.aack(message, also=self._commit_work(burst, held.fence), rings=self._rings(burst))
             except _StaleInstance as error:
@@ -4935,7 +4942,7 @@ class WorkflowRunner:
 
     # Steps --------------------------------------------------------------------------------
 
-    async def _burst(self, row: tuple[Any, ...], fence: int) -> _Burst:
+    async def _burst(self, row: tuple[Any, ...], fence: int, deliveries: int = 1) -> _Burst:
         state, (definition, version) = row[:11], row[11:13]
         try:
             blueprint = self.workflows.blueprint(definition, version)
@@ -4945,6 +4952,17 @@ class WorkflowRunner:
             return burst
         burst = _Burst(state, blueprint)
         burst.status, burst.fence = "running", fence
+        limit = BURST_DELIVERY_FACTOR * self.workflows.store.settings.max_deliveries
+        if deliveries > limit:
+            burst.status = "faulted"
+            burst.error = (
+                f"no node finished a burst of it in {deliveries - 1} deliveries (each died, was stopped or could not "
+                "commit); see the node logs, then retry it"
+            )
+            activity = blueprint.activities.get(burst.position or "")
+            if activity is not None:
+                burst.journal.append((activity.id, activity.type, time.time(), time.time(), f"faulted: {burst.error}"))
+            return burst
         for _ in range(BURST_MAX_STEPS):
             activity = blueprint.activities.get(burst.position or "")
             if activity is None:

@@ -741,6 +741,13 @@ async def twice(variables):
     return variables["input"]["order"] * 2
 
 
+@nodeflow.activity("whoami")
+def whoami(variables):
+    call = nodeflow.current_call()
+    return {"instance": call.instance, "activity": call.activity, "step": call.step, "fence": call.fence,
+            "node": call.node, "key": call.key}
+
+
 @nodeflow.activity("flaky")
 def flaky(variables):
     with open(variables["input"]["calls"], "a") as calls:
@@ -856,6 +863,15 @@ NODE_DEFINITIONS: list[dict[str, Any]] = [
         "id": "nowhere",
         "start": "ring",
         "activities": {"ring": {"type": "call", "function": "nowhere", "retry": {"attempts": 1}}},
+    },
+    {
+        "id": "whoami",
+        "start": "first",
+        "activities": {
+            "first": {"type": "call", "function": "whoami", "next": "pause"},
+            "pause": {"type": "timer", "duration": "50ms", "next": "second"},
+            "second": {"type": "call", "function": "whoami"},
+        },
     },
     {
         "id": "types",
@@ -1252,6 +1268,21 @@ class NodeWorkflowTests(ClusterTestCase):
         }
         self.assertEqual(listed, {old: 1, new: 2})
 
+    def test_a_call_knows_its_instance_step_fence_and_idempotency_key(self) -> None:
+        instance_id, _ = self.start_and_wait("whoami", {}, 0)
+        instance = self.nf.instance(instance_id)
+        rows = {entry.activity: entry for entry in instance.journal if entry.outcome.startswith("called ")}
+        for name in ("first", "second"):
+            seen, row = instance.variables[name], rows[name]
+            self.assertEqual(
+                seen,
+                {"instance": instance_id, "activity": name, "step": row.step, "fence": row.fence, "node": "n1",
+                 "key": f"{instance_id}:{row.step}"},
+            )  # fmt: skip
+        self.assertGreater(instance.variables["second"]["fence"], instance.variables["first"]["fence"])
+        with self.assertRaisesRegex(nodeflow.NodeflowError, "only known inside a function that a call activity runs"):
+            nodeflow.current_call()
+
     def test_set_keeps_the_type_of_a_lone_placeholder(self) -> None:
         """A set of "{input.items}" stores the list itself, not the text "[1,2]"."""
         _, lines = self.start_and_wait("types", {"items": [1, 2], "order": 7}, 0)
@@ -1272,6 +1303,40 @@ class NodeWorkflowTests(ClusterTestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class RunMessageDeliveries(ClusterTestCase):
+    """A workflow's run message is never a dead letter (an instance would be stranded, running for
+    ever with nothing to run it); one that no node has got through in many deliveries faults its
+    instance instead, which retry resumes. The delivery counts are set in the database, as a
+    history of nodes dying mid-burst would leave them."""
+
+    def test_a_run_message_past_max_deliveries_still_runs_and_one_far_past_faults_its_instance(self) -> None:
+        with nodeflow.connect(self.db) as nf:
+            nf.define({"id": "plain", "start": "a", "activities": {"a": {"type": "set", "values": {"x": 1}}}})
+            survivor, stuck = nf.start("plain"), nf.start("plain")
+            limit = nf.store.settings.max_deliveries * nodeflow.BURST_DELIVERY_FACTOR
+            nf.store.write(
+                lambda conn: conn.executemany(
+                    "UPDATE messages SET attempts = ? WHERE body LIKE ?",
+                    [(nf.store.settings.max_deliveries + 2, f'%"{survivor}"%'), (limit, f'%"{stuck}"%')],
+                )
+            )
+            log_path = os.path.join(self.dir, "n1.log")
+            with open(log_path, "w") as log:
+                node = subprocess.Popen(
+                    [PYTHON, NODEFLOW, "--db", self.db, "serve", "--node-id", "n1"], stderr=log, cwd=self.dir
+                )
+            self.children.append(node)
+            self.assertEqual(nf.wait(survivor, 20).status, "completed")
+            faulted = nf.wait(stuck, 20)
+            self.assertEqual(faulted.status, "faulted", faulted)
+            self.assertIn(f"no node finished a burst of it in {limit} deliveries", faulted.error or "")
+            self.assertEqual(nf.dead_letters(nodeflow.WORKFLOW_QUEUE), [])
+            nf.retry(stuck)
+            self.assertEqual(nf.wait(stuck, 20).status, "completed")
+            node.send_signal(signal.SIGTERM)
+            self.assertEqual(node.wait(20), 0)
 
 
 class BlueprintCacheTests(ClusterTestCase):
