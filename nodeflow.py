@@ -61,6 +61,7 @@ from typing import Any, TypeVar, overload
 __all__ = [
     "NodeflowError",
     "InvalidInput",
+    "NotFound",
     "LockTimeout",
     "StoreError",
     "StoreBusy",
@@ -122,6 +123,10 @@ class InvalidInput(NodeflowError, ValueError):
     """Bad input from the caller: nothing was changed."""
 
     exit_code = 2
+
+
+class NotFound(InvalidInput):
+    """No instance, definition or version by the id or name given (over HTTP: 404)."""
 
 
 class LockTimeout(NodeflowError, TimeoutError):
@@ -541,6 +546,11 @@ class Store:
         info = os.stat(self.path)
         if not stat.S_ISREG(info.st_mode):
             raise NotADatabase(f"{self.path} is not a regular file, so not a nodeflow database")
+        if info.st_uid != os.geteuid():  # also for root: its -wal and -shm would lock the owner out
+            raise StoreError(
+                f"{self.path} belongs to another user (uid {info.st_uid}); run nodeflow as that user "
+                "or choose another --db"
+            )
         if info.st_size == 0:
             raise NotADatabase(
                 f"{self.path} is an empty file, not a nodeflow database; remove it or choose another --db"
@@ -4391,7 +4401,7 @@ def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
                 return found[0]
             if found:
                 raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
-    raise InvalidInput(f"no instance {_show_name(text)}; list them with: instances")
+    raise NotFound(f"no instance {_show_name(text)}; list them with: instances")
 
 
 class Workflows:
@@ -4510,12 +4520,15 @@ class Workflows:
 
     def _definition_body(self, workflow_id: str, version: int | None) -> tuple[int, str]:
         def read(conn: sqlite3.Connection) -> tuple[int, str]:
-            wanted = _latest_version(conn, workflow_id) if version is None else version
+            try:
+                wanted = _latest_version(conn, workflow_id) if version is None else version
+            except InvalidInput as error:
+                raise NotFound(str(error)) from None
             row = conn.execute(
                 "SELECT body FROM definitions WHERE id = ? AND version = ?", (workflow_id, wanted)
             ).fetchone()
             if row is None:
-                raise InvalidInput(f"workflow {_show_name(workflow_id)} has no version {wanted}")
+                raise NotFound(f"workflow {_show_name(workflow_id)} has no version {wanted}")
             return wanted, str(row[0])
 
         return self.store.read(read)
@@ -7120,6 +7133,8 @@ class HttpServer:
                     raise HTTPError(503, "the node is starting")
                 text = await self._off_loop(functools.partial(render_metrics, self.node))
                 return 200, "text/plain; version=0.0.4; charset=utf-8", text.encode("utf-8"), {}
+            if request.path in ("/", "/metrics"):  # a GET would have been answered above
+                raise HTTPError(405, f"{request.path} takes GET, not {request.method[:10]}", {"Allow": "GET"})
             status, answer = await self._api(request)
             return status, "application/json", await self._off_loop(functools.partial(_json_bytes, answer)), {}
         except Exception as error:
@@ -7127,10 +7142,7 @@ class HttpServer:
             if isinstance(error, InvalidDefinition):
                 status, answer = 400, {"error": str(error.problems[0]), "problems": error.problems}
             elif isinstance(error, NodeflowError):
-                status = getattr(error, "status", None) or (
-                    400 if isinstance(error, InvalidInput) else 503 if isinstance(error, StoreBusy) else 500
-                )
-                answer = {"error": str(error)}
+                status, answer = _http_status(error), {"error": str(error)}
             else:  # a bug: say so, keep serving
                 log.exception("HTTP %s %s failed", request.method, request.path)
                 status, answer = 500, {"error": f"internal error: {type(error).__name__}"}
@@ -7197,7 +7209,10 @@ class HttpServer:
                 raise HTTPError(
                     400, 'send {"definition": ID, "input": {...}}' + (f"; unknown {unknown[0]!r}" if unknown else "")
                 )
-            instance_id = await nf.astart(body["definition"], body.get("input"))
+            try:
+                instance_id = await nf.astart(body["definition"], body.get("input"))
+            except NotFound as error:  # named in the body, not the path: a bad request, not a missing page
+                raise HTTPError(400, str(error)) from None
             return 201, _instance_entry(await self._off_loop(functools.partial(nf.instance, instance_id)))
         body = _object_body(request, '{"input": {...}}')
         if set(body) - {"input"}:
@@ -7257,6 +7272,16 @@ class HttpServer:
         writer.write(head.encode("ascii") + payload)
         async with asyncio.timeout(HTTP_READ_TIMEOUT):  # a client that does not read is cut off too
             await writer.drain()
+
+
+def _http_status(error: NodeflowError) -> int:
+    if isinstance(error, HTTPError):
+        return error.status
+    if isinstance(error, NotFound):
+        return 404
+    if isinstance(error, InvalidInput):
+        return 400
+    return 503 if isinstance(error, StoreBusy) else 500
 
 
 def _host_name(host: str) -> str:

@@ -673,9 +673,9 @@ class HttpApi(HttpTestCase):
             ("POST", "/api/instances", b'{"definition": "greet", "input": {"x": NaN}}', 400, None),
             ("POST", "/api/signals/go", {"input": 5}, 400, "object"),
             ("POST", "/api/definitions", {}, 400, None),
-            ("GET", "/api/instances/ffffffffffffffff", None, 400, "no instance"),
-            ("POST", "/api/instances/ffffffffffffffff/retry", None, 400, "no instance"),
-            ("GET", "/api/definitions/no-such-workflow", None, 400, "no-such-workflow"),
+            ("GET", "/api/instances/ffffffffffffffff", None, 404, "no instance"),
+            ("POST", "/api/instances/ffffffffffffffff/retry", None, 404, "no instance"),
+            ("GET", "/api/definitions/no-such-workflow", None, 404, "no-such-workflow"),
             ("GET", "/api/instances?limit=abc", None, 400, "limit"),
             ("GET", "/api/instances?limit=0", None, 400, "limit"),
             ("GET", "/api/instances?limit=-1", None, 400, "limit"),
@@ -683,7 +683,7 @@ class HttpApi(HttpTestCase):
             ("GET", "/api/journal?limit=abc", None, 400, "limit"),
             ("GET", "/api/timers?limit=1.5", None, 400, "limit"),
             ("GET", "/api/definitions/greet?version=abc", None, 400, "version"),
-            ("GET", "/api/definitions/greet?version=99", None, 400, None),
+            ("GET", "/api/definitions/greet?version=99", None, 404, "has no version 99"),
             ("GET", "/api/instances?status=sleeping", None, 400, "status"),
             ("GET", "/api/instances?definition=bad%20id", None, 400, None),
             ("GET", "/api/nope", None, 404, None),
@@ -700,7 +700,7 @@ class HttpApi(HttpTestCase):
             ("GET", "/api/signals/go", None, 405, "POST"),
             ("GET", "/api/instances/ffffffffffffffff/retry", None, 405, "POST"),
             ("POST", "/api/definitions/greet", None, 405, None),
-            ("POST", "/metrics", None, 404, None),
+            ("POST", "/metrics", None, 405, "takes GET"),
         ]
         for method, path, body, status, mentions in cases:
             with self.subTest(method=method, path=path, body=body):
