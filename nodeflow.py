@@ -1018,6 +1018,11 @@ def open_lock_file(path: str, folders: tuple[str, ...] = ()) -> int:
             if error.errno == errno.ELOOP:
                 raise StoreError(f"lock file {path} is a symbolic link; someone planted it: remove it") from None
             raise
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:  # a hard link to a victim would be written through
+            os.close(fd)
+            what = "has other hard links" if stat.S_ISREG(info.st_mode) else "is not a regular file"
+            raise StoreError(f"lock file {path} {what}; someone planted it: remove it")
         _LOCK_FDS.add(fd)
         return fd
 

@@ -22,8 +22,8 @@ and each can fail: it checks the bytes on disk, the kernel's tables or the proce
   refused at define time or treated as plain text and lookups; no marker file ever appears.
 - ``--app``: a module named like a call's function, in the working folder, next to the database or
   on PYTHONPATH, is never imported unless the operator names it; ``--app FILE`` loads that file only.
-
-Some tests here expose bugs (named in their docstrings, marked expectedFailure until fixed).
+- Hard links: a lock file or liveness lock planted as a hard link to another file is refused, so
+  the victim is never written through (this suite found it; open_lock_file now checks st_nlink).
 """
 
 from __future__ import annotations
@@ -473,11 +473,9 @@ class PlantedLinks(SecurityTestCase):
         self.assertIn("symbolic link", done.stderr)
         self.assertFalse(os.path.lexists(target), "O_CREAT followed the link and made its target")
 
-    @unittest.expectedFailure  # until open_lock_file refuses a lock file with other hard links
     def test_a_hard_link_in_place_of_a_lock_file_is_not_written_through(self) -> None:
-        """BUG: a lock file that is a hard link to another file gets the holder's note written into it
-        (pwrite at offset 0, then ftruncate): the victim's bytes are overwritten. open_lock_file should
-        fstat the new descriptor and refuse a file with st_nlink > 1 (or not a regular file), as it
+        """A lock file that is a hard link to another file would get the holder's note written into it
+        (pwrite at offset 0, then ftruncate). open_lock_file refuses a file with st_nlink > 1, as it
         refuses a symbolic link. (Planting needs write access to the folder, which the 0700 check
         denies to others: this is the second line of defence, as O_NOFOLLOW is for symbolic links.)"""
         name = "order-44"
@@ -487,9 +485,8 @@ class PlantedLinks(SecurityTestCase):
             self.assertTrue(line.endswith(": taken") or planted in line, line)
         self.victim.assert_untouched(self, "a named lock through a planted hard link")
 
-    @unittest.expectedFailure  # the same fix
     def test_a_hard_link_in_place_of_a_liveness_lock_is_not_written_through(self) -> None:
-        """BUG: as above, for the node's liveness lock nodes/ID.lock, into which a node writes its pid."""
+        """As above, for the node's liveness lock nodes/ID.lock, into which a node writes its pid."""
         os.link(self.victim.path, os.path.join(self.nodes, "n1.lock"))
         node = self.serve(wait=False)
         deadline = time.monotonic() + 10
