@@ -3,7 +3,7 @@
 restarted at random; then a checker proves from the database that nothing was lost and nothing ran twice.
 
     python3 tests/chaos.py [--nodes 4] [--replicas 1] [--seconds 120] [--seed S] [--keep DIR] [--json]
-                           [--rate 1] [--settle 60]
+                           [--rate 1] [--faults 1] [--settle 60]
 
 Exit status 0 when no invariant is violated, 1 otherwise (the evidence is printed), 2 on bad usage.
 
@@ -1247,12 +1247,13 @@ class Run:
     def chaos(self) -> None:
         self.phase = "the chaos"
         end = time.monotonic() + self.options.seconds
-        next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
+        every = (1.0 / self.options.faults, 3.0 / self.options.faults)  # seconds between faults
+        next_fault = time.monotonic() + self.rng.uniform(*every)
         while time.monotonic() < end:
             self.tend()
             if time.monotonic() >= next_fault:
                 self.inject()
-                next_fault = time.monotonic() + self.rng.uniform(1.0, 3.0)
+                next_fault = time.monotonic() + self.rng.uniform(*every)
             time.sleep(0.05)
 
     def settle(self) -> bool:
@@ -1345,7 +1346,8 @@ def run(options: argparse.Namespace) -> int:
     chaos = Run(options)
     out = chaos.out
     rerun = f"python3 tests/chaos.py --seed {chaos.seed} --nodes {options.nodes} --replicas {options.replicas} " \
-            f"--seconds {options.seconds:g}" + (f" --rate {options.rate:g}" if options.rate != 1 else "")
+            f"--seconds {options.seconds:g}" + (f" --rate {options.rate:g}" if options.rate != 1 else "") \
+            + (f" --faults {options.faults:g}" if options.faults != 1 else "")
     print(f"chaos seed {chaos.seed} (rerun: {rerun})", file=out, flush=True)
     settled = False
     try:
@@ -1410,6 +1412,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1, help="of which --role replica (default 1)")
     parser.add_argument("--seconds", type=float, default=120.0, help="seconds of chaos (default 120)")
     parser.add_argument("--rate", type=float, default=1.0, help="workload multiplier (default 1)")
+    parser.add_argument("--faults", type=float, default=1.0, help="fault rate multiplier (default 1: every 1-3 s)")
     parser.add_argument("--settle", type=float, default=60.0, help="bound on settling afterwards (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: random)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR (new or empty) and keep it")
@@ -1417,8 +1420,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     options = parser.parse_args(argv)
     if options.nodes < 2 or not 0 <= options.replicas < options.nodes:
         parser.error("give at least 2 nodes, of which at least one not a replica")
-    if not 0 < options.rate <= 20 or options.seconds <= 0 or options.settle <= 0:
-        parser.error("--rate, --seconds and --settle must be more than zero (--rate at most 20)")
+    if not 0 < options.rate <= 20 or not 0 < options.faults <= 20 or options.seconds <= 0 or options.settle <= 0:
+        parser.error("--rate, --faults, --seconds and --settle must be more than zero (--rate and --faults at most 20)")
     if options.seed is None:
         options.seed = random.randrange(2**32)
     return options
