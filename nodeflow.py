@@ -252,6 +252,29 @@ def _format_seconds(seconds: float) -> str:
     return f"{seconds:.3g}s" if seconds < 1000 else f"{seconds:.0f}s"  # never 7.2e+03s
 
 
+CLOCK_STEP_NOTICE = 2.0  # a wall clock that moved this much more or less than the monotonic clock stepped
+
+
+class ClockWatch:
+    """Notices steps of the wall clock (an operator, NTP) by comparing it with the monotonic clock.
+
+    Due times and leases are wall-clock times in the database (every process must read the same
+    clock); a step moves them all at once. ``stepped()`` says by how much it stepped since it was
+    last asked: positive forward, negative back, 0.0 for no step.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._last = (time.time(), time.monotonic())
+
+    def stepped(self) -> float:
+        now = (time.time(), time.monotonic())
+        with self._mutex:
+            last, self._last = self._last, now
+        step = (now[0] - last[0]) - (now[1] - last[1])
+        return step if abs(step) >= CLOCK_STEP_NOTICE else 0.0
+
+
 def _iso_text(moment: float) -> str:
     return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
 
@@ -477,6 +500,14 @@ def _is_busy(error: sqlite3.Error) -> bool:
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
 
+def _file_identity(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return info.st_dev, info.st_ino
+
+
 def _private_directory(path: str, create: bool) -> bool:
     """Make sure ``path`` is a directory of mode 0700 that this user owns; False if absent."""
     if create:
@@ -538,6 +569,10 @@ class Store:
         opened = os.stat(self.path)
         self._identity = (opened.st_dev, opened.st_ino)
         self._largest = opened.st_size
+        self._refusal: str | None = None  # set once the file is known not to be ours any more
+        # Our -wal and -shm (made by the reads of _open): they stay the same files while we have a
+        # connection open, and are ours to remove should the database be removed or replaced.
+        self._companions = {suffix: _file_identity(self.path + suffix) for suffix in ("-wal", "-shm")}
         _LIVE_STORES.add(self)
 
     # Opening ------------------------------------------------------------------------------
@@ -641,8 +676,9 @@ class Store:
             conn.execute("ROLLBACK")
             raise
 
-    def file_problem(self) -> str | None:
-        """Why the file at ``path`` is no longer the database this handle opened, or None.
+    def file_problem(self) -> tuple[str, str] | None:
+        """What became of the file at ``path`` if it is no longer the database this handle opened:
+        ("removed" | "replaced" | "truncated" | "unreadable", a sentence), or None.
 
         Only ``os.stat``: opening the file would drop SQLite's own locks on it. Without VACUUM a
         database file never shrinks (freed pages are reused, not cut off), so a smaller file was
@@ -651,19 +687,62 @@ class Store:
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
-            return f"the database file {self.path} was removed"
+            return "removed", f"the database file {self.path} was removed"
         except OSError as error:
-            return f"the database file {self.path} cannot be looked at ({error.strerror})"
+            return "unreadable", f"the database file {self.path} cannot be looked at ({error.strerror})"
         if (now.st_dev, now.st_ino) != self._identity:
-            return f"the database file {self.path} was replaced by another file"
+            return "replaced", f"the database file {self.path} was replaced by another file"
         if now.st_size < self._largest:
-            return f"the database file {self.path} was truncated ({self._largest} bytes, now {now.st_size})"
+            return (
+                "truncated",
+                f"the database file {self.path} was truncated ({self._largest} bytes, now {now.st_size})",
+            )
         self._largest = now.st_size
         return None
+
+    def refuse(self, problem: str) -> None:
+        """From now on every read and write through this handle fails with ``problem``: the file at
+        the path is not the database it opened, and nothing more may be done on either."""
+        self._refusal = problem
+
+    def rescue(self) -> str | None:
+        """Copy the database this handle still has open (its file was removed) to ``PATH.rescued``,
+        through SQLite's backup API; the path of the copy, or None when another process made it first."""
+        temp = os.path.join(self.lock_dir, f"rescuing-{os.getpid()}-{threading.get_ident()}.db")
+        target = self.path + ".rescued"
+        try:
+            fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            os.close(fd)
+            copy = sqlite3.connect(temp, isolation_level=None)
+            try:
+                with self._mutex:
+                    self._connection().backup(copy)
+            finally:
+                copy.close()
+            try:
+                os.link(temp, target)
+            except FileExistsError:
+                return None
+            return target
+        finally:
+            for leftover in (temp, temp + "-journal"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(leftover)
+
+    def remove_companions(self) -> None:
+        """After close(): remove our -wal and -shm if they are still at the path. Left beside a new
+        database at the path, SQLite would read the old one's pages through them. (A refused
+        handle's connections are never closed, so SQLite itself does not remove them.)"""
+        for suffix, identity in self._companions.items():
+            if identity is not None and _file_identity(self.path + suffix) == identity:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.path + suffix)
 
     # Transactions ---------------------------------------------------------------------------
 
     def _connection(self) -> sqlite3.Connection:
+        if self._refusal is not None:
+            raise StoreError(self._refusal)
         if self._pid != os.getpid():
             raise NodeflowError(
                 f"this nodeflow handle was opened in process {self._pid}; a forked child must call "
@@ -682,7 +761,13 @@ class Store:
         """The write connection, opened on first use; the caller holds _write_mutex."""
         self._connection()  # open and in its own process? (reads of two fields: no need to wait for a read)
         if self._write_conn is None:
-            self._write_conn = self._connect(self.path)
+            conn = self._connect(self.path)
+            if _file_identity(self.path) != self._identity:  # the path leads elsewhere now: never write there
+                conn.close()
+                raise StoreError(
+                    f"the database file {self.path} was replaced since this handle opened it; open a new handle"
+                )
+            self._write_conn = conn
         return self._write_conn
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -792,6 +877,11 @@ class Store:
             )
         if "disk is full" in text:
             return StoreError(f"{path}: the disk is full ({text}); free some space and retry")
+        if getattr(error, "sqlite_errorname", "").startswith("SQLITE_IOERR"):
+            return StoreError(
+                f"{path}: writing or reading the file failed ({text}, {getattr(error, 'sqlite_errorname', '')}): "
+                "a full disk or a file-size limit (ulimit -f) does this"
+            )
         if "readonly" in text or "read-only" in text:
             return StoreError(f"{path} is read-only ({text}); nodeflow needs to write the file and its folder")
         if _is_busy(error):
@@ -802,7 +892,9 @@ class Store:
         with self._write_mutex, self._mutex:
             conns = [conn for conn in (self._write_conn, self._conn) if conn is not None]
             self._conn = self._write_conn = None
-            if self._pid == os.getpid():
+            if self._refusal is not None:  # closing would checkpoint the WAL into a file that is not ours
+                _FORK_ORPHANS.extend(conns)
+            elif self._pid == os.getpid():
                 for conn in conns:
                     conn.close()
         _LIVE_STORES.discard(self)
@@ -1999,6 +2091,23 @@ _NEXT_DUE = """
 """
 
 
+# After the wall clock steps forward every lease looks expired at once, though its holder is
+# alive and renews it every third of a lease. For this long after a step is noticed (by any
+# process: it is kept in meta), a claim leaves an expired lease to its holder, moving its expiry
+# to the end of the grace, instead of delivering the message a second time. (Dead holders'
+# leases are handed back by their liveness locks, not by expiry, and are not held up.)
+LEASE_STEP_GRACE = 15.0
+
+
+def note_clock_step(conn: sqlite3.Connection, now: float) -> None:
+    conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_stepped_at', ?)", (now,))
+
+
+def _clock_step_grace_until(conn: sqlite3.Connection) -> float:
+    row = conn.execute("SELECT value FROM meta WHERE key = 'clock_stepped_at'").fetchone()
+    return float(row[0]) + LEASE_STEP_GRACE if row else 0.0
+
+
 def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str) -> tuple[int, set[str]]:
     """Make every message leased by ``owner`` ready again now; how many, and their queues (to ring)."""
     queues = {queue for (queue,) in conn.execute("SELECT DISTINCT queue FROM messages WHERE lease_owner = ?", (owner,))}
@@ -2028,6 +2137,7 @@ class Bus:
         # Queues whose last claim here got a message: the next receive claims at once, without
         # first reading whether one is ready (it most likely is).
         self._busy_queues: set[str] = set()
+        self._clock = ClockWatch()
         self.sent = self.acked = self.nacked = self.dead_lettered = 0  # this handle's, for /metrics
 
     # The pieces of work, each run inside a shared transaction ------------------------------
@@ -2056,6 +2166,9 @@ class Bus:
 
         def claim(conn: sqlite3.Connection) -> list[Message]:
             now = time.time()
+            if self._clock.stepped() > 0:
+                note_clock_step(conn, now)
+            step_grace_until: float | None = None  # read once, at the first expired lease met
             taken: list[Message] = []
             # Priority by priority, highest first, each an index range of what is available now:
             # one ORDER BY over the whole queue would scan every delayed or leased message.
@@ -2073,6 +2186,13 @@ class Bus:
                     continue
                 for message_id, body, priority, attempts, created, last_error, previous in rows:
                     if previous is not None:  # its lease ran out without an ack or a nack
+                        if step_grace_until is None:
+                            step_grace_until = _clock_step_grace_until(conn)
+                        if now < step_grace_until:  # or only seems to: the clock stepped; its holder renews it
+                            conn.execute(
+                                "UPDATE messages SET available_at = ? WHERE id = ?", (step_grace_until, message_id)
+                            )
+                            continue
                         last_error = f"lease of {previous} expired after delivery {attempts}"
                     if attempts >= limit and not queue.startswith(INTERNAL_QUEUE_PREFIX):  # a poison message
                         _bury(conn, message_id, last_error, now)
@@ -5688,7 +5808,6 @@ def connect(path: str | None = None, **options: Any) -> Cluster:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
-CLOCK_STEP_NOTICE = 2.0  # a wall clock that moved this much more or less than the monotonic clock stepped
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 
 
@@ -5812,7 +5931,10 @@ class Node:
         self._without_cache_signals = False  # cached blueprints are never evicted by a define
         self.handled = 0
         self.failed = 0
+        self.log_lines_lost = 0
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
+        self._clock = ClockWatch()
+        self._renew_now = asyncio.Event()  # set (and replaced) when the wall clock stepped forward
         self.id = node_id or "?"
         self.nf: Cluster | None = None
         self.epoch: int | None = None  # set while in office
@@ -5823,6 +5945,7 @@ class Node:
         self._stop: asyncio.Event | None = None
         self._stop_reason = "asked to"
         self._fatal: str | None = None  # why the node must stop at once, writing nothing more
+        self._forsake_companions = False  # on the way out, remove the -wal and -shm of a database that is gone
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -5832,15 +5955,25 @@ class Node:
     # The log ------------------------------------------------------------------------------
 
     @property
+    def fatal(self) -> str | None:
+        """Why the node stopped on its own (its database file removed, replaced or damaged), or None."""
+        return self._fatal
+
+    @property
     def label(self) -> str:
         if self.epoch is not None:
             return "scheduler"
         return "replica" if self.role == "replica" else "standby"
 
     def say(self, event: str) -> None:
+        """Log one line. Never raises: a log on a full disk (or a closed pipe) must not take down
+        the loop that wanted to say something; the lines lost are counted in ``log_lines_lost``."""
         stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
         with self._say_mutex:
-            print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
+            try:
+                print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
+            except (OSError, ValueError):
+                self.log_lines_lost += 1
 
     # Joining and leaving ------------------------------------------------------------------
 
@@ -5879,6 +6012,8 @@ class Node:
         """Stop at once without another write: the file under us is not the cluster's database any more."""
         if self._fatal is None:
             self._fatal = problem
+            if self.nf is not None:
+                self.nf.store.refuse(problem)
             self.say(f"error: {problem}; stopping now, without writing to it: restart the nodes once it is sorted out")
         self.request_stop("a fatal error")
 
@@ -5976,6 +6111,8 @@ class Node:
                 await self.http.close()
             logging.getLogger("nodeflow").removeHandler(self._log_handler)
             nf.close()
+            if self._forsake_companions:
+                nf.store.remove_companions()
 
     # Work -----------------------------------------------------------------------------------
 
@@ -6025,7 +6162,8 @@ class Node:
         must not see its message delivered again elsewhere."""
         assert self.nf is not None
         while True:
-            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(TimeoutError):  # a third of a lease, or at once after a clock step
+                await asyncio.wait_for(self._renew_now.wait(), self.lease / 3)
             try:
                 await self.nf.aextend(message, self.lease)
             except LeaseLost:
@@ -6098,13 +6236,21 @@ class Node:
                 (time.time(), blueprints, node, pid),
             )
 
-        clock = (time.time(), time.monotonic())
         while True:
             seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
-            clock = self._notice_clock_step(clock)
+            await self._notice_clock_step()
             problem = self.nf.store.file_problem()
             if problem is not None:
-                self._fail(problem)
+                kind, text = problem
+                if kind == "removed":  # what we still have open is all that is left of it: keep a copy
+                    try:
+                        rescued = await asyncio.to_thread(self.nf.store.rescue)
+                        if rescued:
+                            text += f"; saved what this node had open as {rescued}: move it back to go on"
+                    except (OSError, sqlite3.Error, NodeflowError) as error:
+                        text += f"; could not save a copy ({error})"
+                self._forsake_companions = kind in ("removed", "replaced")
+                self._fail(text)
                 return
             try:
                 await self.nf.committer.asubmit(beat)
@@ -6116,20 +6262,27 @@ class Node:
                 self.say(f"heartbeat failed: {error}")
             await self.nf.wakeups.await_change(RING_MEMBERSHIP, seen, self.heartbeat)  # a node joined: watch it now
 
-    def _notice_clock_step(self, last: tuple[float, float]) -> tuple[float, float]:
-        """Say when the wall clock stepped (NTP, an operator): due times are wall-clock times."""
-        now = (time.time(), time.monotonic())
-        step = (now[0] - last[0]) - (now[1] - last[1])
-        if abs(step) >= CLOCK_STEP_NOTICE:
-            self.say(
-                f"the wall clock stepped {'forward' if step > 0 else 'back'} by {_format_seconds(abs(step))}: "
-                + (
-                    "what fell due in the skipped time fires now, once"
-                    if step > 0
-                    else "timers wait for their due times to come round again; none fires twice"
-                )
+    async def _notice_clock_step(self) -> None:
+        """When the wall clock stepped (NTP, an operator), say so; after a step forward, renew the
+        leases in hand at once and note the step for the claims of every process (see LEASE_STEP_GRACE)."""
+        assert self.nf is not None
+        step = self._clock.stepped()
+        if not step:
+            return
+        self.say(
+            f"the wall clock stepped {'forward' if step > 0 else 'back'} by {_format_seconds(abs(step))}: "
+            + (
+                "what fell due in the skipped time fires now, once; leases in hand are renewed"
+                if step > 0
+                else "timers wait for their due times to come round again; none fires twice"
             )
-        return now
+        )
+        if step > 0:
+            renew, self._renew_now = self._renew_now, asyncio.Event()
+            renew.set()
+            now = time.time()
+            with contextlib.suppress(NodeflowError):
+                await self.nf.committer.asubmit(functools.partial(note_clock_step, now=now))
 
     def _look_after_peers(self) -> None:
         if self._without_liveness_locks:
@@ -7511,7 +7664,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
-        return await node.run()
+        code = await node.run()
+        if node.fatal is not None:
+            # Leave now: an orderly exit would finalize the SQLite connections, and closing one
+            # checkpoints its WAL into the file that is no longer the cluster's database.
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.flush()
+                sys.stderr.flush()
+            os._exit(code)
+        return code
 
     return asyncio.run(serve())
 
