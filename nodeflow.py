@@ -4888,6 +4888,30 @@ SETTLED = object()  # what a handler returns when it acked (or nacked) its messa
 INSTANCE_LOCK_PREFIX = "nodeflow.instance:"
 
 
+class UserThreads:
+    """Counts the application's functions (handlers, ``call`` functions) running in threads.
+
+    A thread cannot be cancelled: when a node stops, one may still run after the grace period
+    although its message was handed back. The count lets ``serve`` leave without waiting for it.
+    """
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self.running = 0
+
+    def wrap(self, function: Callable[..., T]) -> Callable[..., T]:
+        def run(*args: Any) -> T:
+            with self._mutex:
+                self.running += 1
+            try:
+                return function(*args)
+            finally:
+                with self._mutex:
+                    self.running -= 1
+
+        return run
+
+
 class _StaleInstance(NodeflowError):
     """The instance moved on, or a later lock holder wrote it: this burst's commit is refused."""
 
@@ -4929,9 +4953,11 @@ class WorkflowRunner:
         node: str,
         functions: dict[str, Callable[[dict[str, Any]], Any]],
         say: Callable[[str], None],
+        threads: UserThreads | None = None,
     ) -> None:
         self.workflows, self.bus, self.locks, self.node = workflows, bus, locks, node
         self.functions, self.say = functions, say
+        self.threads = threads or UserThreads()
         self.bursts = 0
         self.steps = 0
         self.requeued = 0
@@ -5222,7 +5248,7 @@ class WorkflowRunner:
             if inspect.iscoroutinefunction(function):
                 result = await function(given)
             else:
-                result = await asyncio.to_thread(function, given)
+                result = await asyncio.to_thread(self.threads.wrap(function), given)
         except asyncio.CancelledError:
             raise
         except Exception as error:
@@ -5933,6 +5959,7 @@ class Node:
         self.failed = 0
         self.log_lines_lost = 0
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
+        self.user_threads = UserThreads()
         self._clock = ClockWatch()
         self._renew_now = asyncio.Event()  # set (and replaced) when the wall clock stepped forward
         self.id = node_id or "?"
@@ -6055,7 +6082,9 @@ class Node:
             beating = asyncio.create_task(self._beat())
             tasks.append(beating)
             if self.runs_workflows:
-                self.runner = WorkflowRunner(nf.workflows, nf.bus, nf.locks, self.id, self.activities, self.say)
+                self.runner = WorkflowRunner(
+                    nf.workflows, nf.bus, nf.locks, self.id, self.activities, self.say, self.user_threads
+                )
                 self.handlers[WORKFLOW_QUEUE] = self.runner.handle
             workers = [
                 asyncio.create_task(self._consume(queue, function)) for queue, function in sorted(self.handlers.items())
@@ -6179,7 +6208,7 @@ class Node:
                 if inspect.iscoroutinefunction(function):
                     outcome = await function(message)
                 else:
-                    outcome = await asyncio.to_thread(function, message)
+                    outcome = await asyncio.to_thread(self.user_threads.wrap(function), message)
             finally:
                 keeper.cancel()
         except asyncio.CancelledError:  # the grace period ran out: hand the message back at once
@@ -7665,9 +7694,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
         code = await node.run()
-        if node.fatal is not None:
-            # Leave now: an orderly exit would finalize the SQLite connections, and closing one
-            # checkpoints its WAL into the file that is no longer the cluster's database.
+        # Leave at once, past asyncio.run()'s wait for its threads and the interpreter's clean-up,
+        # when a handler or call function still runs in a thread (its message was handed back;
+        # the wait could be for ever), or after a fatal error (finalizing the SQLite connections
+        # would checkpoint their WAL into a file that is no longer the cluster's database).
+        if node.user_threads.running or node.fatal is not None:
+            if node.user_threads.running:
+                node.say(f"leaving {node.user_threads.running} handler or call function(s) running in threads")
+            remove_idle_lock_files()
             with contextlib.suppress(OSError, ValueError):
                 sys.stdout.flush()
                 sys.stderr.flush()
