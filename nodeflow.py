@@ -1611,10 +1611,13 @@ class Doorbells:
                     same = os.stat(liveness_path).st_ino == os.fstat(self._liveness_fd).st_ino
                 except OSError:
                     same = False
-                if not same:  # the whole folder went: give up the old lock, take the id again
+                if not same:  # the whole folder went: take the id again on a new file, then let the old one go
+                    _private_directory(self.lock_dir, create=True)
+                    _private_directory(self.directory, create=True)
+                    fresh = self._take_liveness_lock()  # first: never a moment with no lock held
                     with _LOCK_FDS_MUTEX:
                         _close_lock_fd(self._liveness_fd)
-                    self._liveness_fd = None
+                    self._liveness_fd = fresh
         return self.bind()
 
     def close(self) -> None:
@@ -2002,13 +2005,25 @@ class GroupCommitter:
                 piece.loop.call_soon_threadsafe(_settle_future, piece.future, ok, outcome)
 
     def _lock_writer(self, blocking: bool) -> bool:
-        if self._writer_fd is None:
-            self._writer_fd = open_lock_file(os.path.join(self._store.lock_dir, "writer.lock"), (self._store.lock_dir,))
-        try:
-            fcntl.flock(self._writer_fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return False
-        return True
+        path = os.path.join(self._store.lock_dir, "writer.lock")
+        while True:
+            if self._writer_fd is None:
+                self._writer_fd = open_lock_file(path, (self._store.lock_dir,))
+            try:
+                fcntl.flock(self._writer_fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            try:
+                current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(self._writer_fd).st_ino
+            except FileNotFoundError:
+                current = False
+            if current:
+                return True
+            # The lock folder was removed (and perhaps made again): writers that open the path now
+            # queue on another file. Move to the file at the path, so all keep queueing on one.
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(self._writer_fd)
+            self._writer_fd = None
 
     def _unlock_writer(self) -> None:
         if self._writer_fd is not None:
@@ -5958,6 +5973,7 @@ class Node:
         self.handled = 0
         self.failed = 0
         self.log_lines_lost = 0
+        self._lines_unsaid = 0  # lost since the last line that could be written
         self._handling: set[asyncio.Task[None]] = set()  # handler runs in flight
         self.user_threads = UserThreads()
         self._clock = ClockWatch()
@@ -5998,9 +6014,18 @@ class Node:
         stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
         with self._say_mutex:
             try:
+                if self._lines_unsaid:
+                    print(
+                        f"{stamp} {self.id} {self.label:<9} {self._lines_unsaid} log line(s) before this one could not "
+                        "be written (a full disk, a file-size limit?)",
+                        file=self.out,
+                        flush=True,
+                    )
+                    self._lines_unsaid = 0
                 print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
             except (OSError, ValueError):
                 self.log_lines_lost += 1
+                self._lines_unsaid += 1
 
     # Joining and leaving ------------------------------------------------------------------
 
@@ -6267,6 +6292,8 @@ class Node:
 
         while True:
             seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
+            if self._lines_unsaid:  # try the log again: once it works, the count of lines lost goes first
+                self.say("the log can be written again")
             await self._notice_clock_step()
             problem = self.nf.store.file_problem()
             if problem is not None:
@@ -7560,6 +7587,7 @@ def render_metrics(node: Node) -> str:
         [(me, bus.dead_lettered)],
     )
     family("handler_failures_total", "counter", "Handler runs on this node that raised.", [(me, node.failed)])
+    family("log_lines_lost_total", "counter", "Log lines this node could not write.", [(me, node.log_lines_lost)])
     family("lock_acquisitions_total", "counter", "Named locks this node acquired.", [(me, locks.acquisitions)])
     family(
         "lock_wait_seconds_total",
