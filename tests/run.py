@@ -21,7 +21,7 @@ SECONDS = {
     "test_serve": 56, "test_bus": 41, "test_locks": 28, "test_workflows": 19, "test_demo": 15,
     "test_lock_cli": 13, "test_signals": 13, "test_http": 12, "test_store": 9, "test_workflow_cluster": 9,
     "test_cluster": 7, "test_dashboard": 2, "test_cron": 1, "test_security": 12, "test_chaos": 38,
-    "test_faults": 56,
+    "test_faults": 56, "test_bad_input": 11,
 }  # fmt: skip
 GROUP_TIMEOUT = 900.0  # a group still running after this is killed and counted as failed
 
