@@ -5,14 +5,19 @@ DEV := $(VENV)/.installed
 
 .PHONY: test chaos lint bench bench-quick run screenshot clean
 
-# Two unittest processes at once, balanced by measured time (tests/run.py); NODEFLOW_TEST_JOBS=1 for one.
+# Three unittest processes at once, balanced by measured time (tests/run.py); NODEFLOW_TEST_JOBS=1 for one.
 test:
 	$(PYTHON) tests/run.py
 
-# The churn tests at full length (make test runs shorter versions of the same tests).
+# The chaos run at full length (tests/chaos.py: 4 nodes, mixed workload, kills, stops and restarts
+# for 120 s, then the invariant checker), then the churn tests at full length. make test runs a
+# 30-second chaos run and shorter versions of the churn tests. A seed replays a run's choices:
+# make chaos CHAOS_ARGS='--seed 12345'.
+CHAOS_ARGS ?=
 chaos:
+	$(PYTHON) tests/chaos.py --seconds 120 $(CHAOS_ARGS)
 	NODEFLOW_CHAOS=1 $(PYTHON) -m unittest -v tests.test_serve.SchedulerChurn tests.test_bus.ChaosConsumers \
-		tests.test_workflow_cluster
+		tests.test_workflow_cluster tests.test_faults
 
 $(DEV): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
