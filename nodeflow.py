@@ -624,8 +624,18 @@ class Store:
                 except FileNotFoundError:
                     pass
 
-    def _connect(self, path: str) -> sqlite3.Connection:
-        conn = sqlite3.connect(path, timeout=self.settings.busy_timeout, isolation_level=None, check_same_thread=False)
+    def _connect(self, path: str, must_exist: bool = False) -> sqlite3.Connection:
+        target = f"file:{urllib.parse.quote(path)}?mode=rw" if must_exist else path
+        try:
+            conn = sqlite3.connect(
+                target,
+                timeout=self.settings.busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=must_exist,
+            )
+        except sqlite3.Error as error:
+            raise self._translate(error, path) from error
         try:
             conn.execute(f"PRAGMA synchronous={self.settings.synchronous}")
         except sqlite3.Error as error:
@@ -687,43 +697,64 @@ class Store:
         try:
             now = os.stat(self.path)
         except FileNotFoundError:
-            return "removed", f"the database file {self.path} was removed"
+            return "removed", self._gone("removed")
         except OSError as error:
             return "unreadable", f"the database file {self.path} cannot be looked at ({error.strerror})"
         if (now.st_dev, now.st_ino) != self._identity:
-            return "replaced", f"the database file {self.path} was replaced by another file"
-        if now.st_size < self._largest:
-            return (
-                "truncated",
-                f"the database file {self.path} was truncated ({self._largest} bytes, now {now.st_size})",
-            )
+            return "replaced", self._gone("replaced")
+        if now.st_size < self._largest and not self._reads_whole():
+            shrunk = f"{self._largest} bytes, now {now.st_size}"
+            return "truncated", f"the database file {self.path} was truncated ({shrunk})"
         self._largest = now.st_size
         return None
+
+    def _reads_whole(self) -> bool:
+        """After the file shrank: whether SQLite still reads every page of it (a VACUUM shrinks it,
+        rightly), or finds pages missing (it was cut). Reads the whole database, once per shrink."""
+        try:
+            return bool(self.read(lambda conn: conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"))
+        except StoreError:
+            return False
+
+    def _gone(self, how: str) -> str:
+        return f"the database file {self.path} was {'removed' if how == 'removed' else 'replaced by another file'}"
+
+    def _moved(self) -> str | None:
+        """Why the path no longer leads to the file this handle opened (one stat), or None."""
+        found = _file_identity(self.path)
+        if found == self._identity:
+            return None
+        return self._gone("removed" if found is None else "replaced")
 
     def refuse(self, problem: str) -> None:
         """From now on every read and write through this handle fails with ``problem``: the file at
         the path is not the database it opened, and nothing more may be done on either."""
         self._refusal = problem
 
-    def rescue(self) -> str | None:
-        """Copy the database this handle still has open (its file was removed) to ``PATH.rescued``,
-        through SQLite's backup API; the path of the copy, or None when another process made it first."""
-        temp = os.path.join(self.lock_dir, f"rescuing-{os.getpid()}-{threading.get_ident()}.db")
-        target = self.path + ".rescued"
+    def rescue(self) -> tuple[str, bool]:
+        """Copy the database this handle still has open (its file was removed or replaced; what we
+        have open may be all that is left of it) to ``PATH.rescued-<inode>``, through SQLite's
+        backup API, also after ``refuse()``. Returns the copy's path, and whether this call made it
+        (False: another node of the cluster, which had the same file open, made it first)."""
+        folder = os.path.dirname(self.path)
+        temp = os.path.join(folder, f".{os.path.basename(self.path)}.rescuing-{os.getpid()}-{threading.get_ident()}")
+        target = f"{self.path}.rescued-{self._identity[1]}"
         try:
             fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.close(fd)
             copy = sqlite3.connect(temp, isolation_level=None)
             try:
                 with self._mutex:
-                    self._connection().backup(copy)
+                    if self._conn is None:
+                        raise StoreError(f"the handle on {self.path} is closed")
+                    self._conn.backup(copy)
             finally:
                 copy.close()
             try:
                 os.link(temp, target)
             except FileExistsError:
-                return None
-            return target
+                return target, False
+            return target, True
         finally:
             for leftover in (temp, temp + "-journal"):
                 with contextlib.suppress(FileNotFoundError):
@@ -761,13 +792,16 @@ class Store:
         """The write connection, opened on first use; the caller holds _write_mutex."""
         self._connection()  # open and in its own process? (reads of two fields: no need to wait for a read)
         if self._write_conn is None:
-            conn = self._connect(self.path)
-            if _file_identity(self.path) != self._identity:  # the path leads elsewhere now: never write there
+            # Open only the file this handle opened: never one that replaced it, never a new one.
+            moved = self._moved()
+            if moved is None:
+                conn = self._connect(self.path, must_exist=True)
+                moved = self._moved()  # replaced while connecting, perhaps
+                if moved is None:
+                    self._write_conn = conn
+                    return conn
                 conn.close()
-                raise StoreError(
-                    f"the database file {self.path} was replaced since this handle opened it; open a new handle"
-                )
-            self._write_conn = conn
+            raise StoreError(f"{moved} since this handle opened it; open a new handle")
         return self._write_conn
 
     def write(self, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -789,6 +823,9 @@ class Store:
         while True:
             with self._write_mutex:
                 conn = self._writer()
+                moved = self._moved()  # one stat: never commit to a file that is no longer at the path
+                if moved:
+                    return [(False, StoreError(f"{moved}; nothing was written")) for _ in works]
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as error:
@@ -1586,6 +1623,10 @@ class Doorbells:
                 same = os.stat(lock_path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
                 same = False
+            except BaseException:
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(fd)
+                raise
             if same:
                 return fd
             with _LOCK_FDS_MUTEX:  # removed as a dead node's file after we opened it: again
@@ -1720,9 +1761,9 @@ class Doorbells:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 QUEUE_NAME_MAX_BYTES = 200
-# nodeflow's own queues (workflow runs): their messages never become dead letters, since losing
-# one would strand what it drives; their handler settles a message it cannot serve itself.
-INTERNAL_QUEUE_PREFIX = "nodeflow."
+# nodeflow's own queue of workflow runs (section 9): its messages never become dead letters, since
+# losing one would strand its instance; its handler settles a message it cannot serve itself.
+WORKFLOW_QUEUE = "nodeflow.workflows"
 GROUP_COMMIT_MAX = 256  # pieces of work in one shared transaction
 
 
@@ -2017,6 +2058,9 @@ class GroupCommitter:
                 current = os.stat(path, follow_symlinks=False).st_ino == os.fstat(self._writer_fd).st_ino
             except FileNotFoundError:
                 current = False
+            except BaseException:
+                fcntl.flock(self._writer_fd, fcntl.LOCK_UN)  # nobody would release it
+                raise
             if current:
                 return True
             # The lock folder was removed (and perhaps made again): writers that open the path now
@@ -2118,9 +2162,13 @@ def note_clock_step(conn: sqlite3.Connection, now: float) -> None:
     conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('clock_stepped_at', ?)", (now,))
 
 
-def _clock_step_grace_until(conn: sqlite3.Connection) -> float:
+def _clock_step_grace_until(conn: sqlite3.Connection, now: float) -> float:
+    """When the grace after the last clock step noticed ends (0.0: no grace now). A note from
+    later than now was made before the clock was set back again: it holds nothing up."""
     row = conn.execute("SELECT value FROM meta WHERE key = 'clock_stepped_at'").fetchone()
-    return float(row[0]) + LEASE_STEP_GRACE if row else 0.0
+    if row is None or float(row[0]) > now:
+        return 0.0
+    return float(row[0]) + LEASE_STEP_GRACE
 
 
 def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str) -> tuple[int, set[str]]:
@@ -2202,14 +2250,14 @@ class Bus:
                 for message_id, body, priority, attempts, created, last_error, previous in rows:
                     if previous is not None:  # its lease ran out without an ack or a nack
                         if step_grace_until is None:
-                            step_grace_until = _clock_step_grace_until(conn)
+                            step_grace_until = _clock_step_grace_until(conn, now)
                         if now < step_grace_until:  # or only seems to: the clock stepped; its holder renews it
                             conn.execute(
                                 "UPDATE messages SET available_at = ? WHERE id = ?", (step_grace_until, message_id)
                             )
                             continue
                         last_error = f"lease of {previous} expired after delivery {attempts}"
-                    if attempts >= limit and not queue.startswith(INTERNAL_QUEUE_PREFIX):  # a poison message
+                    if attempts >= limit and queue != WORKFLOW_QUEUE:  # a poison message
                         _bury(conn, message_id, last_error, now)
                         continue
                     conn.execute(
@@ -2402,7 +2450,7 @@ class Bus:
                 raise LeaseLost(
                     f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
                 )
-            if message.attempts >= limit and not message.queue.startswith(INTERNAL_QUEUE_PREFIX):
+            if message.attempts >= limit and message.queue != WORKFLOW_QUEUE:
                 _bury(conn, message.id, error, now)
                 return "dead"
             return "queued"
@@ -3653,7 +3701,7 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
 #    in bursts under instance locks, one journal row per step.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-WORKFLOW_QUEUE = INTERNAL_QUEUE_PREFIX + "workflows"  # "run" and "start" messages; every serve node consumes it
+# WORKFLOW_QUEUE (section 5) carries "run" and "start" messages; every serve node consumes it.
 DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cached blueprints are stale
 RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
 INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted")
@@ -4393,14 +4441,17 @@ class CallContext:
 
     instance: str
     activity: str
-    step: int  # the journal step this call will be recorded as
+    step: int  # the journal step this try of the call will be recorded as
     fence: int  # the instance lock's fencing token for this burst
     node: str
+    first_step: int  # the journal step of this call's first try (tries after an error come later)
 
     @property
     def key(self) -> str:
-        """An idempotency key: the same when a burst that was lost (a crash) runs this call again."""
-        return f"{self.instance}:{self.step}"
+        """An idempotency key: the same for every try of this call, the tries after an error and a
+        try run again because its burst was lost (a crash). ``retry`` of a faulted instance gives
+        the call its tries afresh, under a new key."""
+        return f"{self.instance}:{self.first_step}"
 
 
 _CURRENT_CALL: contextvars.ContextVar[CallContext | None] = contextvars.ContextVar("nodeflow_call", default=None)
@@ -5231,7 +5282,8 @@ class WorkflowRunner:
             burst.status, burst.bookmark, burst.waiting_for = "waiting", "signal", name
             return None, f"waiting for signal {name}"
         if kind == "call":
-            context = CallContext(burst.id, activity.id, burst.steps + len(burst.journal), burst.fence, self.node)
+            step = burst.steps + len(burst.journal)
+            context = CallContext(burst.id, activity.id, step, burst.fence, self.node, step - burst.attempt)
             result = await self._call(spec["function"], variables, context)
             variables[spec.get("result") or activity.id] = result
             return activity.next, f"called {spec['function']}"
@@ -5849,6 +5901,7 @@ def connect(path: str | None = None, **options: Any) -> Cluster:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
+FILE_LOOKS_BEFORE_FAILING = 3  # heartbeats in a row that cannot stat the database file before a node gives up
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 
 
@@ -6008,7 +6061,7 @@ class Node:
             return "scheduler"
         return "replica" if self.role == "replica" else "standby"
 
-    def say(self, event: str) -> None:
+    def say(self, event: str, probe: bool = False) -> None:
         """Log one line. Never raises: a log on a full disk (or a closed pipe) must not take down
         the loop that wanted to say something; the lines lost are counted in ``log_lines_lost``."""
         stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
@@ -6024,8 +6077,9 @@ class Node:
                     self._lines_unsaid = 0
                 print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
             except (OSError, ValueError):
-                self.log_lines_lost += 1
-                self._lines_unsaid += 1
+                if not probe:  # a line only written to see whether the log works again is no loss
+                    self.log_lines_lost += 1
+                    self._lines_unsaid += 1
 
     # Joining and leaving ------------------------------------------------------------------
 
@@ -6128,7 +6182,7 @@ class Node:
             if self._fatal is not None:
                 for task in [*workers, *self._handling]:
                     task.cancel()
-                await asyncio.gather(*workers, *self._handling, return_exceptions=True)
+                await asyncio.wait([*workers, *self._handling], timeout=5)  # a handler may shield itself
                 return 1
             self.say(f"stopping ({self._stop_reason}); grace {_format_seconds(self.grace)}")
             for watcher in self._peers.values():
@@ -6141,14 +6195,15 @@ class Node:
             with contextlib.suppress(NodeflowError):  # anything still leased to us goes back now
                 nf.release_leases(self.id)
             now = time.time()
-            await nf.committer.asubmit(
-                lambda conn: conn.execute(
-                    "UPDATE nodes SET state = 'stopped', heartbeat = ? WHERE id = ? AND pid = ?",
-                    (now, self.id, os.getpid()),
+            with contextlib.suppress(NodeflowError):  # the file went while we stopped (see _fail)
+                await nf.committer.asubmit(
+                    lambda conn: conn.execute(
+                        "UPDATE nodes SET state = 'stopped', heartbeat = ? WHERE id = ? AND pid = ?",
+                        (now, self.id, os.getpid()),
+                    )
                 )
-            )
             self.say("stopped")
-            return 0
+            return 0 if self._fatal is None else 1
         finally:
             # Also when run() itself was cancelled or failed: nothing of this node may outlive it.
             for task in [*tasks, *([self._scheduling] if self._scheduling else [])]:
@@ -6290,21 +6345,28 @@ class Node:
                 (time.time(), blueprints, node, pid),
             )
 
+        unreadable = 0  # beats in a row that could not stat the database file
         while True:
             seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
             if self._lines_unsaid:  # try the log again: once it works, the count of lines lost goes first
-                self.say("the log can be written again")
+                self.say("the log can be written again", probe=True)
             await self._notice_clock_step()
-            problem = self.nf.store.file_problem()
+            problem = await asyncio.to_thread(self.nf.store.file_problem)  # a shrink means a whole read
+            if problem is not None and problem[0] == "unreadable" and unreadable < FILE_LOOKS_BEFORE_FAILING:
+                unreadable += 1  # a folder chmod'ed a moment, say: look again before giving up
+                self.say(f"{problem[1]}; looking again")
+                problem = None
+            elif problem is None:
+                unreadable = 0
             if problem is not None:
                 kind, text = problem
-                if kind == "removed":  # what we still have open is all that is left of it: keep a copy
+                self.nf.store.refuse(text)  # first: nothing more is committed to the file we copy
+                if kind in ("removed", "replaced"):  # what we still have open may be all that is left of it
                     try:
-                        rescued = await asyncio.to_thread(self.nf.store.rescue)
-                        if rescued:
-                            text += f"; saved what this node had open as {rescued}: move it back to go on"
+                        rescued, made = await asyncio.to_thread(self.nf.store.rescue)
+                        text += f"; {'saved' if made else 'another node saved'} what it had open as {rescued}"
                     except (OSError, sqlite3.Error, NodeflowError) as error:
-                        text += f"; could not save a copy ({error})"
+                        text += f"; could not save a copy of what it had open ({error})"
                 self._forsake_companions = kind in ("removed", "replaced")
                 self._fail(text)
                 return
@@ -6475,7 +6537,7 @@ class Node:
                 self._office_fd, self.epoch, self._scheduling = None, None, None
                 self._stand_for_election()
                 return
-            except NodeflowError as error:
+            except Exception as error:  # a busy database, or anything else: the loop must outlive it
                 self.say(f"firing timers failed: {error}; retrying")
                 await asyncio.sleep(min(1.0, self.settings.poll_interval))
                 continue
@@ -6520,6 +6582,9 @@ class Node:
                 return True
         except FileNotFoundError:
             pass
+        except OSError as error:  # the folder is not one just now (ENOTDIR, EACCES): look again next time
+            self.say(f"cannot look at scheduler.lock ({error.strerror}); keeping office and looking again")
+            return True
         try:
             fd = open_lock_file(path, (lock_dir,))
         except (OSError, StoreError) as error:
@@ -7721,20 +7786,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
-        code = await node.run()
-        # Leave at once, past asyncio.run()'s wait for its threads and the interpreter's clean-up,
-        # when a handler or call function still runs in a thread (its message was handed back;
-        # the wait could be for ever), or after a fatal error (finalizing the SQLite connections
-        # would checkpoint their WAL into a file that is no longer the cluster's database).
-        if node.user_threads.running or node.fatal is not None:
-            if node.user_threads.running:
-                node.say(f"leaving {node.user_threads.running} handler or call function(s) running in threads")
-            remove_idle_lock_files()
-            with contextlib.suppress(OSError, ValueError):
-                sys.stdout.flush()
-                sys.stderr.flush()
-            os._exit(code)
+        try:
+            code = await node.run()
+        except BaseException as error:
+            if node.user_threads.running or node.fatal is not None:  # leave_now() ends the process: say why
+                node.say(f"stopped by {type(error).__name__}: {error}")
+            leave_now(1)
+            raise
+        leave_now(code)
         return code
+
+    def leave_now(code: int) -> None:
+        """Leave at once, past asyncio.run()'s wait for its threads and the interpreter's clean-up,
+        when a handler or call function still runs in a thread (its message was handed back; the
+        wait could be for ever), or after a fatal error (finalizing the SQLite connections would
+        checkpoint their WAL into a file that is no longer the cluster's database)."""
+        if not node.user_threads.running and node.fatal is None:
+            return
+        if node.user_threads.running:
+            node.say(f"leaving {node.user_threads.running} handler or call function(s) running in threads")
+        remove_idle_lock_files()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os._exit(1 if node.fatal is not None else code)
 
     return asyncio.run(serve())
 

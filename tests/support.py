@@ -162,6 +162,40 @@ class LoggedProcess:
             return log.read()
 
 
+def logs_of(nodes: list[LoggedProcess], tail: int = 40) -> str:
+    """The last lines of every node's log, each under a line naming it and saying how it is."""
+    parts = []
+    for node in nodes:
+        try:
+            lines = node.text().splitlines()
+        except FileNotFoundError:
+            lines = ["(log gone)"]
+        state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
+        name = os.path.basename(node.log_path)
+        parts.append(f"--- {name} (pid {node.pid}, {state}): {min(tail, len(lines))} of {len(lines)} lines")
+        parts.extend(lines[-tail:])
+    return "\n".join(parts)
+
+
+class PrintsLogsOnFailure(unittest.TestCase):
+    """A test case with a ``logs()`` method: on a failure or an error, the end of every node's log is
+    printed (read in tearDown, before the test's folder goes)."""
+
+    def logs(self) -> str:
+        raise NotImplementedError
+
+    def tearDown(self) -> None:
+        self.saved_logs = self.logs()
+        super().tearDown()
+
+    def run(self, result: unittest.TestResult | None = None) -> unittest.TestResult | None:
+        result = super().run(result)
+        if result is not None and any(case is self for case, _ in [*result.failures, *result.errors]):
+            logs = getattr(self, "saved_logs", None) or self.logs()
+            print(f"\n{self.id()} failed; the nodes' logs:\n{logs}", file=sys.stderr, flush=True)
+        return result
+
+
 def table_rows(db: str, tables: tuple[str, ...]) -> dict[str, list[tuple]]:
     """Every row of ``tables``, sorted, read through a read-only connection (which writes nothing)."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)

@@ -79,6 +79,8 @@ from tests.support import (
     ROOT,
     ClusterTestCase,
     LoggedProcess,
+    PrintsLogsOnFailure,
+    logs_of,
     table_rows,
     tree_snapshot,
 )
@@ -245,21 +247,7 @@ def start_node(
     return Node(process, node_id, log_path)
 
 
-def logs_of(nodes: Iterable[Node], tail: int = 40) -> str:
-    """The last lines of every node's log."""
-    parts = []
-    for node in nodes:
-        try:
-            lines = node.text().splitlines()
-        except FileNotFoundError:
-            lines = ["(log gone)"]
-        state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
-        parts.append(f"--- {node.node_id} (pid {node.pid}, {state}): {min(tail, len(lines))} of {len(lines)} lines")
-        parts.extend(lines[-tail:])
-    return "\n".join(parts)
-
-
-class FaultTestCase(ClusterTestCase):
+class FaultTestCase(PrintsLogsOnFailure, ClusterTestCase):
     """ClusterTestCase plus ``serve --app`` nodes logging to files, a handle ``nf`` and the receipt tables."""
 
     def setUp(self) -> None:
@@ -275,18 +263,6 @@ class FaultTestCase(ClusterTestCase):
 
     def close_handle(self) -> None:
         self.nf.close()
-
-    def tearDown(self) -> None:
-        self.saved_logs = self.logs()  # before the folder goes, for run() to print on a failure
-        super().tearDown()
-
-    def run(self, result: unittest.TestResult | None = None) -> unittest.TestResult | None:
-        """On a failure or an error, print the end of every node's log."""
-        result = super().run(result)
-        if result is not None and any(case is self for case, _ in [*result.failures, *result.errors]):
-            logs = getattr(self, "saved_logs", None) or self.logs()
-            print(f"\n{self.id()} failed; the nodes' logs:\n{logs}", file=sys.stderr, flush=True)
-        return result
 
     # Nodes -----------------------------------------------------------------------------------
 
@@ -883,6 +859,23 @@ class DatabaseGone(unittest.TestCase):
             self.assertEqual(nf.queues(), {}, "the new database holds the removed one's messages")
             self.assertEqual(nf.store.read(lambda conn: conn.execute("PRAGMA integrity_check").fetchall()), [("ok",)])
         self.assertEqual(self.left["removed"], {"": None, "-wal": None, "-shm": None}, "its -wal/-shm were left")
+
+    def test_what_the_nodes_had_open_is_saved_when_the_file_was_removed_or_replaced(self) -> None:
+        for fault in ("removed", "replaced"):
+            with self.subTest(fault=fault):
+                folder = os.path.dirname(self.paths[fault])
+                copies = [name for name in os.listdir(folder) if name.startswith("cluster.db.rescued-")]
+                self.assertEqual(len(copies), 1, f"{copies}\n{self.logs(fault)}")
+                copy = os.path.join(folder, copies[0])
+                for node in self.nodes[fault]:  # each says where it is, whichever node made it
+                    self.assertEqual(len(node.lines(rf"saved what it had open as {re.escape(copy)}")), 1, node.text())
+                with contextlib.closing(sqlite3.connect(f"file:{copy}?mode=ro", uri=True)) as conn:
+                    self.assertEqual(conn.execute("PRAGMA integrity_check").fetchall(), [("ok",)])
+                    self.assertEqual(conn.execute("SELECT count(*) FROM instances").fetchone()[0], 5)
+                    self.assertEqual(conn.execute("SELECT id FROM definitions").fetchall(), [("flow",)])
+                    slow = conn.execute("SELECT count(*) FROM messages WHERE queue = 'slow'").fetchone()[0]
+                    self.assertEqual(slow, 4, "the slow runs in flight were never acked: still there")
+                self.assertFalse([name for name in os.listdir(folder) if ".rescuing-" in name], "a temporary copy left")
 
     # Was a bug: Store opened its write connection by path at the first write (Store._writer): a
     # handle that had only read so far wrote into whatever file was at the path, through the old

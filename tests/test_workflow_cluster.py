@@ -45,7 +45,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import nodeflow
-from tests.support import NODEFLOW, PYTHON, ClusterTestCase, LoggedProcess, process_state, thread_states
+from tests.support import (
+    NODEFLOW,
+    PYTHON,
+    ClusterTestCase,
+    LoggedProcess,
+    PrintsLogsOnFailure,
+    logs_of,
+    process_state,
+    thread_states,
+)
 
 # The nodes' --app: the function a "call" activity runs; what it returns is stored in the
 # instance's variables (the activity's id, "charge", names the variable).
@@ -174,7 +183,7 @@ class Serve(LoggedProcess):
         self.node_id = node_id
 
 
-class WorkflowClusterTestCase(ClusterTestCase):
+class WorkflowClusterTestCase(PrintsLogsOnFailure, ClusterTestCase):
     """ClusterTestCase plus ``serve --app`` nodes logging to files, and a passing handle ``nf``."""
 
     def setUp(self) -> None:
@@ -187,18 +196,6 @@ class WorkflowClusterTestCase(ClusterTestCase):
         self.addCleanup(self.nf.close)
         self.pool = ThreadPoolExecutor(16)  # concurrent writes share commits (group commit)
         self.addCleanup(self.pool.shutdown)
-
-    def tearDown(self) -> None:
-        self.saved_logs = self.logs()  # before the folder goes, for run() to print on a failure
-        super().tearDown()
-
-    def run(self, result: unittest.TestResult | None = None) -> unittest.TestResult | None:
-        """On a failure or an error, print the end of every node's log."""
-        result = super().run(result)
-        if result is not None and any(case is self for case, _ in [*result.failures, *result.errors]):
-            logs = getattr(self, "saved_logs", None) or self.logs()
-            print(f"\n{self.id()} failed; the nodes' logs:\n{logs}", file=sys.stderr, flush=True)
-        return result
 
     def serve(self, node_id: str, *options: str, wait: bool = True) -> Serve:
         log_path = os.path.join(self.dir, f"serve-{len(self.nodes) + 1}-{node_id}.log")
@@ -235,18 +232,7 @@ class WorkflowClusterTestCase(ClusterTestCase):
             time.sleep(0.02)
 
     def logs(self, tail: int = 30) -> str:
-        """The last lines of every node's log."""
-        parts = []
-        for node in self.nodes:
-            try:
-                lines = node.text().splitlines()
-            except FileNotFoundError:
-                lines = ["(log gone)"]
-            state = "running" if node.process.poll() is None else f"exited {node.process.returncode}"
-            name = os.path.basename(node.log_path)
-            parts.append(f"--- {name} (pid {node.pid}, {state}): {min(tail, len(lines))} of {len(lines)} lines")
-            parts.extend(lines[-tail:])
-        return "\n".join(parts)
+        return logs_of(self.nodes, tail)
 
     def query(self, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return self.nf.store.read(lambda conn: conn.execute(sql, params).fetchall())

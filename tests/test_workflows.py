@@ -748,6 +748,18 @@ def whoami(variables):
             "node": call.node, "key": call.key}
 
 
+@nodeflow.activity("keyed")
+def keyed(variables):
+    call = nodeflow.current_call()
+    with open(variables["input"]["keys"], "a") as keys:
+        keys.write(f"{call.key} {call.step}\\n")
+    with open(variables["input"]["keys"]) as keys:
+        tries = len(keys.read().splitlines())
+    if tries < 3:
+        raise RuntimeError(f"try {tries} fails")
+    return tries
+
+
 @nodeflow.activity("flaky")
 def flaky(variables):
     with open(variables["input"]["calls"], "a") as calls:
@@ -871,6 +883,13 @@ NODE_DEFINITIONS: list[dict[str, Any]] = [
             "first": {"type": "call", "function": "whoami", "next": "pause"},
             "pause": {"type": "timer", "duration": "50ms", "next": "second"},
             "second": {"type": "call", "function": "whoami"},
+        },
+    },
+    {
+        "id": "keyed",
+        "start": "charge",
+        "activities": {
+            "charge": {"type": "call", "function": "keyed", "retry": {"attempts": 3, "delay": "50ms"}},
         },
     },
     {
@@ -1282,6 +1301,15 @@ class NodeWorkflowTests(ClusterTestCase):
         self.assertGreater(instance.variables["second"]["fence"], instance.variables["first"]["fence"])
         with self.assertRaisesRegex(nodeflow.NodeflowError, "only known inside a function that a call activity runs"):
             nodeflow.current_call()
+
+    def test_every_try_of_a_call_has_the_same_idempotency_key(self) -> None:
+        keys = os.path.join(self.dir, "keys")
+        instance_id, _ = self.start_and_wait("keyed", {"keys": keys}, 0)
+        with open(keys) as seen:
+            tries = [line.split() for line in seen.read().splitlines()]
+        steps = [entry.step for entry in self.nf.instance(instance_id).journal]
+        self.assertEqual([step for _, step in tries], [str(step) for step in steps])  # each try its own row
+        self.assertEqual({key for key, _ in tries}, {f"{instance_id}:{steps[0]}"}, tries)
 
     def test_set_keeps_the_type_of_a_lone_placeholder(self) -> None:
         """A set of "{input.items}" stores the list itself, not the text "[1,2]"."""
