@@ -363,11 +363,17 @@ def _check_workflows(
             found["steps"].fail(f"no definition {workflow} v{version}: {evidence}")
             continue
         _check_journal(found, instance, status, steps, fence, body, rows, evidence)
-        for step, activity, kind, _node, _fence, _started, _ended, outcome in rows:
+        for index, (step, activity, kind, _node, _fence, _started, _ended, outcome) in enumerate(rows):
             if kind == "call" and outcome.startswith("called "):
-                committed_calls.add(f"{instance}:{step}")
+                # The key is the step of the call's first try: the tries that failed before it
+                # (journaled "error (try N ...") share it.
+                first = index
+                while first > 0 and rows[first - 1][1] == activity and rows[first - 1][7].startswith("error (try "):
+                    first -= 1
+                key = f"{instance}:{rows[first][0]}"
+                committed_calls.add(key)
                 found["effects"].checked += 1
-                effect = effects.get(f"{instance}:{step}")
+                effect = effects.get(key)
                 if effect is None:
                     found["effects"].fail(
                         f"step {step} ({activity}) committed, its call's effect never recorded: {evidence}"
