@@ -8475,6 +8475,18 @@ def _demo_cache(folder: str, on: bool) -> dict[str, Any]:
             "stale_nodes": sorted({i.started_by.split(" ")[0] for i in stale})}  # fmt: skip
 
 
+def _flock_waiters(path: str) -> int:
+    """How many flock() calls wait for the file at ``path`` now (the "->" rows of /proc/locks)."""
+    try:
+        info = os.stat(path)
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            rows = [line.split() for line in table]
+    except OSError:
+        return 0
+    where = f"{os.major(info.st_dev):02x}:{os.minor(info.st_dev):02x}:{info.st_ino}"
+    return sum(1 for row in rows if len(row) > 6 and row[1] == "->" and row[2] == "FLOCK" and row[6] == where)
+
+
 def _demo_failover(folder: str, on: bool) -> dict[str, Any]:
     app = os.path.join(folder, "demo_jobs.py")
     with open(app, "w") as handle:
@@ -8491,6 +8503,9 @@ def _demo_failover(folder: str, on: bool) -> dict[str, Any]:
                 lambda conn: [row[0] for row in conn.execute("SELECT id FROM messages WHERE lease_owner = ?", (node,))]
             )
 
+        if on:  # both peers watch n2's liveness lock (blocked flocks in the kernel's table) before it dies
+            _demo_wait(lambda: _flock_waiters(os.path.join(nf.store.lock_dir, "nodes", "n2.lock")) >= 2, 10,
+                       "nodes n1 and n3 to watch n2's liveness lock")  # fmt: skip
         _demo_wait(lambda: bool(held_by("n2")), 10, "node n2 to take a job")
         held = held_by("n2")
         cluster.processes["n2"].kill()
