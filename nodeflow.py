@@ -690,9 +690,9 @@ class Store:
         """What became of the file at ``path`` if it is no longer the database this handle opened:
         ("removed" | "replaced" | "truncated" | "unreadable", a sentence), or None.
 
-        Only ``os.stat``: opening the file would drop SQLite's own locks on it. Without VACUUM a
-        database file never shrinks (freed pages are reused, not cut off), so a smaller file was
-        truncated by someone else; a new inode means the file was replaced.
+        Only ``os.stat``: opening the file would drop SQLite's own locks on it. A new inode means
+        the file was replaced. Only a VACUUM shrinks a database file (freed pages are otherwise
+        reused, not cut off), so a smaller file that no longer reads whole was truncated.
         """
         try:
             now = os.stat(self.path)
