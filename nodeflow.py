@@ -6042,6 +6042,7 @@ class Node:
         self._stop_reason = "asked to"
         self._fatal: str | None = None  # why the node must stop at once, writing nothing more
         self._forsake_companions = False  # on the way out, remove the -wal and -shm of a database that is gone
+        self._unreadable_beats = 0  # heartbeats in a row that could not stat the database file
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -6345,30 +6346,12 @@ class Node:
                 (time.time(), blueprints, node, pid),
             )
 
-        unreadable = 0  # beats in a row that could not stat the database file
         while True:
             seen = self.nf.wakeups.generation(RING_MEMBERSHIP)
             if self._lines_unsaid:  # try the log again: once it works, the count of lines lost goes first
                 self.say("the log can be written again", probe=True)
             await self._notice_clock_step()
-            problem = await asyncio.to_thread(self.nf.store.file_problem)  # a shrink means a whole read
-            if problem is not None and problem[0] == "unreadable" and unreadable < FILE_LOOKS_BEFORE_FAILING:
-                unreadable += 1  # a folder chmod'ed a moment, say: look again before giving up
-                self.say(f"{problem[1]}; looking again")
-                problem = None
-            elif problem is None:
-                unreadable = 0
-            if problem is not None:
-                kind, text = problem
-                self.nf.store.refuse(text)  # first: nothing more is committed to the file we copy
-                if kind in ("removed", "replaced"):  # what we still have open may be all that is left of it
-                    try:
-                        rescued, made = await asyncio.to_thread(self.nf.store.rescue)
-                        text += f"; {'saved' if made else 'another node saved'} what it had open as {rescued}"
-                    except (OSError, sqlite3.Error, NodeflowError) as error:
-                        text += f"; could not save a copy of what it had open ({error})"
-                self._forsake_companions = kind in ("removed", "replaced")
-                self._fail(text)
+            if await self._database_file_gone():
                 return
             try:
                 await self.nf.committer.asubmit(beat)
@@ -6379,6 +6362,30 @@ class Node:
             except Exception as error:  # a busy or full disk: keep beating, say so
                 self.say(f"heartbeat failed: {error}")
             await self.nf.wakeups.await_change(RING_MEMBERSHIP, seen, self.heartbeat)  # a node joined: watch it now
+
+    async def _database_file_gone(self) -> bool:
+        """Whether the database file was removed, replaced or cut under us; then the node fails,
+        first saving what it has open of a file that went (it may be all that is left of it)."""
+        assert self.nf is not None
+        problem = await asyncio.to_thread(self.nf.store.file_problem)  # a shrink means a whole read
+        if problem is None:
+            self._unreadable_beats = 0
+            return False
+        kind, text = problem
+        if kind == "unreadable" and self._unreadable_beats < FILE_LOOKS_BEFORE_FAILING:
+            self._unreadable_beats += 1  # a folder chmod'ed a moment, say: look again before giving up
+            self.say(f"{text}; looking again")
+            return False
+        self.nf.store.refuse(text)  # before the copy: nothing more is committed to the file we copy
+        self._forsake_companions = kind in ("removed", "replaced")
+        if self._forsake_companions:
+            try:
+                rescued, made = await asyncio.to_thread(self.nf.store.rescue)
+                text += f"; {'saved' if made else 'another node saved'} what it had open as {rescued}"
+            except (OSError, sqlite3.Error, NodeflowError) as error:
+                text += f"; could not save a copy of what it had open ({error})"
+        self._fail(text)
+        return True
 
     async def _notice_clock_step(self) -> None:
         """When the wall clock stepped (NTP, an operator), say so; after a step forward, renew the
