@@ -1156,6 +1156,41 @@ def open_lock_file(path: str, folders: tuple[str, ...] = ()) -> int:
         return fd
 
 
+def create_locked_lock_file(path: str) -> int | None:
+    """Make a new lock file at ``path`` that is locked (LOCK_EX) before anyone can see it; None
+    when something is at the path already or the filesystem cannot make unnamed files.
+
+    For liveness locks, where a free lock means a dead node: made the usual way (create, then
+    flock), the file is there unlocked for a moment, and a peer's probe in that moment takes the
+    live node for dead (and its own brief flock makes the node's flock fail). So the file is made
+    unnamed (O_TMPFILE), locked, and only then named by linkat, which never replaces what is
+    there: a planted link or a leftover file is left to open_lock_file's checks.
+    """
+    folder, name = os.path.split(path)
+    with _LOCK_FDS_MUTEX:
+        try:
+            folder_fd = os.open(folder, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            fd = os.open(".", os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600, dir_fd=folder_fd)
+        except OSError:  # EOPNOTSUPP and the like: a filesystem without unnamed files
+            os.close(folder_fd)
+            return None
+        try:
+            os.fchmod(fd, 0o600)  # whatever the umask
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # With a dir fd, os.link is linkat(AT_SYMLINK_FOLLOW): it names the file /proc/self/fd/N is.
+            os.link(f"/proc/self/fd/{fd}", name, dst_dir_fd=folder_fd)
+        except OSError:
+            os.close(fd)
+            return None
+        finally:
+            os.close(folder_fd)
+        _LOCK_FDS.add(fd)
+        return fd
+
+
 def _remove_parked(path: str, parked: _ParkedLockFile) -> None:
     """Remove a parked lock file if nobody holds it, then close it; caller holds _LOCK_FDS_MUTEX.
 
@@ -1599,6 +1634,9 @@ class Doorbells:
 
     def _take_liveness_lock(self) -> int:
         lock_path = os.path.join(self.directory, f"{self.node}.lock")
+        fd = create_locked_lock_file(lock_path)  # a file never seen unlocked: no peer takes us for dead
+        if fd is not None:
+            return fd
         for attempt in range(20):
             fd = open_lock_file(lock_path, (self.lock_dir, self.directory))  # fork-safe: a child never looks alive
             try:
@@ -3091,22 +3129,29 @@ def liveness_lock_free(lock_dir: str, node: str, pid: int) -> bool:
 
     /proc/locks is read in page-sized pieces that are not one snapshot: while other locks come
     and go, a held lock can be missing from the text. So a node that looks dead there is only
-    declared dead once a non-blocking flock on its liveness lock succeeds.
+    declared dead once a non-blocking flock on its liveness lock succeeds, and that lock is still
+    the file at the path: a node whose folder was removed makes a new file and lets the old one
+    go, and a probe that opened the old one just before gets its lock.
     """
     path = os.path.join(lock_dir, "nodes", f"{node}.lock")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:  # cleared after its death, or its folder was removed under it
-        return not _process_runs(pid)  # a live process may still do its work: never hand that back
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)  # our probe's lock (if any) goes with its own description
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:  # cleared after its death, or its folder was removed under it
+            return not _process_runs(pid)  # a live process may still do its work: never hand that back
+        except OSError:
+            return False
+        try:  # our probe's lock (if any) goes with its own description, closed below
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
+                return True
+        except FileNotFoundError:
+            return not _process_runs(pid)
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+    return False  # replaced at every look: a node re-making its files is no proof of death
 
 
 def scheduler_pid(lock_dir: str) -> int | None:
