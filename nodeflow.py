@@ -3105,12 +3105,33 @@ def _lock_file_holders(directory: str, suffix: str) -> dict[str, int | None]:
 
 
 def live_nodes(lock_dir: str) -> dict[str, int]:
-    """node id -> pid of every node whose liveness lock is held now (the kernel's word, not a heartbeat)."""
-    return {
-        node: pid
-        for node, pid in _lock_file_holders(os.path.join(lock_dir, "nodes"), ".lock").items()
-        if pid is not None
-    }
+    """node id -> pid of every node whose liveness lock is held now by the node itself (the
+    kernel's word, not a heartbeat).
+
+    A peer clearing a dead node's files holds its lock for a moment too: the pid the node wrote
+    in its file tells the two apart (an empty file is a node still binding: its holder counts).
+    """
+    directory = os.path.join(lock_dir, "nodes")
+    found = {}
+    for node, pid in _lock_file_holders(directory, ".lock").items():
+        if pid is not None and _pid_written_in(os.path.join(directory, f"{node}.lock")) in (None, pid):
+            found[node] = pid
+    return found
+
+
+def _pid_written_in(path: str) -> int | None:
+    """The pid a node wrote in its liveness lock file, or None (empty, unreadable or gone)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:  # closing our descriptor leaves the holder's flock alone (flock locks are per description)
+        text = os.pread(fd, 32, 0)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return int(text) if text.strip().isdigit() else None
 
 
 def _process_runs(pid: int) -> bool:

@@ -131,6 +131,19 @@ class Daemon(LoggedProcess):
         return [int(match.group(1)) for match in TOOK_OFFICE.finditer(self.text())]
 
 
+# Holds a flock on ARGV[1]; for each JSON string read from stdin, writes it as the file's whole
+# content (a liveness lock file holds its node's pid) and says "written".
+LOCK_HOLDER = """
+import fcntl, json, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+for line in sys.stdin:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.loads(line).encode(), 0)
+    print("written", flush=True)
+"""
+
+
 class ServeTestCase(ClusterTestCase):
     """ClusterTestCase plus ``serve`` daemons logging to files, and an optional handle on the cluster."""
 
@@ -516,6 +529,27 @@ class NodeIds(ServeTestCase):
 
 
 class Liveness(ServeTestCase):
+    # Was a flake (test_cluster, 1 make test in 7): a peer clearing a killed node's files holds its
+    # liveness lock for a moment, and live_nodes() gave the dead node the peer's pid, so status
+    # showed it running. The pid the node wrote in its file tells the two apart.
+    def test_a_lock_held_by_another_process_than_the_one_written_in_it_is_no_live_node(self) -> None:
+        self.assertEqual(self.nf.nodes(), [])  # the database and its private lock folder made
+        os.makedirs(self.nodes_dir(), mode=0o700, exist_ok=True)
+        holder = subprocess.Popen(
+            [PYTHON, "-c", LOCK_HOLDER, os.path.join(self.nodes_dir(), "n5.lock")],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.children.append(holder)
+        assert holder.stdin is not None and holder.stdout is not None
+        for written, seen in (("", holder.pid), (f"{holder.pid}\n", holder.pid), ("999999999\n", None),
+                              ("not a pid\n", holder.pid)):  # fmt: skip
+            with self.subTest(written=written):
+                holder.stdin.write(json.dumps(written) + "\n")
+                holder.stdin.flush()
+                self.assertEqual(holder.stdout.readline().strip(), "written")
+                self.assertEqual(flock_pids(os.path.join(self.nodes_dir(), "n5.lock"))[0], {holder.pid})
+                self.assertEqual(nodeflow.live_nodes(self.db + ".d").get("n5"), seen)
+
     def test_a_killed_node_is_dead_at_once_and_a_peer_hands_back_its_leases_and_files(self) -> None:
         n1, n2, n3 = (self.serve(node_id=node) for node in ("n1", "n2", "n3"))
         # serve consumes nothing yet: make n2 a lease holder by hand, an hour-long lease.
