@@ -700,7 +700,7 @@ class LockFolderRemoved(FaultTestCase):
         self.assertEqual([line for node in survivors for line in node.lines(GONE)], [line])
         self.assert_running(survivors)
 
-    # Was a bug (seen once in the test above, 1 run in 2 of make test): a node made its new liveness
+    # Was a bug (seen in the test above in 1 of 2 runs of make test): a node made its new liveness
     # lock file and only then locked it; a peer's probe in between found the lock free and declared
     # it dead, and a probe that had opened the old file got its lock once the node let it go. Here
     # one process re-makes its files 300 times (its folder removed each time) while this one probes
@@ -715,7 +715,8 @@ class LockFolderRemoved(FaultTestCase):
         probes, dead = 0, 0
         selector = selectors.DefaultSelector()
         selector.register(remaker.stdout, selectors.EVENT_READ)
-        while not selector.select(0):  # until it says it is done (it stays up, holding its lock, after)
+        deadline = time.monotonic() + 60  # a bound: readline above may have buffered the last line too
+        while not selector.select(0) and time.monotonic() < deadline:  # until it is done (it stays up after)
             probes += 1
             dead += nodeflow.liveness_lock_free(lock_dir, "n9", remaker.pid)
         selector.close()
