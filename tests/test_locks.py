@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 import unittest
+import unittest.mock
 
 import nodeflow
 from tests.support import ClusterTestCase, alive, blocked_flock_waiters, process_state
@@ -619,6 +620,11 @@ class ParkedLockFiles(LockTestCase):
                 self.assertEqual(self.lock_files(), [])
 
     def test_a_file_removed_by_another_process_while_we_keep_it_parked_still_excludes(self) -> None:
+        # Parked for longer than the holder takes to start under load: once the sweeper has closed
+        # our descriptor, the holder's new file may reuse the freed inode number (seen in CI).
+        linger = unittest.mock.patch.object(nodeflow, "IDLE_LOCK_LINGER", 60.0)
+        linger.start()
+        self.addCleanup(linger.stop)
         with self.nf.lock("swapped"):
             pass
         parked_inode = self.inode_of("swapped")
