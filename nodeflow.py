@@ -173,6 +173,7 @@ class LostOffice(NodeflowError):
     """The scheduler's election epoch is no longer the current one: another node holds office."""
 
 
+MAX_DURATION = 100 * 365.25 * 86400.0  # a century: any longer and a due time would not fit a calendar
 _DURATION_UNITS = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 0.001))
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
 _PLAIN_NUMBER = re.compile(r"\d+(?:\.\d*)?|\.\d+")
@@ -192,14 +193,12 @@ def parse_duration(value: str | float | int, what: str = "duration") -> float:
             seconds = math.inf
         if not math.isfinite(seconds) or seconds < 0:
             raise InvalidInput(f"{what}: {value!r} is not a duration; give zero or more seconds")
-        return seconds
+        return _within_a_century(seconds, value, what)
     if not isinstance(value, str):
         raise InvalidInput(f"{what}: expected a duration, got {type(value).__name__}")
     text = value.strip()
     if _PLAIN_NUMBER.fullmatch(text):
-        if not math.isfinite(float(text)):
-            raise InvalidInput(f"{what}: {value!r} is too long to be a duration")
-        return float(text)
+        return _within_a_century(float(text), value, what)
     order = [unit for unit, _ in _DURATION_UNITS]
     total, position, last_rank = 0.0, 0, -1
     for match in _DURATION_PART.finditer(text):
@@ -209,12 +208,19 @@ def parse_duration(value: str | float | int, what: str = "duration") -> float:
         total += float(match.group(1)) * dict(_DURATION_UNITS)[match.group(2)]
         position, last_rank = match.end(), rank
     else:
-        if position == len(text) and position > 0 and math.isfinite(total):
-            return total
+        if position == len(text) and position > 0:
+            return _within_a_century(total, value, what)
     raise InvalidInput(
         f"{what}: {value!r} is not a duration; use a number and a unit (ms, s, m, h, d), "
         "largest first, such as 1.5s, 250ms or 1m30s"
     )
+
+
+def _within_a_century(seconds: float, given: object, what: str) -> float:
+    if not seconds <= MAX_DURATION:  # also NaN and infinity
+        shown = _show_name(given) if isinstance(given, str) else repr(given)
+        raise InvalidInput(f"{what}: {shown} is longer than 100 years, the longest duration nodeflow takes")
+    return seconds
 
 
 @dataclass(frozen=True)
@@ -279,6 +285,15 @@ def _iso_text(moment: float) -> str:
     return datetime.datetime.fromtimestamp(moment).astimezone().isoformat(timespec="milliseconds")
 
 
+def one_line(text: str) -> str:
+    """Text made safe for one line of a terminal or a log: every character that does not print
+    (controls, newlines, bidi overrides such as U+202E, zero-width ones) is shown escaped, so input
+    quoted in a message can neither break the line nor reorder what is shown around it."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+
+
 def _show_name(name: str, limit: int = 80) -> str:
     shown = repr(name)
     return shown if len(shown) <= limit else shown[: limit - 5] + "...'"
@@ -288,7 +303,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -453,6 +468,11 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX timer_firings_fired ON timer_firings (fired);
         ALTER TABLE nodes ADD COLUMN blueprints TEXT;
     """,
+    8: """
+        ALTER TABLE messages ADD COLUMN refunds INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE messages ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE instances ADD COLUMN unwaited INTEGER NOT NULL DEFAULT 0;
+    """,
 }
 
 # Filesystems on which SQLite WAL (shared memory) or kernel file locks are not reliable.
@@ -508,6 +528,21 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def database_path(path: str) -> str:
+    """The one name of a database file, however it is reached: symbolic links and ``..`` resolved.
+
+    The lock folder is named after it, so every path to one file leads to one lock folder. A
+    symbolic link to nothing is refused: following it would create a database where it points.
+    """
+    given = os.path.abspath(path)
+    if os.path.islink(given) and not os.path.exists(given):
+        raise InvalidInput(
+            f"database path {given} is a symbolic link to {os.readlink(given)!r}, which does not exist; "
+            "give the path of the database itself, or remove the link"
+        )
+    return os.path.realpath(given)
+
+
 def _private_directory(path: str, create: bool) -> bool:
     """Make sure ``path`` is a directory of mode 0700 that this user owns; False if absent."""
     if create:
@@ -537,7 +572,7 @@ class Store:
 
     def __init__(self, path: str, *, create: bool = True, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.path = os.path.abspath(path)
+        self.path = database_path(path)
         self.lock_dir = self.path + ".d"
         self._mutex = threading.Lock()  # the read connection
         self._write_mutex = threading.Lock()  # the write connection: reads never wait for a commit
@@ -581,6 +616,20 @@ class Store:
         info = os.stat(self.path)
         if not stat.S_ISREG(info.st_mode):
             raise NotADatabase(f"{self.path} is not a regular file, so not a nodeflow database")
+        # One file, one cluster: through a second name SQLite would keep a second -wal and we a
+        # second lock folder, and two clusters would write one file. A creator links the new file
+        # in place and then drops its temporary name: wait out that moment before refusing.
+        for _ in range(20):
+            if info.st_nlink <= 1:
+                break
+            time.sleep(0.05)
+            info = os.stat(self.path)
+        else:
+            raise StoreError(
+                f"{self.path} has {info.st_nlink} hard links: each name would get its own -wal file and lock "
+                "folder, and two clusters would write one file; remove the other names (find them with: "
+                f"find / -xdev -samefile {self.path})"
+            )
         if info.st_uid != os.geteuid():  # also for root: its -wal and -shm would lock the owner out
             raise StoreError(
                 f"{self.path} belongs to another user (uid {info.st_uid}); run nodeflow as that user "
@@ -624,15 +673,16 @@ class Store:
                 except FileNotFoundError:
                     pass
 
-    def _connect(self, path: str, must_exist: bool = False) -> sqlite3.Connection:
-        target = f"file:{urllib.parse.quote(path)}?mode=rw" if must_exist else path
+    def _connect(self, path: str) -> sqlite3.Connection:
+        """A connection to the file at ``path``, which must exist: SQLite never creates one (it would
+        make it 0644, at whatever a link points to); only _create_atomically makes databases."""
         try:
             conn = sqlite3.connect(
-                target,
+                f"file:{urllib.parse.quote(path)}?mode=rw",
                 timeout=self.settings.busy_timeout,
                 isolation_level=None,
                 check_same_thread=False,
-                uri=must_exist,
+                uri=True,
             )
         except sqlite3.Error as error:
             raise self._translate(error, path) from error
@@ -795,7 +845,7 @@ class Store:
             # Open only the file this handle opened: never one that replaced it, never a new one.
             moved = self._moved()
             if moved is None:
-                conn = self._connect(self.path, must_exist=True)
+                conn = self._connect(self.path)
                 moved = self._moved()  # replaced while connecting, perhaps
                 if moved is None:
                     self._write_conn = conn
@@ -1333,7 +1383,7 @@ class LockManager:
         self.store = store
         self.node = node
         # Set by the handle: lets a fenced async acquisition take its token in a shared transaction.
-        self.write_async: Callable[[Callable[[sqlite3.Connection], int]], Awaitable[int]] | None = None
+        self.write_async: Callable[[Callable[[sqlite3.Connection], Any]], Awaitable[Any]] | None = None
         self.acquisitions, self.wait_seconds, self.hold_seconds = 0, 0.0, 0.0  # for /metrics
         self.directory = os.path.join(store.lock_dir, folder)
         self._mine = threading.local()  # names each thread holds through the blocking API
@@ -1505,6 +1555,38 @@ class LockManager:
         self._count(started)
         return held
 
+    async def atake_from(self, name: str, stalled: Callable[[sqlite3.Connection, LockInfo], bool]) -> LockInfo | None:
+        """Remove the file of lock ``name`` if ``stalled`` judges its holder gone for good enough
+        (another node, frozen past its stall limit): the next acquisition then locks a new file, with
+        a higher fence, while the old holder keeps a lock on a file nobody else will open. Only for
+        locks whose holders check their fence before they commit (instance locks); a lock taken
+        through ``lock()`` is never taken away. The check and the removal run in one write
+        transaction, so of two takers only one removes a file. Returns the holder it was taken from."""
+        path = os.path.join(self.directory, lock_file_name(check_lock_name(name)))
+        try:
+            inode = os.stat(path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            return None
+        holder = self._describe(path, _kernel_flock_owners(), name)
+        if holder is None:
+            return None
+
+        def take(conn: sqlite3.Connection) -> LockInfo | None:
+            if not stalled(conn, holder):
+                return None
+            try:
+                if os.stat(path, follow_symlinks=False).st_ino != inode:
+                    return None  # released, or taken by another node already
+            except FileNotFoundError:
+                return None
+            os.unlink(path)
+            return holder
+
+        if self.write_async is not None:
+            taken: LockInfo | None = await self.write_async(take)
+            return taken
+        return self.store.write(take)
+
     # Who holds what -------------------------------------------------------------------------
 
     def _describe(self, path: str, owners: dict[tuple[int, int, int], int] | None, name: str | None) -> LockInfo | None:
@@ -1524,7 +1606,7 @@ class LockManager:
                 note = json.loads(os.read(fd, 65536) or b"{}")
             finally:
                 os.close(fd)
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):
             pass  # the holder is writing its note right now
         shown = name if name is not None else str(note.get("name") or os.path.basename(path))
         fence = note.get("fence")
@@ -1819,8 +1901,34 @@ def check_queue_name(queue: object) -> str:
     return queue
 
 
-def encode_body(body: Any, limit: int) -> str:
-    """A message body as compact JSON text; InvalidInput when it is not JSON or too large."""
+JSON_MAX_DEPTH = 64  # lists and objects nested in any value nodeflow takes in (a body, an input, a result)
+# An instance's variables hold such values one or two levels down ({"input": ..., "approval": ...}):
+# the limit they are stored under leaves room for that, and is still far from Python's recursion limit.
+VARIABLES_MAX_DEPTH = 2 * JSON_MAX_DEPTH
+
+
+def _nested_deeper_than(value: Any, limit: int) -> bool:
+    """Whether lists and objects nest more than ``limit`` deep in ``value`` (a loop: no recursion,
+    and a value that contains itself ends at the limit too)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list, tuple)))
+    return False
+
+
+def encode_body(body: Any, limit: int, depth: int = JSON_MAX_DEPTH) -> str:
+    """A message body as compact JSON text; InvalidInput when it is not JSON, too large or nested
+    more than ``depth`` deep. What this accepts, every node can decode and handle again: the checks
+    are made here, where values come in, never where a node reads them back."""
+    if isinstance(body, (dict, list, tuple)) and _nested_deeper_than(body, depth):
+        raise InvalidInput(
+            f"the value nests lists and objects more than {depth} deep; flatten it (the limit keeps "
+            "every node able to read it back)"
+        )
     try:
         text = json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
     except (TypeError, ValueError, RecursionError) as error:
@@ -1832,6 +1940,15 @@ def encode_body(body: Any, limit: int) -> str:
     if size > limit:
         raise InvalidInput(f"the message body is {size} bytes of JSON; the limit is {limit} bytes")
     return text
+
+
+def decode_stored(text: str) -> Any:
+    """JSON that nodeflow stored, decoded for a listing; text that cannot be decoded (written by an
+    older nodeflow or by hand) is returned as it is rather than failing the whole listing."""
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def check_dedup_key(key: object, what: str = "a deduplication key") -> str | None:
@@ -1866,6 +1983,12 @@ class Message:
     lease_until: float
     last_error: str | None
     owner: str  # who holds the lease
+    refunds: int = 0  # deliveries not counted against it: each ended with a node that held others too
+
+    @property
+    def charged(self) -> int:
+        """The deliveries that count towards its dead-letter limit, this one included."""
+        return self.attempts - self.refunds
 
 
 @dataclass(frozen=True)
@@ -2216,14 +2339,38 @@ def _clock_step_grace_until(conn: sqlite3.Connection, now: float) -> float:
     return float(row[0]) + LEASE_STEP_GRACE
 
 
-def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str) -> tuple[int, set[str]]:
-    """Make every message leased by ``owner`` ready again now; how many, and their queues (to ring)."""
-    queues = {queue for (queue,) in conn.execute("SELECT DISTINCT queue FROM messages WHERE lease_owner = ?", (owner,))}
-    count = conn.execute(
-        "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? WHERE lease_owner = ?",
-        (time.time(), why, owner),
-    ).rowcount
-    return count, queues
+# Who is to blame when a node dies (or freezes) with several messages in hand? Any of them may have
+# killed it (a handler that calls os._exit, a `call` that crashes the interpreter), or none. So a
+# death is counted against a message only when it was the one "suspect" in hand: the first time a
+# message's delivery ends with its node it is refunded (the delivery does not count towards its
+# dead-letter limit) and marked suspect, and a consumer holds at most one suspect at a time. A
+# poison message is then counted at every death after its first, as it should be, and the innocent
+# messages that happened to share its node are not, so they never become dead letters for it.
+
+
+def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str, ended: bool = True) -> tuple[int, set[str]]:
+    """Make every message leased by ``owner`` ready again now; how many, and their queues (to ring).
+
+    ``ended``: the holder died or stalled, so the deliveries ended abnormally, and are counted or
+    refunded as the rule above says. Otherwise (the holder leaves in good order) nothing changes
+    but the lease.
+    """
+    rows = conn.execute("SELECT id, queue, suspect FROM messages WHERE lease_owner = ?", (owner,)).fetchall()
+    now = time.time()
+    alone = len(rows) == 1
+    for message_id, _, suspect in rows:
+        if not ended:
+            change, error = "", why
+        elif alone or suspect:
+            change, error = ", suspect = 1", why  # it alone was in hand: it counts
+        else:
+            change = ", suspect = 1, refunds = refunds + 1"
+            error = f"{why} holding {len(rows)} messages; not counted against this one until it is tried alone"
+        conn.execute(
+            f"UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ?{change} WHERE id = ?",
+            (now, error, message_id),
+        )
+    return len(rows), {queue for _, queue, _ in rows}
 
 
 def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: float) -> None:
@@ -2233,6 +2380,24 @@ def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: flo
         (now, error, message_id),
     )
     conn.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+
+
+def _lease_lost(conn: sqlite3.Connection, message: Message, outcome: str) -> LeaseLost:
+    """Why a settle of ``message`` found it no longer leased to its holder, told apart by what is left
+    of it: settled already, a dead letter, or delivered again."""
+    where = f"message {message.id} of queue {_show_name(message.queue)}"
+    row = conn.execute("SELECT attempts, lease_owner FROM messages WHERE id = ?", (message.id,)).fetchone()
+    if row is None:
+        dead = conn.execute("SELECT 1 FROM dead_letters WHERE id = ?", (message.id,)).fetchone()
+        gone = "is a dead letter now" if dead else "is gone: it was acked already (or purged)"
+        return LeaseLost(f"{where} {gone}; {outcome}")
+    attempts, owner = row
+    if attempts == message.attempts and owner is None:
+        return LeaseLost(f"{where} was handed back already (nacked, or its holder was taken for dead); {outcome}")
+    return LeaseLost(
+        f"{where} is no longer leased to {message.owner}: its lease ran out and it was delivered again "
+        f"(delivery {attempts}, to {owner or 'nobody yet'}); {outcome}"
+    )
 
 
 class Bus:
@@ -2277,22 +2442,24 @@ class Bus:
             if self._clock.stepped() > 0:
                 note_clock_step(conn, now)
             step_grace_until: float | None = None  # read once, at the first expired lease met
+            suspect_in_hand: bool | None = None  # read once, at the first suspect met (see hand_back_leases)
             taken: list[Message] = []
             # Priority by priority, highest first, each an index range of what is available now:
             # one ORDER BY over the whole queue would scan every delayed or leased message.
             level = conn.execute("SELECT MAX(priority) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
             while level is not None and len(taken) < count:
                 rows = conn.execute(
-                    "SELECT id, body, priority, attempts, created, last_error, lease_owner FROM messages "
-                    "WHERE queue = ? AND priority = ? AND available_at <= ? ORDER BY available_at LIMIT ?",
-                    (queue, level, now, count - len(taken)),
+                    "SELECT id, body, priority, attempts, refunds, suspect, created, last_error, lease_owner "
+                    "FROM messages WHERE queue = ? AND priority = ? AND available_at <= ? AND (? OR suspect = 0) "
+                    "ORDER BY available_at LIMIT ?",
+                    (queue, level, now, not suspect_in_hand, count - len(taken)),
                 ).fetchall()
                 if not rows:
                     level = conn.execute(
                         "SELECT MAX(priority) FROM messages WHERE queue = ? AND priority < ?", (queue, level)
                     ).fetchone()[0]
                     continue
-                for message_id, body, priority, attempts, created, last_error, previous in rows:
+                for message_id, body, priority, attempts, refunds, suspect, created, last_error, previous in rows:
                     if previous is not None:  # its lease ran out without an ack or a nack
                         if step_grace_until is None:
                             step_grace_until = _clock_step_grace_until(conn, now)
@@ -2302,18 +2469,44 @@ class Bus:
                             )
                             continue
                         last_error = f"lease of {previous} expired after delivery {attempts}"
-                    if attempts >= limit and queue != WORKFLOW_QUEUE:  # a poison message
+                        if not suspect:  # its holder may have held others: counted once it is tried alone
+                            refunds, suspect = refunds + 1, 1
+                            last_error += "; not counted against it until it is tried alone"
+                    if attempts - refunds >= limit and queue != WORKFLOW_QUEUE:  # a poison message
                         _bury(conn, message_id, last_error, now)
                         continue
+                    if suspect:
+                        if suspect_in_hand is None:
+                            suspect_in_hand = bool(
+                                conn.execute(
+                                    "SELECT 1 FROM messages WHERE lease_owner = ? AND suspect = 1 LIMIT 1", (owner,)
+                                ).fetchone()
+                            )
+                        if suspect_in_hand:  # one suspect at a time per consumer: left for the next claim
+                            if previous is not None:
+                                conn.execute(
+                                    "UPDATE messages SET lease_owner = NULL, refunds = ?, suspect = 1, last_error = ? "
+                                    "WHERE id = ?",
+                                    (refunds, last_error, message_id),
+                                )
+                            continue
+                        suspect_in_hand = True
+                    try:
+                        decoded = json.loads(body)
+                    except (ValueError, RecursionError) as error:  # stored by hand, or by an older nodeflow
+                        why = f"its body cannot be decoded ({type(error).__name__}: {str(error)[:200]})"
+                        _bury(conn, message_id, why, now)
+                        log.warning("message %d of queue %s is a dead letter now: %s", message_id, queue, why)
+                        continue
                     conn.execute(
-                        "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, "
-                        "last_error = ? WHERE id = ?",
-                        (owner, now + lease, last_error, message_id),
+                        "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, refunds = ?, "
+                        "suspect = ?, last_error = ? WHERE id = ?",
+                        (owner, now + lease, refunds, suspect, last_error, message_id),
                     )
                     taken.append(
                         Message(
-                            message_id, queue, json.loads(body), attempts + 1, priority, created, now + lease,
-                            last_error, owner,
+                            message_id, queue, decoded, attempts + 1, priority, created, now + lease, last_error,
+                            owner, refunds,
                         )
                     )  # fmt: skip
             return taken
@@ -2454,10 +2647,7 @@ class Bus:
                 (message.id, message.attempts, message.owner),
             ).rowcount
             if not gone:
-                raise LeaseLost(
-                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner} "
-                    "(its lease ran out and it was delivered again); the ack and its writes were rolled back"
-                )
+                raise _lease_lost(conn, message, "the ack and its writes were rolled back")
             return result
 
         ack.single_statement = also is None  # type: ignore[attr-defined]
@@ -2486,16 +2676,14 @@ class Bus:
 
         def nack(conn: sqlite3.Connection) -> str:
             now = time.time()
-            changed = conn.execute(
-                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? "
+            changed = conn.execute(  # a nack is no death of its consumer: no longer a suspect
+                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ?, suspect = 0 "
                 "WHERE id = ? AND attempts = ? AND lease_owner = ?",
                 (now + delay, error, message.id, message.attempts, message.owner),
             ).rowcount
             if not changed:
-                raise LeaseLost(
-                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
-                )
-            if message.attempts >= limit and message.queue != WORKFLOW_QUEUE:
+                raise _lease_lost(conn, message, "the nack changed nothing")
+            if message.charged >= limit and message.queue != WORKFLOW_QUEUE:
                 _bury(conn, message.id, error, now)
                 return "dead"
             return "queued"
@@ -2538,9 +2726,7 @@ class Bus:
                 (until, message.id, message.attempts, message.owner),
             ).rowcount
             if not changed:
-                raise LeaseLost(
-                    f"message {message.id} of queue {message.queue!r} is no longer leased to {message.owner}"
-                )
+                raise _lease_lost(conn, message, "its lease was not extended")
             return until
 
         return extend
@@ -2549,7 +2735,7 @@ class Bus:
         """Hand back at once every message leased by ``owner`` (a node known to be gone)."""
 
         count, queues = self.committer.submit(
-            lambda conn: hand_back_leases(conn, owner, f"the lease holder {owner} went away")
+            lambda conn: hand_back_leases(conn, owner, f"the lease holder {owner} went away", ended=False)
         )
         if queues:
             self.committer._ring({_ring_topic_for_queue(queue) for queue in queues})
@@ -2566,7 +2752,7 @@ class Bus:
                 (queue, limit),
             ).fetchall()
         )
-        return [DeadLetter(row[0], row[1], json.loads(row[2]), *row[3:]) for row in rows]
+        return [DeadLetter(row[0], row[1], decode_stored(row[2]), *row[3:]) for row in rows]
 
     def retry_dead(self, queue: str, ids: Iterable[int] | None = None) -> int:
         """Queue dead letters again with a fresh delivery count; returns how many."""
@@ -3196,6 +3382,7 @@ class _FlockWaiter:
         self.path, self._on_granted, self._name, self._steadfast = path, on_granted, name, steadfast
         self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
+        self.waiting_on: int | None = None  # the inode of the file it waits for (None: not waiting yet)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
@@ -3229,6 +3416,7 @@ class _FlockWaiter:
             log.warning("cannot open %s: %s", self.path, error)
             return None
         try:
+            self.waiting_on = os.fstat(fd).st_ino
             fcntl.flock(fd, fcntl.LOCK_EX)
             replaced = self._steadfast and os.stat(self.path, follow_symlinks=False).st_ino != os.fstat(fd).st_ino
         except OSError as error:
@@ -3241,17 +3429,49 @@ class _FlockWaiter:
         return fd
 
 
-def take_office(conn: sqlite3.Connection, node: str) -> int:
+def take_office(conn: sqlite3.Connection, node: str, fd: int | None = None, path: str | None = None) -> int:
     """The new scheduler's first act: bump the election epoch, in its own transaction.
 
+    With ``fd`` and ``path``: only while the file at ``path`` (scheduler.lock) is the one ``fd``
+    locked. A stalled scheduler's office is taken by replacing that file (take_office_from_stalled),
+    in a transaction too, so of a waiter that got the old file and a taker, one alone bumps the epoch.
     Each term is also kept in ``elections``: an audit of who held office when, which lets a
     checker prove that no epoch ever had two schedulers.
     """
+    if fd is not None and path is not None and not _is_file_at(fd, path):
+        raise LostOffice(f"{path} was replaced while this node waited for it: another node took office")
     now = time.time()
     conn.execute("UPDATE election SET epoch = epoch + 1, node = ?, since = ? WHERE id = 1", (node, now))
     epoch = int(conn.execute("SELECT epoch FROM election WHERE id = 1").fetchone()[0])
     conn.execute("INSERT INTO elections (epoch, node, pid, since) VALUES (?, ?, ?, ?)", (epoch, node, os.getpid(), now))
     return epoch
+
+
+def _is_file_at(fd: int, path: str) -> bool:
+    try:
+        return os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+    except FileNotFoundError:
+        return False
+
+
+def take_office_from_stalled(
+    conn: sqlite3.Connection, node: str, epoch: int, stall_after: float, replacement: str, path: str
+) -> int:
+    """Take office from a scheduler whose heartbeat is older than ``stall_after`` (frozen by SIGSTOP
+    or Ctrl-Z, its event loop blocked): its kernel lock on scheduler.lock outlives its use, so in
+    this transaction the file is replaced by ``replacement``, a file this node has locked already,
+    and the epoch bumped. Refused (LostOffice) unless office is still in ``epoch`` and its holder
+    still silent. Whatever the old scheduler does when it wakes is refused by the epoch; it finds
+    the file replaced and steps down."""
+    current, holder = conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
+    if current != epoch:
+        raise LostOffice(f"office changed hands meanwhile (epoch {current})")
+    if holder is not None:
+        beat = conn.execute("SELECT heartbeat FROM nodes WHERE id = ?", (holder,)).fetchone()
+        if beat is not None and time.time() - beat[0] <= stall_after:
+            raise LostOffice(f"node {holder} beat again")
+    os.rename(replacement, path)  # atomic: the path names the old file or ours, never nothing
+    return take_office(conn, node)
 
 
 def check_epoch(conn: sqlite3.Connection, epoch: int) -> None:
@@ -3292,10 +3512,15 @@ def check_epoch(conn: sqlite3.Connection, epoch: int) -> None:
 #   - Fixed-time jobs (`30 2 * * *`, `0 1-3 * * *`) run once per matching wall-clock time. A time that a
 #     spring-forward skips runs at the first instant after the gap (03:00 when 02:00-02:59 is skipped), once
 #     even when several skipped times match; a time that a fall-back repeats runs at its first occurrence only.
-#   Vixie cron reaches the same result by watching its clock jump; we compute it, so it also holds for
-#   gaps longer than the three hours Vixie would treat as a DST change.
+#   Vixie cron reaches the same result by watching its clock jump; we compute it. Like Vixie, a gap longer
+#   than three hours is no daylight-saving change: the times it skips are not made up (CRON_MADE_UP_GAP).
 
 
+# A skipped time of a fixed-time job is made up at the end of its gap only when the gap is a daylight-saving
+# shift, at most three hours, as Vixie cron decides (a longer jump is a time change to it). A zone that
+# skips a whole day (Pacific/Apia skipped 2011-12-30) has no firing for that day, rather than a second
+# firing on the next.
+CRON_MADE_UP_GAP = 3 * 3600.0
 _CRON_FIELDS = ("minute", "hour", "day-of-month", "month", "day-of-week")
 _CRON_BOUNDS = ((0, 59), (0, 23), (1, 31), (1, 12), (0, 7))
 _CRON_MONTH_NAMES = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec")
@@ -3616,7 +3841,7 @@ class CronSchedule:
         if first_reading < second_reading:  # a fall-back repeats this wall time
             return (first_reading, second_reading) if self.minute_or_hour_starred else (first_reading,)
         # A spring-forward skips this wall time: second_reading lies before the gap, first_reading after it.
-        if self.minute_or_hour_starred:
+        if self.minute_or_hour_starred or first_reading - second_reading > CRON_MADE_UP_GAP:
             return ()
         return (_cron_gap_end(int(second_reading), int(first_reading), zone),)
 
@@ -3777,16 +4002,20 @@ def _next_due(conn: sqlite3.Connection) -> float | None:
 # WORKFLOW_QUEUE (section 5) carries "run" and "start" messages; every serve node consumes it.
 DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cached blueprints are stale
 RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
-INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted")
+INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted", "cancelled")
+ENDED_STATUSES = ("completed", "faulted", "cancelled")  # an instance in these runs no more (a faulted one until retry)
 ACTIVITY_TYPES = ("log", "set", "if", "timer", "start_at", "signal", "call", "fail", "work")
 DEFINITION_MAX_BYTES = 256 * 1024
 DEFINITION_MAX_ACTIVITIES = 1000
 DEFINITION_MAX_TRIGGERS = 32
 TEMPLATE_MAX_CHARS = 4096
+RENDERED_MAX_CHARS = 1 << 20  # a filled template (a run's variables are limited to max_body_bytes too)
 CONDITION_MAX_DEPTH = 16
 TRIGGER_INPUT_MAX_BYTES = 64 * 1024
 WORK_MAX_SECONDS = 3600.0
 BURST_MAX_STEPS = 100  # then the instance goes back in the queue, so a loop shares the node
+BUSY_LOOP_MAX_STEPS = 10_000  # steps without a wait (a timer, a signal) before an instance faults as a runaway loop
+JOURNAL_KEEP_STEPS = 10_000  # an instance's journal keeps its newest steps; older ones are pruned as it runs
 CALL_ATTEMPTS = 3  # tries of a failing call before its instance is faulted ("retry" per activity)
 CALL_RETRY_DELAY = 1.0  # before the second try; doubled for each try after it, up to an hour
 INSTANCE_LOCK_WAIT = 5.0  # then a run message goes back in the queue, to try again a second later
@@ -3843,11 +4072,14 @@ def check_signal_name(value: object, what: str = "a signal name") -> str:
 
 
 def check_instance_input(value: object, what: str = "input") -> dict[str, Any]:
-    """An input (an instance's or a signal's) is a JSON object; encoding it where it is stored checks the rest."""
+    """An input (an instance's or a signal's) is a JSON object, nested at most JSON_MAX_DEPTH deep;
+    encoding it where it is stored checks the rest."""
     if value is None:
         return {}
     if not isinstance(value, dict):
         raise InvalidInput(f'{what} must be a JSON object, such as {{"order": 42}}, not {type(value).__name__}')
+    if _nested_deeper_than(value, JSON_MAX_DEPTH):
+        raise InvalidInput(f"{what} nests lists and objects more than {JSON_MAX_DEPTH} deep; flatten it")
     return value
 
 
@@ -3913,14 +4145,24 @@ class Template:
     def is_constant(self) -> bool:
         return all(isinstance(part, str) for part in self._parts)
 
-    def render(self, variables: dict[str, Any]) -> str:
-        return "".join(part if isinstance(part, str) else _as_text(_lookup(variables, part)) for part in self._parts)
+    def render(self, variables: dict[str, Any], limit: int = RENDERED_MAX_CHARS) -> str:
+        """The text, failing (a _Fault) as soon as it grows past ``limit`` characters: a template that
+        repeats a variable ({s}{s}{s}...) over steps that feed each other would otherwise double its
+        memory at every step, so the bound is kept while the text is made, never checked after."""
+        pieces, size = [], 0
+        for part in self._parts:
+            text = part if isinstance(part, str) else _as_text(_lookup(variables, part))
+            size += len(text)
+            if size > limit:
+                raise _Fault(f"the text of template {_show_name(self.text, 60)} grew past {limit} characters")
+            pieces.append(text)
+        return "".join(pieces)
 
-    def value(self, variables: dict[str, Any]) -> Any:
+    def value(self, variables: dict[str, Any], limit: int = RENDERED_MAX_CHARS) -> Any:
         """The variable itself (any JSON type) when the template is one placeholder, else the text."""
         if len(self._parts) == 1 and isinstance(self._parts[0], tuple):
             return _lookup(variables, self._parts[0])
-        return self.render(variables)
+        return self.render(variables, limit)
 
     def __repr__(self) -> str:
         return f"Template({self.text!r})"
@@ -3988,7 +4230,7 @@ def evaluate_condition(condition: Condition, variables: dict[str, Any]) -> bool:
 
 
 def _quoted(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)[:80]
+    return one_line(json.dumps(value, ensure_ascii=False)[:80])
 
 
 class _Checker:
@@ -4668,6 +4910,15 @@ def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
     raise NotFound(f"no instance {_show_name(text)}; list them with: instances")
 
 
+def _check_reason(reason: object) -> str | None:
+    if reason is None:
+        return None
+    if not isinstance(reason, str) or len(reason) > 1000 or not reason.isprintable():
+        shown = _show_name(reason) if isinstance(reason, str) else type(reason).__name__
+        raise InvalidInput(f"a reason is printable text of at most 1000 characters, not {shown}")
+    return reason
+
+
 class Workflows:
     """Definitions, instances and signals, for one handle.
 
@@ -4829,7 +5080,9 @@ class Workflows:
         self, workflow_id: str, data: Any
     ) -> tuple[Callable[[sqlite3.Connection], str], tuple[str, ...]]:
         workflow_id = check_workflow_id(workflow_id, "the workflow id")
-        variables = encode_body({"input": check_instance_input(data)}, self.store.settings.max_body_bytes)
+        variables = encode_body(
+            {"input": check_instance_input(data)}, self.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH
+        )
         version = self.blueprint(workflow_id).version if self._listening() else None
         node = self.node
         return (
@@ -4847,7 +5100,8 @@ class Workflows:
         return await self.committer.asubmit(work, rings)
 
     def _signal_work(self, name: str, data: dict[str, Any]) -> Callable[[sqlite3.Connection], SignalOutcome]:
-        resume = encode_body(data, self.store.settings.max_body_bytes)
+        settings = self.store.settings
+        resume = encode_body(data, settings.max_body_bytes)
 
         def deliver(conn: sqlite3.Connection) -> SignalOutcome:
             now = time.time()
@@ -4869,7 +5123,7 @@ class Workflows:
                 body = {"start": definition, "input": {**json.loads(trigger_input), **data}, "by": f"signal {name}"}
                 conn.execute(
                     "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
-                    (WORKFLOW_QUEUE, encode_body(body, self.store.settings.max_body_bytes), now, now),
+                    (WORKFLOW_QUEUE, encode_body(body, settings.max_body_bytes, VARIABLES_MAX_DEPTH), now, now),
                 )
                 started.append(definition)
             return SignalOutcome(tuple(resumed), tuple(started))
@@ -4969,8 +5223,8 @@ class Workflows:
             ).fetchone()
             if status == "faulted":
                 conn.execute(
-                    "UPDATE instances SET status = 'running', seq = seq + 1, attempt = 0, error = NULL, updated = ? "
-                    "WHERE id = ?",
+                    "UPDATE instances SET status = 'running', seq = seq + 1, attempt = 0, error = NULL, unwaited = 0, "
+                    "updated = ? WHERE id = ?",
                     (now, found),
                 )
                 _run_message(conn, found, seq + 1, now, now)
@@ -4988,11 +5242,56 @@ class Workflows:
         self.committer.submit(retry, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
         return self.instance(found, journal=False)
 
+    def _cancel_work(self, instance: str, reason: str | None) -> Callable[[sqlite3.Connection], None]:
+        node = self.node
+
+        def cancel(conn: sqlite3.Connection) -> None:
+            now = time.time()
+            status, position, steps, fence = conn.execute(
+                "SELECT status, position, steps, fence FROM instances WHERE id = ?", (instance,)
+            ).fetchone()
+            if status in ("completed", "cancelled"):
+                raise InvalidInput(
+                    f"instance {instance} is {status} already; only one that has not ended can be cancelled"
+                )
+            # seq moves on: a burst under way now, and every run message of it queued, is stale from here.
+            conn.execute(
+                "UPDATE instances SET status = 'cancelled', seq = seq + 1, steps = steps + 1, bookmark = NULL, "
+                "waiting_for = NULL, wake_at = NULL, resume = NULL, error = NULL, updated = ?, ended = ? WHERE id = ?",
+                (now, now, instance),
+            )
+            conn.execute(
+                "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
+                "VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?, ?)",
+                (instance, steps, position or "(start)", node, fence, now, now,
+                 f"cancelled{': ' + reason if reason else ''} (was {status})"),
+            )  # fmt: skip
+            conn.execute(  # its waiting timer and queued runs: never needed now (one in a node's hands is acked)
+                "DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL AND json_extract(body, '$.run') = ?",
+                (WORKFLOW_QUEUE, instance),
+            )
+            conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + instance,))
+
+        return cancel
+
+    def cancel(self, instance_id: str, reason: str | None = None) -> Instance:
+        """End an instance that has not ended (running, waiting, or faulted) as cancelled: its wait ends,
+        its queued runs are dropped and a burst under way commits nothing. The journal records who
+        cancelled it and why."""
+        found = self.instance(instance_id, journal=False).id
+        self.committer.submit(self._cancel_work(found, _check_reason(reason)), (RING_INSTANCES,))
+        return self.instance(found)
+
+    async def acancel(self, instance_id: str, reason: str | None = None) -> Instance:
+        found = self.instance(instance_id, journal=False).id
+        await self.committer.asubmit(self._cancel_work(found, _check_reason(reason)), (RING_INSTANCES,))
+        return self.instance(found)
+
     def _ended_or_pause(self, instance_id: str, deadline: float | None) -> tuple[Instance, float | None]:
         """The instance, and how long to wait for a ring before looking again (None: stop waiting)."""
         found = self.instance(instance_id, journal=False)
         left = 3600.0 if deadline is None else deadline - time.monotonic()
-        if found.status in ("completed", "faulted") or left <= 0:
+        if found.status in ENDED_STATUSES or left <= 0:
             return found, None
         return found, min(left, self.store.settings.poll_interval)
 
@@ -5027,8 +5326,41 @@ SETTLED = object()  # what a handler returns when it acked (or nacked) its messa
 INSTANCE_LOCK_PREFIX = "nodeflow.instance:"
 
 
+class UserCodeEscaped(NodeflowError):
+    """A handler or ``call`` function ended by raising what is not an Exception (SystemExit from
+    sys.exit(), KeyboardInterrupt, GeneratorExit): it fails its own message, never the node."""
+
+
+async def run_in_thread(function: Callable[..., T], *args: Any, name: str = "nodeflow-work") -> T:
+    """Run a blocking function in a daemon thread of its own and await its result.
+
+    Not asyncio's shared executor: a function that blocks for ever then holds one thread of its
+    own, never a slot that the node's heartbeat, file checks or lease renewals also wait for, and
+    a daemon thread never keeps the process from leaving (the executor's threads are joined at
+    exit). A cancelled caller stops waiting at once; the thread's late result is dropped. The
+    caller's context variables are seen in the thread (current_call(), say).
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+    context = contextvars.copy_context()
+
+    def work() -> None:
+        outcome: Any
+        try:
+            ok, outcome = True, context.run(function, *args)
+        except Exception as error:
+            ok, outcome = False, error
+        except BaseException as error:  # sys.exit() in user code must not end the event loop
+            ok, outcome = False, UserCodeEscaped(f"{type(error).__name__}: {error}")
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
+            loop.call_soon_threadsafe(_settle_future, future, ok, outcome)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return await future
+
+
 class UserThreads:
-    """Counts the application's functions (handlers, ``call`` functions) running in threads.
+    """Counts the application's functions (handlers, ``call`` functions, cpu ``work``) running in threads.
 
     A thread cannot be cancelled: when a node stops, one may still run after the grace period
     although its message was handed back. The count lets ``serve`` leave without waiting for it.
@@ -5050,22 +5382,42 @@ class UserThreads:
 
         return run
 
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        """Run user code in a thread of its own (see run_in_thread), counted while it runs."""
+        return await run_in_thread(self.wrap(function), *args, name="nodeflow-user")
+
 
 class _StaleInstance(NodeflowError):
     """The instance moved on, or a later lock holder wrote it: this burst's commit is refused."""
 
 
+_UNSET = object()  # a variable that did not exist before a step set it
+
+
 class _Burst:
-    """The state of an instance as one burst of steps changes it, committed all at once."""
+    """The state of an instance as one burst of steps changes it, committed all at once.
+
+    ``stored`` is the variables' JSON as they will be committed: every step that writes variables
+    checks the new ones (size, depth) at once and stores them, or is undone and faults the instance
+    at that step, so the journal and the variables committed never disagree.
+    """
 
     def __init__(self, row: tuple[Any, ...], blueprint: Blueprint) -> None:
-        (self.id, self.seq, self.status, self.position, variables, self.attempt, self.bookmark,
-         self.waiting_for, self.wake_at, resume, self.steps) = row  # fmt: skip
-        self.variables: dict[str, Any] = json.loads(variables)
-        if self.position is None:  # the first burst: the definition's variables, then the input over them
+        (self.id, self.seq, self.status, self.position, self.stored, self.attempt, self.bookmark,
+         self.waiting_for, self.wake_at, resume, self.steps) = row[:11]  # fmt: skip
+        self.unwaited: int = row[13] if len(row) > 13 else 0  # steps since its last wait (a timer, a signal)
+        self.broken: str | None = None  # why its stored state cannot be read (then it faults, changing nothing)
+        self.variables: dict[str, Any] = {}
+        self.resume: Any = None
+        self.first = self.position is None  # the first burst: the definition's variables, then the input over them
+        try:
+            self.variables = json.loads(self.stored)
+            self.resume = None if resume is None else json.loads(resume)
+        except (ValueError, RecursionError) as error:
+            self.broken = f"its stored variables or signal input cannot be read ({type(error).__name__}: {error})"
+        if self.first:
             self.variables = {**json.loads(json.dumps(blueprint.variables)), **self.variables}
             self.position = blueprint.start
-        self.resume: Any = None if resume is None else json.loads(resume)
         self.error: str | None = None
         self.journal: list[tuple[Any, ...]] = []
         self.run_again_at: float | None = None  # when to send the next run message (None: no message)
@@ -5093,10 +5445,12 @@ class WorkflowRunner:
         functions: dict[str, Callable[[dict[str, Any]], Any]],
         say: Callable[[str], None],
         threads: UserThreads | None = None,
+        holder_stalled: Callable[[sqlite3.Connection, LockInfo], bool] | None = None,
     ) -> None:
         self.workflows, self.bus, self.locks, self.node = workflows, bus, locks, node
         self.functions, self.say = functions, say
         self.threads = threads or UserThreads()
+        self.holder_stalled = holder_stalled  # judges an instance lock's holder frozen: its lock is taken
         self.bursts = 0
         self.steps = 0
         self.requeued = 0
@@ -5124,7 +5478,7 @@ class WorkflowRunner:
             self.say(f"trigger for workflow {definition!r} dropped: {error}")
             await self.bus.aack(message)
             return
-        variables = encode_body({"input": data}, self.workflows.store.settings.max_body_bytes)
+        variables = encode_body({"input": data}, self.workflows.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH)
         by = f"{self.node} ({body.get('by') or 'trigger'})"
         instance = await self.bus.aack(
             message,
@@ -5137,7 +5491,7 @@ class WorkflowRunner:
         row: tuple[Any, ...] | None = self.workflows.store.read(
             lambda conn: conn.execute(
                 "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
-                "definition, version FROM instances WHERE id = ?",
+                "definition, version, unwaited FROM instances WHERE id = ?",
                 (instance,),
             ).fetchone()
         )
@@ -5156,7 +5510,7 @@ class WorkflowRunner:
             return
         lock_name = INSTANCE_LOCK_PREFIX + instance
         try:
-            held = await self.locks.aacquire(lock_name, INSTANCE_LOCK_WAIT)
+            held = await self._instance_lock(lock_name, instance)
         except LockTimeout:
             # Another burst of it is under way (on a stopped node, say): back in the queue, a fresh
             # delivery count, so waiting for a lock never makes it a dead letter.
@@ -5179,7 +5533,7 @@ class WorkflowRunner:
                 await self.bus.aack(message)
                 return
             assert row is not None
-            burst = await self._burst(row, held.fence, message.attempts)
+            burst = await self._burst(row, held.fence, message.charged)
             try:
                 await self.bus.aack(message, also=self._commit_work(burst, held.fence), rings=self._rings(burst))
             except _StaleInstance as error:
@@ -5196,36 +5550,51 @@ class WorkflowRunner:
         finally:
             held.release()
 
+    async def _instance_lock(self, lock_name: str, instance: str) -> HeldLock:
+        """The instance lock, waiting INSTANCE_LOCK_WAIT for it; taken from a holder frozen past the
+        stall limit (its burst can commit nothing any more: its run message was handed back, and
+        its fence is now the lower one), so an instance waits for no frozen node."""
+        try:
+            return await self.locks.aacquire(lock_name, INSTANCE_LOCK_WAIT)
+        except LockTimeout:
+            if self.holder_stalled is None:
+                raise
+            taken = await self.locks.atake_from(lock_name, self.holder_stalled)
+            if taken is None:
+                raise
+        self.say(
+            f"instance {instance}: took its lock from node {taken.node} (pid {taken.pid}), which is stalled; "
+            "its burst there will not commit"
+        )
+        return await self.locks.aacquire(lock_name, INSTANCE_LOCK_WAIT)
+
     @staticmethod
     def _rings(burst: _Burst) -> tuple[str, ...]:
         rings = []
         if burst.run_again_at is not None:
             rings.append(_ring_topic_for_queue(WORKFLOW_QUEUE))
-        if burst.status in ("completed", "faulted"):
+        if burst.status in ENDED_STATUSES:
             rings.append(RING_INSTANCES)
         return tuple(rings)
 
     def _commit_work(self, burst: _Burst, fence: int) -> Callable[[sqlite3.Connection], None]:
-        node, limit = self.node, self.workflows.store.settings.max_body_bytes
-        try:
-            variables = encode_body(burst.variables, limit)
-        except InvalidInput as error:  # the variables outgrew the limit: fault, keeping the last good ones
-            burst.status, burst.error, burst.run_again_at = "faulted", f"variables: {error}", None
-            variables = self._read(burst.id)[4]  # type: ignore[index]
+        node = self.node
         ended = time.time() if burst.status == "completed" else None
         journal = [
             (burst.id, burst.steps + index, *entry[:2], node, fence, *entry[2:])
             for index, entry in enumerate(burst.journal)
         ]
+        steps = burst.steps + len(journal)
 
         def commit(conn: sqlite3.Connection) -> None:
             now = time.time()
             changed = conn.execute(
                 "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
                 "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = NULL, "
-                "error = ?, updated = ?, ended = ? WHERE id = ? AND seq = ? AND fence < ?",
-                (burst.status, burst.position, variables, fence, len(journal), burst.attempt, burst.bookmark,
-                 burst.waiting_for, burst.wake_at, burst.error, now, ended, burst.id, burst.seq, fence),
+                "error = ?, updated = ?, ended = ?, unwaited = ? WHERE id = ? AND seq = ? AND fence < ?",
+                (burst.status, burst.position, burst.stored, fence, len(journal), burst.attempt, burst.bookmark,
+                 burst.waiting_for, burst.wake_at, burst.error, now, ended, burst.unwaited, burst.id, burst.seq,
+                 fence),
             ).rowcount  # fmt: skip
             if not changed:
                 raise _StaleInstance(
@@ -5236,6 +5605,10 @@ class WorkflowRunner:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 journal,
             )
+            if steps > JOURNAL_KEEP_STEPS:  # a long-lived loop: its oldest steps go, the journal stays bounded
+                conn.execute(
+                    "DELETE FROM journal WHERE instance = ? AND step < ?", (burst.id, steps - JOURNAL_KEEP_STEPS)
+                )
             if burst.run_again_at is not None:
                 _run_message(conn, burst.id, burst.seq + 1, burst.run_again_at, now)
             if burst.status == "completed":  # it never runs again: its fence counter can go
@@ -5246,25 +5619,28 @@ class WorkflowRunner:
     # Steps --------------------------------------------------------------------------------
 
     async def _burst(self, row: tuple[Any, ...], fence: int, deliveries: int = 1) -> _Burst:
-        state, (definition, version) = row[:11], row[11:13]
+        definition, version = row[11:13]
         try:
             blueprint = self.workflows.blueprint(definition, version)
         except (InvalidInput, sqlite3.Error) as error:
-            burst = _Burst(state, _EMPTY_BLUEPRINT)
+            burst = _Burst(row, _EMPTY_BLUEPRINT)
             burst.status, burst.error = "faulted", f"cannot load workflow {definition} v{version}: {error}"
+            burst.position = row[3]  # where it was: a retry after the definition is mended starts there
             return burst
-        burst = _Burst(state, blueprint)
+        burst = _Burst(row, blueprint)
         burst.status, burst.fence = "running", fence
         limit = BURST_DELIVERY_FACTOR * self.workflows.store.settings.max_deliveries
-        if deliveries > limit:
-            burst.status = "faulted"
-            burst.error = (
+        if burst.broken is None and burst.first:
+            burst.broken = self._store_variables(burst)
+        if burst.broken is None and deliveries > limit:
+            burst.broken = (
                 f"no node finished a burst of it in {deliveries - 1} deliveries (each died, was stopped or could not "
                 "commit); see the node logs, then retry it"
             )
-            activity = blueprint.activities.get(burst.position or "")
-            if activity is not None:
-                burst.journal.append((activity.id, activity.type, time.time(), time.time(), f"faulted: {burst.error}"))
+        if burst.broken is not None:
+            self._fault_before(burst, blueprint, burst.broken)
+            if burst.first and burst.stored == row[4]:
+                burst.position = None  # its start was never stored: a retry begins it afresh
             return burst
         for _ in range(BURST_MAX_STEPS):
             activity = blueprint.activities.get(burst.position or "")
@@ -5274,16 +5650,24 @@ class WorkflowRunner:
                     f"no activity {burst.position!r} in {blueprint.id} v{blueprint.version}",
                 )
                 return burst
+            if burst.unwaited >= BUSY_LOOP_MAX_STEPS:
+                return self._fault_before(
+                    burst,
+                    blueprint,
+                    f"it ran {burst.unwaited} steps without a wait (a timer or a signal): a loop with no way out? "
+                    "Fix the definition and retry it, or cancel it",
+                )
             started = time.time()
             try:
                 following, outcome = await self._step(burst, activity)
             except _Fault as error:
                 burst.status, burst.error = "faulted", str(error)
-                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"))
+                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"[:2000]))
                 return burst
             except _CallFailed as error:
                 attempts, delay = activity.spec["retry"]
                 burst.attempt += 1
+                burst.unwaited += 1
                 text = str(error)
                 if burst.attempt < attempts:
                     wait = min(3600.0, delay * 2 ** (burst.attempt - 1))
@@ -5295,7 +5679,14 @@ class WorkflowRunner:
                     outcome = f"faulted after {attempts} tries: {error}"
                 burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
                 return burst
+            except Exception as error:  # a bug of ours, or a value nothing foresaw: this instance faults, not the node
+                log.exception("instance %s: activity %s failed", burst.id, activity.id)
+                text = f"activity {activity.id} failed unexpectedly: {type(error).__name__}: {error}"
+                burst.status, burst.error = "faulted", text[:2000]
+                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {text}"[:2000]))
+                return burst
             burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
+            burst.unwaited = 0 if burst.status == "waiting" else burst.unwaited + 1
             if burst.status == "waiting" or burst.status == "faulted":
                 return burst
             burst.attempt, burst.error = 0, None
@@ -5306,28 +5697,69 @@ class WorkflowRunner:
         burst.run_again_at = time.time()  # a long run of steps: let other instances have a turn
         return burst
 
+    @staticmethod
+    def _fault_before(burst: _Burst, blueprint: Blueprint, error: str) -> _Burst:
+        """Fault the instance where it stands, before any step of this burst: nothing else changes."""
+        burst.status, burst.error = "faulted", error
+        burst.journal.clear()
+        activity = blueprint.activities.get(burst.position or "")
+        if activity is not None:
+            burst.journal.append((activity.id, activity.type, time.time(), time.time(), f"faulted: {error}"[:2000]))
+        return burst
+
+    def _store_variables(self, burst: _Burst, undo: dict[str, Any] | None = None) -> str | None:
+        """Check the variables as a step left them and keep their JSON for the commit; None if they
+        can be stored. Else the step's writes are undone (``undo``: each name's value before it, or
+        _UNSET) and the reason is returned."""
+        try:
+            burst.stored = encode_body(
+                burst.variables, self.workflows.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH
+            )
+            return None
+        except InvalidInput as error:
+            for name, value in (undo or {}).items():
+                if value is _UNSET:
+                    burst.variables.pop(name, None)
+                else:
+                    burst.variables[name] = value
+            return f"variables: {error}"
+
+    def _write_variables(self, burst: _Burst, values: dict[str, Any]) -> None:
+        """Set variables for a step, checked at once: a _Fault (with the step undone) when they could
+        not be stored."""
+        undo = {name: burst.variables.get(name, _UNSET) for name in values}
+        burst.variables.update(values)
+        problem = self._store_variables(burst, undo)
+        if problem is not None:
+            raise _Fault(problem)
+
     async def _step(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
         """Run one activity; returns where to go next and the journal's outcome."""
         spec, variables = activity.spec, burst.variables
+        limit = self.workflows.store.settings.max_body_bytes  # no text a step makes may outgrow the variables
         if burst.bookmark is not None:  # the wait this activity began is over
             kind, burst.bookmark, burst.wake_at = burst.bookmark, None, None
             if kind == "signal":
-                variables[spec.get("result") or activity.id] = burst.resume if burst.resume is not None else {}
+                received = burst.resume if burst.resume is not None else {}
+                self._write_variables(burst, {spec.get("result") or activity.id: received})
                 return activity.next, "signal received"
             return activity.next, "timer elapsed"
         kind = activity.type
         if kind == "log":
-            text = spec["message"].render(variables)
-            self.say(f"{burst.definition} {burst.id} {activity.id}: {text}")
+            text = spec["message"].render(variables, limit)
+            self.say(f"{burst.definition} {burst.id} {activity.id}: {text[:2000]}")
             return activity.next, text
         if kind == "set":
+            values: dict[str, Any] = {}
+            view = dict(variables)  # a later value may read an earlier one of the same step
             for name, value in (spec.get("values") or {}).items():
-                variables[name] = value.value(variables) if isinstance(value, Template) else value
+                view[name] = values[name] = value.value(view, limit) if isinstance(value, Template) else value
             for name, amount in (spec.get("add") or {}).items():
-                current = variables.get(name, 0)
+                current = view.get(name, 0)
                 if isinstance(current, bool) or not isinstance(current, (int, float)):
                     raise _Fault(f"cannot add {amount} to {name}: it is {_json_kind(current)}")
-                variables[name] = current + amount
+                view[name] = values[name] = current + amount
+            self._write_variables(burst, values)
             return activity.next, "set " + ", ".join([*(spec.get("values") or {}), *(spec.get("add") or {})])
         if kind == "if":
             holds = evaluate_condition(spec["condition"], variables)
@@ -5337,7 +5769,7 @@ class WorkflowRunner:
             if kind == "timer":
                 due = time.time() + spec["duration"]
             else:
-                text = spec["at"].render(variables)
+                text = spec["at"].render(variables, limit)
                 try:
                     due = check_due(parse_time(text, f"{activity.id}.at"), f"{activity.id}.at")
                 except InvalidInput as error:
@@ -5347,7 +5779,7 @@ class WorkflowRunner:
             burst.status, burst.bookmark, burst.wake_at, burst.run_again_at = "waiting", "timer", due, due
             return None, f"waiting until {_iso_text(due)}"
         if kind == "signal":
-            name = spec["name"].render(variables)
+            name = spec["name"].render(variables, limit)
             try:
                 check_signal_name(name)
             except InvalidInput as error:
@@ -5358,16 +5790,20 @@ class WorkflowRunner:
             step = burst.steps + len(burst.journal)
             context = CallContext(burst.id, activity.id, step, burst.fence, self.node, step - burst.attempt)
             result = await self._call(spec["function"], variables, context)
-            variables[spec.get("result") or activity.id] = result
+            self._write_variables(burst, {spec.get("result") or activity.id: result})
             return activity.next, f"called {spec['function']}"
         if kind == "fail":
-            text = spec["message"].render(variables)
+            text = spec["message"].render(variables, limit)
             burst.status, burst.error = "faulted", text
             return None, f"failed: {text}"
         if kind == "work":
             seconds = spec["duration"]
             if spec.get("kind") == "cpu":
-                await asyncio.to_thread(_spin, seconds)
+                stop = threading.Event()
+                try:
+                    await self.threads.run(_spin, seconds, stop)
+                finally:
+                    stop.set()  # cancelled (the node stops): the thread ends within a slice, not after seconds
             else:
                 await asyncio.sleep(seconds)
             return activity.next, f"worked {_format_seconds(seconds)} ({spec.get('kind') or 'io'})"
@@ -5383,15 +5819,17 @@ class WorkflowRunner:
                 f"no function {name!r} on node {self.node}; start nodes with --app MODULE that registers it"
             )
         given = json.loads(json.dumps(variables))  # a copy: the function cannot change state behind our back
-        reset = _CURRENT_CALL.set(context)  # to_thread copies the context: sync functions see it too
+        reset = _CURRENT_CALL.set(context)  # run_in_thread copies the context: sync functions see it too
         try:
             if inspect.iscoroutinefunction(function):
                 result = await function(given)
             else:
-                result = await asyncio.to_thread(self.threads.wrap(function), given)
+                result = await self.threads.run(function, given)
+            if inspect.isawaitable(result):  # a plain function that hands back a coroutine (a wrapper, say)
+                result = await result
         except asyncio.CancelledError:
             raise
-        except Exception as error:
+        except BaseException as error:  # whatever the function raises (sys.exit() too) fails this call only
             raise _CallFailed(f"{type(error).__name__}: {error}") from None
         finally:
             _CURRENT_CALL.reset(reset)
@@ -5405,11 +5843,11 @@ class WorkflowRunner:
 _EMPTY_BLUEPRINT = Blueprint("", "", 0, "", {}, (), {}, "{}")
 
 
-def _spin(seconds: float) -> None:
-    """Simulated CPU work: compute until ``seconds`` have passed (in a thread, off the event loop)."""
+def _spin(seconds: float, stop: threading.Event) -> None:
+    """Simulated CPU work: compute until ``seconds`` have passed or ``stop`` is set (in a thread)."""
     end = time.monotonic() + seconds
     total = 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not stop.is_set():
         total += sum(range(200))
 
 
@@ -5559,6 +5997,7 @@ def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
         "ended": _iso(instance.ended),
     }
     if full:
+        entry["journal_pruned"] = instance.journal[0].step if instance.journal else 0  # the oldest steps, pruned
         entry["started_by"] = instance.started_by
         entry["variables"] = instance.variables
         entry["journal"] = [
@@ -5822,7 +6261,7 @@ class Cluster:
                 (-1 if limit is None else limit,),
             ).fetchall()
         )
-        return [Timer(r[0], r[1], json.loads(r[2]), *r[3:]) for r in rows]
+        return [Timer(r[0], r[1], decode_stored(r[2]), *r[3:]) for r in rows]
 
     # Workflows ----------------------------------------------------------------------------
 
@@ -5868,6 +6307,13 @@ class Cluster:
 
     def retry(self, instance_id: str) -> Instance:
         return self.workflows.retry(instance_id)
+
+    def cancel(self, instance_id: str, reason: str | None = None) -> Instance:
+        """End an instance that has not ended yet as ``cancelled`` (a loop, a wait nobody will end)."""
+        return self.workflows.cancel(instance_id, reason)
+
+    async def acancel(self, instance_id: str, reason: str | None = None) -> Instance:
+        return await self.workflows.acancel(instance_id, reason)
 
     def wait(self, instance_id: str, timeout: float | str | None = None) -> Instance:
         """Block until the instance completes or faults, or ``timeout`` passes; returns it."""
@@ -6062,6 +6508,7 @@ class Node:
         workflows: bool = True,
         http: str | None = None,
         http_token: str | None = None,
+        stall_after: float | str = 5.0,
     ) -> None:
         if role not in ("auto", "replica"):
             raise InvalidInput(f"role must be auto or replica, not {role!r}")
@@ -6076,6 +6523,12 @@ class Node:
         self.heartbeat = parse_duration(heartbeat, "heartbeat")
         if self.heartbeat <= 0:
             raise InvalidInput("heartbeat must be more than zero, such as 1s")
+        self.stall_after = parse_duration(stall_after, "stall_after")
+        if self.stall_after < 2 * self.heartbeat:
+            raise InvalidInput(
+                f"stall_after ({_format_seconds(self.stall_after)}) must be at least twice the heartbeat "
+                f"({_format_seconds(self.heartbeat)}): a node between two beats is not stalled"
+            )
         self.out = out if out is not None else sys.stderr
         self.handlers = dict(_HANDLERS if handlers is None else handlers)
         for queue in self.handlers:
@@ -6116,6 +6569,8 @@ class Node:
         self._fatal: str | None = None  # why the node must stop at once, writing nothing more
         self._forsake_companions = False  # on the way out, remove the -wal and -shm of a database that is gone
         self._unreadable_beats = 0  # heartbeats in a row that could not stat the database file
+        self._last_beat = time.monotonic()  # when this node's heartbeat last committed
+        self._office_vacant: tuple[int, float] | None = None  # (epoch, since when, monotonic) office seen empty
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -6149,7 +6604,7 @@ class Node:
                         flush=True,
                     )
                     self._lines_unsaid = 0
-                print(f"{stamp} {self.id} {self.label:<9} {event}", file=self.out, flush=True)
+                print(f"{stamp} {self.id} {self.label:<9} {one_line(event)}", file=self.out, flush=True)
             except (OSError, ValueError):
                 if not probe:  # a line only written to see whether the log works again is no loss
                     self.log_lines_lost += 1
@@ -6221,26 +6676,35 @@ class Node:
         tasks: list[asyncio.Task[None]] = []
         try:
             handed_back = await nf.committer.asubmit(self._register)
+            self._last_beat = time.monotonic()
             self.say(
                 f"joined {nf.path} (pid {os.getpid()}, role {self.role})"
                 + (f"; handed back {handed_back} leases of its earlier life" if handed_back else "")
             )
-            await asyncio.to_thread(self._look_after_peers)
+            await run_in_thread(self._look_after_peers)
             nf.doorbells.ring({RING_MEMBERSHIP})  # the others start watching our liveness lock now
             nf.workflows.cache_signals = not self._without_cache_signals
             if self.role == "auto" and self._without_election:
                 self._scheduling = asyncio.create_task(self._fire_without_election())
             elif self.role == "auto":
                 self._stand_for_election()
-            beating = asyncio.create_task(self._beat())
+            beating = self._supervised(self._beat(), "the heartbeat")
             tasks.append(beating)
             if self.runs_workflows:
                 self.runner = WorkflowRunner(
-                    nf.workflows, nf.bus, nf.locks, self.id, self.activities, self.say, self.user_threads
+                    nf.workflows,
+                    nf.bus,
+                    nf.locks,
+                    self.id,
+                    self.activities,
+                    self.say,
+                    self.user_threads,
+                    self._holder_stalled,
                 )
                 self.handlers[WORKFLOW_QUEUE] = self.runner.handle
             workers = [
-                asyncio.create_task(self._consume(queue, function)) for queue, function in sorted(self.handlers.items())
+                self._supervised(self._consume(queue, function), f"the consumer of {queue}")
+                for queue, function in sorted(self.handlers.items())
             ]
             tasks.extend(workers)
             queues = sorted(queue for queue in self.handlers if queue != WORKFLOW_QUEUE)
@@ -6297,6 +6761,22 @@ class Node:
             if self._forsake_companions:
                 nf.store.remove_companions()
 
+    def _supervised(self, work: Awaitable[None], what: str) -> asyncio.Task[None]:
+        """A task of the node's own, whose loop catches what it can meet. Should one still end by an
+        error (a bug), the node says so and stops, rather than live on without it (a node without
+        its heartbeat would be taken for stalled while it goes on working)."""
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+
+        def ended(task: asyncio.Task[None]) -> None:
+            if task.cancelled() or task.exception() is None:
+                return
+            error = task.exception()
+            self.say(f"error: {what} ended: {type(error).__name__}: {error}; stopping this node")
+            self.request_stop(f"{what} failed")
+
+        task.add_done_callback(ended)
+        return task
+
     # Work -----------------------------------------------------------------------------------
 
     async def _consume(self, queue: str, function: Callable[[Message], Any]) -> None:
@@ -6318,6 +6798,9 @@ class Node:
             free += 1
             self._handling.discard(task)
             room.set()
+            if not task.cancelled() and task.exception() is not None:  # a bug of ours: say it, go on
+                error = task.exception()
+                self.say(f"handling a message of {queue} failed: {type(error).__name__}: {error}")
 
         while not self._stop.is_set():
             if free == 0:
@@ -6329,8 +6812,8 @@ class Node:
                 messages = await self.nf.areceive(
                     queue, lease=self.lease, wait=self.settings.poll_interval, batch=wanted
                 )
-            except NodeflowError as error:
-                self.say(f"receiving from {queue} failed: {error}")
+            except Exception as error:  # whatever it is, this queue's consumer lives on
+                self.say(f"receiving from {queue} failed: {type(error).__name__}: {error}; trying again")
                 await asyncio.sleep(self.settings.poll_interval)
                 continue
             claim = min(self.concurrency, claim * 2) if len(messages) == wanted else 1
@@ -6347,11 +6830,13 @@ class Node:
         while True:
             with contextlib.suppress(TimeoutError):  # a third of a lease, or at once after a clock step
                 await asyncio.wait_for(self._renew_now.wait(), self.lease / 3)
+            if self.stalled_for() > self.stall_after:
+                continue  # peers may have taken this node for stalled and handed the message on: keep nothing
             try:
                 await self.nf.aextend(message, self.lease)
             except LeaseLost:
                 return
-            except NodeflowError as error:  # a busy database: the next try may do
+            except Exception as error:  # a busy database: the next try may do
                 self.say(f"renewing the lease of message {message.id} failed: {error}")
 
     async def _handle(self, message: Message, function: Callable[[Message], Any]) -> None:
@@ -6362,14 +6847,16 @@ class Node:
                 if inspect.iscoroutinefunction(function):
                     outcome = await function(message)
                 else:
-                    outcome = await asyncio.to_thread(self.user_threads.wrap(function), message)
+                    outcome = await self.user_threads.run(function, message)
+                if inspect.isawaitable(outcome):  # a plain function that hands back a coroutine
+                    outcome = await outcome
             finally:
                 keeper.cancel()
         except asyncio.CancelledError:  # the grace period ran out: hand the message back at once
             with contextlib.suppress(NodeflowError):
                 await self.nf.anack(message, 0, "interrupted: the node stopped before the handler finished")
             raise
-        except Exception as error:
+        except BaseException as error:  # anything a handler raises (sys.exit() too) fails its message only
             self.failed += 1
             delay = min(60.0, 2.0 ** (message.attempts - 1))
             text = f"{type(error).__name__}: {error}"
@@ -6428,19 +6915,29 @@ class Node:
                 return
             try:
                 await self.nf.committer.asubmit(beat)
-                await asyncio.to_thread(self._look_after_peers)  # may wait for the writer: not on the loop
+                beaten = time.monotonic()
+                silent, self._last_beat = beaten - self._last_beat, beaten
+                if silent > self.stall_after:
+                    self.say(
+                        f"this node was stalled: no heartbeat for {_format_seconds(silent)} (stopped, its event loop "
+                        "blocked, or the database blocked); its peers may have taken its leases, bursts and office, "
+                        "and what it commits now is checked against them"
+                    )
+                # Judging peers stalled takes a node that beats on time itself: after the database
+                # was blocked for everyone, every heartbeat looks old for a moment.
+                await run_in_thread(self._look_after_peers, silent <= self.stall_after)
             except (CorruptDatabase, NotADatabase) as error:
                 self._fail(str(error))
                 return
             except Exception as error:  # a busy or full disk: keep beating, say so
-                self.say(f"heartbeat failed: {error}")
+                self.say(f"heartbeat failed: {type(error).__name__}: {error}")
             await self.nf.wakeups.await_change(RING_MEMBERSHIP, seen, self.heartbeat)  # a node joined: watch it now
 
     async def _database_file_gone(self) -> bool:
         """Whether the database file was removed, replaced or cut under us; then the node fails,
         first saving what it has open of a file that went (it may be all that is left of it)."""
         assert self.nf is not None
-        problem = await asyncio.to_thread(self.nf.store.file_problem)  # a shrink means a whole read
+        problem = await run_in_thread(self.nf.store.file_problem)  # a shrink means a whole read
         if problem is None:
             self._unreadable_beats = 0
             return False
@@ -6453,7 +6950,7 @@ class Node:
         self._forsake_companions = kind in ("removed", "replaced")
         if self._forsake_companions:
             try:
-                rescued, made = await asyncio.to_thread(self.nf.store.rescue)
+                rescued, made = await run_in_thread(self.nf.store.rescue)
                 text += f"; {'saved' if made else 'another node saved'} what it had open as {rescued}"
             except (OSError, sqlite3.Error, NodeflowError) as error:
                 text += f"; could not save a copy of what it had open ({error})"
@@ -6482,11 +6979,21 @@ class Node:
             with contextlib.suppress(NodeflowError):
                 await self.nf.committer.asubmit(functools.partial(note_clock_step, now=now))
 
-    def _look_after_peers(self) -> None:
+    def stalled_for(self) -> float:
+        """Seconds since this node's heartbeat last committed (its own view of its health)."""
+        return time.monotonic() - self._last_beat
+
+    def _look_after_peers(self, on_time: bool = False) -> None:
+        """In a thread, every heartbeat: reap dead peers, watch new ones; when this node's own beats
+        are on time, take the leases and scheduler office of peers whose heartbeats are not."""
         if self._without_liveness_locks:
             return
         self._reap_dead()
         self._watch_peers()
+        if on_time and not self._without_election:
+            self._reap_stalled()
+            self._take_office_if_stalled()
+            self._wait_for_the_current_office_file()
 
     def _watch_peers(self) -> None:
         """A thread per live peer waits on its liveness lock: the kernel says when it dies."""
@@ -6562,6 +7069,54 @@ class Node:
                 if queues:
                     self.nf._ring({_ring_topic_for_queue(queue) for queue in queues})
 
+    def _reap_stalled(self) -> None:
+        """Hand back the leases of every live peer whose heartbeat is older than stall_after: a node
+        frozen (SIGSTOP, Ctrl-Z) or with its event loop blocked renews nothing, and its messages and
+        workflow runs must not wait for it. When it wakes, its acks fail (LeaseLost) and the burst
+        commits in them with them; its handlers' outside effects may have happened once more."""
+        assert self.nf is not None
+        oldest = time.time() - self.stall_after
+        rows = self.nf.store.read(
+            lambda conn: conn.execute(
+                "SELECT n.id, n.pid FROM nodes n WHERE n.state = 'running' AND n.id != ? AND n.heartbeat < ? "
+                "AND EXISTS (SELECT 1 FROM messages m WHERE m.lease_owner = n.id)",
+                (self.id, oldest),
+            ).fetchall()
+        )
+        for peer, pid in rows:
+
+            def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> tuple[int, set[str], float]:
+                row = conn.execute(
+                    "SELECT heartbeat FROM nodes WHERE id = ? AND pid = ? AND state = 'running'", (peer, pid)
+                ).fetchone()
+                now = time.time()
+                if row is None or now - row[0] <= self.stall_after:
+                    return 0, set(), 0.0  # it beat again meanwhile, or left
+                why = f"node {peer} stalled: no heartbeat for {_format_seconds(now - row[0])}"
+                return (*hand_back_leases(conn, peer, why), now - row[0])
+
+            try:
+                count, queues, silent = self.nf.committer.submit(reap)
+            except NodeflowError as error:
+                self.say(f"could not take the leases of stalled node {peer}: {error}")
+                continue
+            if count:
+                self.say(
+                    f"node {peer} (pid {pid}) stalled: no heartbeat for {_format_seconds(silent)}; "
+                    f"handed back {count} leases"
+                )
+                self.nf._ring({_ring_topic_for_queue(queue) for queue in queues})
+
+    def _holder_stalled(self, conn: sqlite3.Connection, holder: LockInfo) -> bool:
+        """For the workflow runner, in a transaction: whether an instance lock's holder is another
+        node of this cluster whose heartbeat is older than stall_after, while ours is on time."""
+        if holder.node is None or holder.node == self.id or self.stalled_for() > self.stall_after:
+            return False
+        row = conn.execute(
+            "SELECT heartbeat FROM nodes WHERE id = ? AND pid = ? AND state = 'running'", (holder.node, holder.pid)
+        ).fetchone()
+        return row is not None and time.time() - row[0] > self.stall_after
+
     # Election and the scheduler -----------------------------------------------------------
 
     def _stand_for_election(self) -> None:
@@ -6574,10 +7129,18 @@ class Node:
     def _won_election(self, fd: int) -> None:
         """In the election thread, holding scheduler.lock: take office, then schedule on the loop."""
         assert self.nf is not None and self._loop is not None
+        path = os.path.join(self.nf.store.lock_dir, "scheduler.lock")
         while True:
             try:
-                epoch = self.nf.committer.submit(functools.partial(take_office, node=self.id))
+                epoch = self.nf.committer.submit(functools.partial(take_office, node=self.id, fd=fd, path=path))
                 break
+            except LostOffice as error:  # the file was replaced by a node taking office from a stalled one
+                self.say(f"not taking office: {error}; standing again")
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(fd)
+                with contextlib.suppress(RuntimeError):
+                    self._loop.call_soon_threadsafe(self._stand_again)
+                return
             except NodeflowError as error:
                 if self._stop is not None and self._stop.is_set():
                     with _LOCK_FDS_MUTEX:
@@ -6588,15 +7151,101 @@ class Node:
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._begin_office, fd, epoch)
 
-    def _begin_office(self, fd: int, epoch: int) -> None:
+    def _stand_again(self) -> None:
+        """On the loop: wait for scheduler.lock again (a new waiter on the file at the path now)."""
+        assert self._stop is not None
+        if not self._stop.is_set() and self.epoch is None:
+            if self._election is not None:
+                self._election.stop()
+            self._stand_for_election()
+
+    def _take_office_if_stalled(self) -> None:
+        """In a thread, every heartbeat of an eligible standby: take office from a scheduler whose
+        heartbeat is older than stall_after, or when office has stood empty that long (its holder
+        stepped down, or froze between locking scheduler.lock and taking office)."""
+        assert self.nf is not None and self._loop is not None and self._stop is not None
+        if self.role == "replica" or self.epoch is not None or self._stop.is_set():
+            return
+        epoch, holder, beat = self.nf.store.read(
+            lambda conn: conn.execute(
+                "SELECT e.epoch, e.node, n.heartbeat FROM election e LEFT JOIN nodes n ON n.id = e.node WHERE e.id = 1"
+            ).fetchone()
+        )
+        now = time.time()
+        if holder == self.id:
+            return
+        if holder is not None:
+            self._office_vacant = None
+            if beat is not None and now - beat <= self.stall_after:
+                return  # a scheduler on time
+            silent = f"{holder} has had no heartbeat for {_format_seconds(now - (beat or 0))}"
+        else:  # nobody in office: a waiter usually takes it in milliseconds; take it only if none did
+            if self._office_vacant is None or self._office_vacant[0] != epoch:
+                self._office_vacant = (epoch, time.monotonic())
+            if time.monotonic() - self._office_vacant[1] <= self.stall_after:
+                return
+            silent = f"office has stood empty for {_format_seconds(time.monotonic() - self._office_vacant[1])}"
+        lock_dir = self.nf.store.lock_dir
+        path = os.path.join(lock_dir, "scheduler.lock")
+        replacement = os.path.join(lock_dir, f".scheduler.{os.getpid()}.lock")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(replacement)
+        try:
+            fd = open_lock_file(replacement, (lock_dir,))
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except (OSError, StoreError) as error:
+            self.say(f"cannot take office from a stalled scheduler ({error})")
+            return
+        try:
+            epoch = self.nf.committer.submit(
+                functools.partial(
+                    take_office_from_stalled, node=self.id, epoch=epoch, stall_after=self.stall_after,
+                    replacement=replacement, path=path,
+                )
+            )  # fmt: skip
+        except NodeflowError as error:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(replacement)
+            held_path = _is_file_at(fd, path)  # renamed, and then the commit failed: we hold the office file
+            if not held_path:
+                with _LOCK_FDS_MUTEX:
+                    _close_lock_fd(fd)
+                if not isinstance(error, LostOffice):
+                    self.say(f"could not take office from a stalled scheduler: {error}")
+                return
+            self._won_election(fd)  # take office as any holder of the file would
+            return
+        self._office_vacant = None
+        if self._election is not None:
+            self._election.stop()  # it waits on the old file, which the stalled node holds; it lets go later
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._begin_office, fd, epoch, silent)
+
+    def _wait_for_the_current_office_file(self) -> None:
+        """A standby whose election thread waits on a scheduler.lock that was replaced (office taken
+        from a stalled node, which still holds the old file) waits on the new one instead: else it
+        would only take office by the slower stall rule when the new scheduler dies."""
+        assert self.nf is not None and self._loop is not None
+        waiter = self._election
+        if waiter is None or self.epoch is not None or waiter.waiting_on is None:
+            return
+        try:
+            current = os.stat(os.path.join(self.nf.store.lock_dir, "scheduler.lock"), follow_symlinks=False).st_ino
+        except OSError:
+            return
+        if current != waiter.waiting_on and not waiter.done:
+            with contextlib.suppress(RuntimeError):
+                self._loop.call_soon_threadsafe(self._stand_again)
+
+    def _begin_office(self, fd: int, epoch: int, taken_from: str | None = None) -> None:
         assert self._stop is not None
         if self._stop.is_set():  # won while stopping: leave at once
             with _LOCK_FDS_MUTEX:
                 _close_lock_fd(fd)
             return
         self._office_fd, self.epoch = fd, epoch
-        self.say(f"took office as the scheduling node (epoch {epoch})")
-        self._scheduling = asyncio.create_task(self._schedule(epoch))
+        self.say(f"took office as the scheduling node (epoch {epoch})" + (f": {taken_from}" if taken_from else ""))
+        self._scheduling = self._supervised(self._schedule(epoch), "the scheduler")
 
     async def _schedule(self, epoch: int) -> None:
         """Fire what is due, sleep until the next due time or a ring, and again, while in office."""
@@ -6607,10 +7256,10 @@ class Node:
             seen = nf.wakeups.generation(RING_TIMERS)
             try:
                 if not self._keep_office_file():
-                    raise LostOffice("scheduler.lock was removed and another node locked the new one")
+                    raise LostOffice("scheduler.lock was replaced, and another node holds the new one")
                 fired, queues, lateness = await nf.committer.asubmit(_fire_due_work(epoch, self.id))
-            except LostOffice as error:  # our scheduler.lock was removed and another node took a new one
-                self.say(f"lost office: {error}; standing again")
+            except LostOffice as error:  # another node took office: we were stalled, or our file was removed
+                self.say(f"lost office (epoch {epoch}): {error}; stepped down and standing again")
                 if self._office_fd is not None:
                     with _LOCK_FDS_MUTEX:
                         _close_lock_fd(self._office_fd)
@@ -6731,10 +7380,11 @@ class Node:
         if self._office_fd is None:
             return
         epoch = self.epoch
-        with contextlib.suppress(NodeflowError):
+        now = time.time()
+        with contextlib.suppress(NodeflowError):  # since: when office fell empty (see _take_office_if_stalled)
             await self.nf.committer.asubmit(
                 lambda conn: conn.execute(
-                    "UPDATE election SET node = NULL, since = NULL WHERE id = 1 AND epoch = ?", (epoch,)
+                    "UPDATE election SET node = NULL, since = ? WHERE id = 1 AND epoch = ?", (now, epoch)
                 )
             )
         with _LOCK_FDS_MUTEX:
@@ -7280,8 +7930,9 @@ HTTP_IDLE_TIMEOUT = 30.0  # a kept-alive connection with no new request is close
 HTTP_MAX_CONNECTIONS = 128  # beyond this, new connections are answered 503 and closed
 HTTP_WORKERS = 4  # threads that read the database and encode answers: the event loop never does
 HTTP_DEFAULT_LIMIT = 1000  # instances listed when no ?limit= is given (the newest)
+_HTTP_SINGLE_HEADERS = {"host", "content-length", "content-type", "authorization", "transfer-encoding", "origin"}
 _HTTP_REASONS = {
-    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
+    200: "OK", 201: "Created", 400: "Bad Request", 401: "Unauthorized", 403: "Forbidden", 404: "Not Found",
     405: "Method Not Allowed", 408: "Request Timeout", 411: "Length Required", 413: "Content Too Large",
     415: "Unsupported Media Type", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
     501: "Not Implemented", 503: "Service Unavailable",
@@ -7315,6 +7966,37 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # a name other than localhost: it may resolve anywhere
+
+
+def _proc_net_address(host: str, port: int) -> tuple[str, str]:
+    """("tcp" or "tcp6", the address as /proc/net/tcp* writes it): each 32-bit word of the address
+    in the host's byte order, in hexadecimal, then the port."""
+    address = ipaddress.ip_address(host.split("%", 1)[0])
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client: in /proc/net/tcp
+    packed = address.packed
+    words = "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
+    return ("tcp" if address.version == 4 else "tcp6"), f"{words}:{port:04X}"
+
+
+def loopback_peer_uid(server: tuple[Any, ...], client: tuple[Any, ...], proc: str = "/proc/net") -> int | None:
+    """The uid that owns the client end of a TCP connection made on this host: the row of
+    /proc/net/tcp (or tcp6) whose local address is the client's and whose remote address is ours.
+    None when no such row is found (not Linux, or the client closed already)."""
+    try:
+        table, local = _proc_net_address(client[0], client[1])
+        _, remote = _proc_net_address(server[0], server[1])
+    except (ValueError, IndexError, TypeError):
+        return None
+    try:
+        with open(os.path.join(proc, table), encoding="ascii", errors="replace") as rows:
+            for row in rows:
+                fields = row.split()
+                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                    return int(fields[7])
+    except (OSError, ValueError):
+        return None
+    return None
 
 
 class _Request:
@@ -7406,6 +8088,7 @@ class HttpServer:
 
     async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         first = True
+        owner: bool | None = None  # whether the other end is this user's: asked once per connection
         while True:
             try:
                 async with asyncio.timeout(HTTP_READ_TIMEOUT if first else HTTP_IDLE_TIMEOUT):
@@ -7430,7 +8113,9 @@ class HttpServer:
             first = False
             self.requests += 1
             keep_alive = request.keep_alive
-            status, content_type, payload, extra = await self._respond(request)
+            if owner is None:
+                owner = await self._off_loop(functools.partial(self._from_owner, writer))
+            status, content_type, payload, extra = await self._respond(request, owner)
             await self._send_bytes(writer, status, content_type, payload, keep_alive, extra)
             if not keep_alive:
                 return
@@ -7459,6 +8144,9 @@ class HttpServer:
             key, value = name.lower(), value.strip()
             if key == "content-length" and headers.get(key, value) != value:
                 raise HTTPError(400, "two different Content-Length headers")
+            if key in _HTTP_SINGLE_HEADERS and key in headers and key != "content-length":
+                # Which would count? A proxy and this server could each pick another (RFC 9112: 400).
+                raise HTTPError(400, f"the {name.strip()[:40]} header is given twice; send it once")
             headers[key] = value
         if "transfer-encoding" in headers:
             raise HTTPError(501, "transfer encodings (chunked, ...) are not accepted; send Content-Length")
@@ -7481,9 +8169,28 @@ class HttpServer:
                 query[urllib.parse.unquote_plus(key)] = urllib.parse.unquote_plus(value)
         return _Request(method, path, query, headers, body, version)  # parts are unquoted one by one
 
-    async def _respond(self, request: _Request) -> tuple[int, str, bytes, dict[str, str]]:
+    def _from_owner(self, writer: asyncio.StreamWriter) -> bool:
+        """Whether the connection comes from a process of the user this node runs as. Loopback is
+        no boundary between the users of one host; the kernel says who owns the other end."""
+        peer, own = writer.get_extra_info("peername"), writer.get_extra_info("sockname")
+        if not isinstance(peer, tuple) or not is_loopback(str(peer[0])):
+            return False  # from another machine: only the token can let it in
+        return loopback_peer_uid(own, peer) == os.geteuid()
+
+    def _check_user(self, request: _Request, owner: bool) -> None:
+        """Another local user (another uid) is refused on every route unless it gives the token."""
+        if owner or self.token is not None:  # with a token, _check_token asks every one for it
+            return
+        raise HTTPError(
+            403,
+            f"this node answers only processes of its own user (uid {os.geteuid()}); another user needs the node "
+            "started with --http-token TOKEN, and to send Authorization: Bearer TOKEN",
+        )
+
+    async def _respond(self, request: _Request, owner: bool) -> tuple[int, str, bytes, dict[str, str]]:
         try:
-            if request.path == "/" and request.method == "GET":
+            self._check_user(request, owner)
+            if request.path == "/" and request.method == "GET":  # static, and with a token it reads that
                 return 200, "text/html; charset=utf-8", DASHBOARD_HTML.encode("utf-8"), {}
             self._check_origin(request)
             self._check_token(request)
@@ -7544,7 +8251,7 @@ class HttpServer:
             ("instances", 0): ("GET", "POST"), ("instances", 1): ("GET",), ("instances", 2): ("POST",),
             ("signals", 1): ("POST",), ("journal", 0): ("GET",),
         }.get((route, len(rest)))  # fmt: skip
-        if allowed is None or (route == "instances" and len(rest) == 2 and rest[1] != "retry"):
+        if allowed is None or (route == "instances" and len(rest) == 2 and rest[1] not in ("retry", "cancel")):
             raise HTTPError(404, f"no route {request.path[:200]!r}")
         if method not in allowed:
             raise HTTPError(
@@ -7559,6 +8266,12 @@ class HttpServer:
             _object_body(request, "a workflow definition")
             info = await nf.adefine(request.body)  # parsed by parse_definition, which catches repeated keys
             return 201 if info.changed else 200, {**_definition_entry(info), "changed": info.changed}
+        if route == "instances" and rest and rest[1] == "cancel":
+            body = _object_body(request, '{"reason": TEXT} or {}')
+            if set(body) - {"reason"}:
+                raise HTTPError(400, 'send {"reason": TEXT}, or {}')
+            cancelled = await nf.acancel(rest[0], body.get("reason"))
+            return 200, _instance_entry(cancelled)
         if route == "instances" and rest:
             return 200, _instance_entry(await self._off_loop(functools.partial(nf.retry, rest[0])))
         if route == "instances":
@@ -7846,6 +8559,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         lease=args.lease,
         http=args.http,
         http_token=args.http_token or os.environ.get("NODEFLOW_HTTP_TOKEN"),
+        stall_after=args.stall_after,
     )
     interrupts = 0
 
@@ -8086,7 +8800,7 @@ def cmd_define(args: argparse.Namespace) -> int:
         blueprint = compile_definition(parse_definition(text, source))
     except InvalidDefinition as error:
         for problem in error.problems:
-            print(f"nodeflow: define {source}: {problem}", file=sys.stderr)
+            print(f"nodeflow: define {one_line(source)}: {one_line(problem)}", file=sys.stderr)
         noun = "problem" if len(error.problems) == 1 else "problems"
         print(f"nodeflow: define {source}: {len(error.problems)} {noun}; nothing was stored", file=sys.stderr)
         return InvalidInput.exit_code
@@ -8312,7 +9026,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             print(json.dumps(ended.variables, ensure_ascii=False))
     if ended.status == "completed":
         return 0
-    if ended.status == "faulted":
+    if ended.status in ENDED_STATUSES:
         return 1
     print(f"nodeflow: instance {ended.id} still {ended.status} after {_format_seconds(timeout or 0)}", file=sys.stderr)
     return 1
@@ -8356,11 +9070,25 @@ def cmd_show(args: argparse.Namespace) -> int:
           + (f"; ended {_iso(instance.ended)}" if instance.ended else ""))  # fmt: skip
     print(f"variables {json.dumps(instance.variables, ensure_ascii=False)}")
     print("journal:" if instance.journal else "journal: no steps yet")
+    if instance.journal and instance.journal[0].step > 0:
+        pruned = instance.journal[0].step
+        print(f"  (its first {pruned} steps were pruned: an instance keeps its last {JOURNAL_KEEP_STEPS})")
     for entry in instance.journal:
         took = _format_seconds(entry.ended - entry.started)
         clock = datetime.datetime.fromtimestamp(entry.started).strftime("%H:%M:%S.%f")[:-3]
         print(f"  {entry.step:>3} {clock} {entry.node} fence {entry.fence} {entry.activity} ({entry.type}, {took}): "
               f"{entry.outcome}")  # fmt: skip
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    reason = _check_reason(args.reason)
+    with Cluster(args.db, create=False) as nf:
+        instance = nf.cancel(args.instance, reason)
+    if args.json:
+        print(json.dumps(_instance_entry(instance)))
+    else:
+        print(f"instance {instance.id} cancelled at {instance.position or 'its start'}")
     return 0
 
 
@@ -8693,6 +9421,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--grace", default="10s", help="on SIGTERM, how long in-flight work may take to finish")
     serve.add_argument("--heartbeat", default="1s", help="how often the node records that it is alive")
     serve.add_argument("--lease", default="30s", help="a handler's lease on its message, renewed while it runs")
+    serve.add_argument(
+        "--stall-after",
+        default="5s",
+        help="a peer whose heartbeat is older than this is stalled: its leases, bursts and office are taken",
+    )
     serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
     serve.add_argument("--http", default=None, help="serve the dashboard, JSON API and /metrics at HOST:PORT")
     serve.add_argument(
@@ -8790,6 +9523,12 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("instance")
     retry.set_defaults(run=cmd_retry)
 
+    cancel = verbs.add_parser("cancel", help="end an instance that has not ended (its wait or loop ends too)")
+    cancel.add_argument("instance", help="its id, or a unique prefix of it")
+    cancel.add_argument("--reason", default=None, help="why, for its journal")
+    cancel.add_argument("--json", action="store_true", help="print the cancelled instance as JSON")
+    cancel.set_defaults(run=cmd_cancel)
+
     demo = verbs.add_parser("demo", help="teaching scenarios: each piece switched off, then on, with counts")
     demo.add_argument("scenario", choices=sorted(_DEMOS))
     demo.add_argument("--json", action="store_true", help="the measured counts as one JSON object")
@@ -8823,10 +9562,15 @@ def main(argv: list[str] | None = None) -> int:
         args.db = args.db or default_db_path()
         return int(args.run(args))
     except NodeflowError as error:
-        print(f"nodeflow: {error}", file=sys.stderr)
+        for line in str(error).split("\n"):  # several problems of a definition: a line each
+            print(f"nodeflow: {one_line(line)}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `show ID | head -1`: the reader left; say nothing more, as cat does
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

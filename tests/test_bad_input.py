@@ -1,6 +1,6 @@
 """A corpus of bad input: every way in (CLI, HTTP, definitions, database files, the library) refuses it cleanly.
 
-295 inputs in all (the test at the end counts the tables), each checked for three things:
+314 inputs in all (the test at the end counts the tables), each checked for three things:
 (a) a clear message that names what was wrong (a fragment of it is asserted, never just "non-empty"):
     on the CLI one line on stderr starting with "nodeflow: " (``define`` prints one such line per
     problem and a summary line), nothing on stdout, and no Python traceback anywhere; over HTTP a
@@ -13,8 +13,9 @@
 
 What the tables cover:
 - CLI_CASES: every verb (status, serve, cluster, schedule add/list/remove, lock, send, receive,
-  dead-letters list/retry/purge, define, definitions, start, signal, instances, show, retry, demo)
-  with bad options and values: durations ("5x", "-1s", "1e999"), JSON, queue, lock, timer, signal
+  dead-letters list/retry/purge, define, definitions, start, signal, instances, show, retry, cancel,
+  demo) with bad options and values: durations ("5x", "-1s", "1e999", a century and more), JSON
+  (values nested more than 64 deep among them), queue, lock, timer, signal
   and node names, --at times, cron expressions and zones, --priority, --http addresses, --http
   beyond loopback without a token, --concurrency, unknown definitions, instances and timers. Each
   runs on its own copy of a real database (definitions, an instance, a message, a timer, a dead
@@ -25,8 +26,9 @@ What the tables cover:
   too large, not JSON, not UTF-8, ...), each through ``define FILE`` and through POST /api/definitions.
 - HTTP_CASES: every route of one ``serve --http`` node (/, /metrics, /api/status, /api/definitions,
   /api/definitions/ID, /api/instances, /api/instances/ID, /api/instances/ID/retry,
-  /api/signals/NAME), unknown routes, wrong methods, bad JSON, non-object JSON, wrong Content-Type,
-  a body over the limit, bad query parameters, unknown ids, and malformed requests on a raw socket.
+  /api/instances/ID/cancel, /api/signals/NAME), unknown routes, wrong methods, bad JSON, non-object
+  JSON, wrong Content-Type, a body over the limit, bad query parameters, unknown ids, and malformed
+  requests on a raw socket (a Host header given twice among them).
 - DATABASE_CASES: an empty (0-byte) file (refused, not taken for a new database), a truncated
   nodeflow database, a text file, another program's SQLite database, a newer schema, a read-only
   file and folder, a file owned by another user, a directory, a missing folder, a lock folder that
@@ -372,7 +374,7 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli(*ADD, "--after", "5x", says="--after: '5x' is not a duration"),
         cli(*ADD, "--after=-1s", says="--after: '-1s' is not a duration"),
         cli(*ADD, "--after", "1e999", says="--after: '1e999' is not a duration"),
-        cli(*ADD, "--after", "999999999999d", says="--after: the time must fall between 1970 and 9999"),
+        cli(*ADD, "--after", "999999999999d", says="--after: '999999999999d' is longer than 100 years"),
         cli(*ADD, "--after", "5s", "--at", "2031-01-01T00:00", says="give exactly one of --cron, --at and --after"),
         cli(*ADD, "--after", "5s", "--tz", "UTC", says="--tz goes with --cron"),
         cli(*ADD, says="give exactly one of --cron, --at and --after"),
@@ -402,6 +404,8 @@ CLI_CASES: dict[str, list[Cli]] = {
     ],
     "send": [
         cli("send", "q", "{bad", says="the message body is not valid JSON"),
+        cli("send", "q", "[" * 990 + "]" * 990, says="nests lists and objects more than 64 deep"),
+        cli("send", "q", '{"a": ' * 65 + "1" + "}" * 65, says="nests lists and objects more than 64 deep"),
         cli("send", "q", "NaN", says="must be JSON data: Out of range float"),
         cli("send", "q", "[Infinity]", says="must be JSON data: Out of range float"),
         cli("send", "q", "1e999", says="must be JSON data: Out of range float"),
@@ -440,6 +444,7 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli("start", "nope", says="no workflow definition 'nope'"),
         cli("start", "bad id!", says="the workflow id is 1 to 100 letters"),
         cli("start", "greet", "--input", "[1, 2]", says="--input must be a JSON object"),
+        cli("start", "greet", "--input", '{"a": ' + "[" * 64 + "]" * 64 + "}", says="--input nests lists and objects"),
         cli("start", "greet", "--input", '"ada"', says="--input must be a JSON object"),
         cli("start", "greet", "--input", "{bad", says="--input is not valid JSON"),
         cli("start", "greet", "--input", '{"x": NaN}', says="Out of range float"),
@@ -450,6 +455,7 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli("signal", "a\tb", says="a signal name is printable text"),
         cli("signal", "s" * 201, says="a signal name is printable text of 1 to 200 bytes"),
         cli("signal", "go", "--input", "[1]", says="--input must be a JSON object"),
+        cli("signal", "go", "--input", '{"a": ' + "[" * 500 + "]" * 500 + "}", says="--input nests lists and objects"),
         cli("signal", "go", "--input", "{bad", says="--input is not valid JSON"),
     ],
     "instances": [
@@ -466,6 +472,12 @@ CLI_CASES: dict[str, list[Cli]] = {
     "retry": [
         cli("retry", "ffffffffffffffff", says="no instance 'ffffffffffffffff'"),
         cli("retry", "{instance}", says="only a faulted instance"),
+    ],
+    "cancel": [
+        cli("cancel", "ffffffffffffffff", says="no instance 'ffffffffffffffff'"),
+        cli("cancel", says="the following arguments are required: instance"),
+        cli("cancel", "{instance}", "--reason", "two\nlines", says="a reason is printable text"),
+        cli("cancel", "{instance}", "--reason", "x" * 1001, says="at most 1000 characters"),
     ],
     "demo": [
         cli("demo", "nope", says="invalid choice: 'nope'"),
@@ -533,6 +545,12 @@ DEFINITION_CASES: dict[str, Definition] = {
         "not JSON data (Out of range float values",
     ),
     "nested too deeply": Definition("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "a timer of 99999999999d": definition(
+        b_is({"type": "timer", "duration": "99999999999d"}), "'99999999999d' is longer than 100 years"
+    ),
+    "a bidi override in an id": definition(
+        changed((("start",), "a\u202eb")), 'start: no activity named "a\\u202eb"'
+    ),
     "too large": definition(changed((("description",), "x" * 300_000)), "bytes of JSON; the most is 262144"),
     "id missing": definition(changed((("id",), DROP)), "id: is missing: give the workflow an id"),
     "id not text": definition(changed((("id",), 5)), "id: the id is 1 to 100 letters"),
@@ -906,6 +924,9 @@ class CliCases(ClusterTestCase):
     def test_retry(self) -> None:
         self.check_verb("retry")
 
+    def test_cancel(self) -> None:
+        self.check_verb("cancel")
+
     def test_demo(self) -> None:
         self.check_verb("demo")
 
@@ -915,7 +936,7 @@ class CliCases(ClusterTestCase):
     def test_every_verb_has_cases(self) -> None:
         verbs = {
             "status", "serve", "cluster", "schedule", "lock", "send", "receive", "dead-letters", "define",
-            "definitions", "start", "signal", "instances", "show", "retry", "demo",
+            "definitions", "start", "signal", "instances", "show", "retry", "cancel", "demo",
         }  # fmt: skip
         self.assertEqual(verbs, {case.args[0] for cases in CLI_CASES.values() for case in cases if case.args} - {
             "frobnicate"})  # fmt: skip
@@ -1101,6 +1122,10 @@ HTTP_CASES: dict[str, list[Request]] = {
     ],
     "/api/instances": [
         req("GET", "/api/instances?limit=abc", says="?limit= takes a whole number from 1, not 'abc'"),
+        req(
+            "POST", "/api/instances", {"definition": "greet", "input": {"a": json.loads("[" * 300 + "]" * 300)}},
+            says="input nests lists and objects more than 64 deep",
+        ),
         req("GET", "/api/instances?limit=0", says="?limit= takes a whole number"),
         req("GET", "/api/instances?limit=-1", says="?limit= takes a whole number"),
         req("GET", "/api/instances?limit=1e3", says="?limit= takes a whole number"),
@@ -1145,7 +1170,23 @@ HTTP_CASES: dict[str, list[Request]] = {
             says="not 'text/plain'",
             Content_Type="text/plain",
         ),
-        req("POST", f"/api/instances/{WAITING}/cancel", {}, status=404, says="no route"),
+        req("POST", f"/api/instances/{WAITING}/resume", {}, status=404, says="no route"),
+    ],
+    "/api/instances/ID/cancel": [
+        req("GET", f"/api/instances/{WAITING}/cancel", status=405, says="takes POST, not GET"),
+        req("POST", "/api/instances/ffffffffffffffff/cancel", {}, status=404, says="no instance 'ffffffffffffffff'"),
+        req("POST", f"/api/instances/{WAITING}/cancel", {"reason": 5}, says="a reason is printable text"),
+        req("POST", f"/api/instances/{WAITING}/cancel", {"reason": "a\u202eb"}, says="a reason is printable text"),
+        req("POST", f"/api/instances/{WAITING}/cancel", {"why": "x"}, says='send {"reason": TEXT}'),
+        req("POST", f"/api/instances/{WAITING}/cancel", [1], says="send a JSON object"),
+        req(
+            "POST",
+            f"/api/instances/{WAITING}/cancel",
+            {},
+            status=415,
+            says="not 'text/plain'",
+            Content_Type="text/plain",
+        ),
     ],
     "/api/signals/NAME": [
         req("GET", "/api/signals/go", status=405, says="takes POST, not GET"),
@@ -1181,6 +1222,8 @@ RAW_CASES: dict[str, tuple[bytes, int, str]] = {
     "a header without a colon": (b"GET /api/status HTTP/1.1\r\nno colon here\r\n\r\n", 400, "a malformed header"),
     "a folded header": (b"GET /api/status HTTP/1.1\r\nA: b\r\n c\r\n\r\n", 400, "folded header lines"),
     "a head over 16 KiB": (b"GET /api/status HTTP/1.1\r\nX: " + b"x" * 17000 + b"\r\n\r\n", 431, "head"),
+    "two Host headers": (b"GET /api/status HTTP/1.1\r\nHost: 127.0.0.1\r\nHost: evil.example\r\n\r\n", 400,
+                         "the Host header is given twice"),
 }  # fmt: skip
 
 # Wrong methods on the routes that are not under /api/, and unknown ids in a path: see HttpKnownGaps.
@@ -1334,6 +1377,9 @@ class HttpCases(ClusterTestCase):
 
     def test_retry(self) -> None:
         self.check_route("/api/instances/ID/retry")
+
+    def test_cancel(self) -> None:
+        self.check_route("/api/instances/ID/cancel")
 
     def test_signals(self) -> None:
         self.check_route("/api/signals/NAME")

@@ -371,19 +371,26 @@ class PoisonMessages(BusTestCase):
     def test_message_whose_consumer_is_killed_on_every_delivery_dies_after_max_deliveries(self) -> None:
         poison = self.nf.send("work", "kills its consumer")
         owners = []
-        for delivery in range(1, MAX_DELIVERIES + 1):
+        # The first delivery that ends with its consumer is not counted (that consumer may have died
+        # of another message it held): the message becomes a suspect, and every later one counts.
+        for delivery in range(1, MAX_DELIVERIES + 2):
             # Each child waits for the previous lease (0.5 s) to run out, then gets the message.
             child, owner, taken = self.start_holder("work", lease=0.5)
             self.assertEqual(taken, [(poison, delivery)])
             owners.append(owner)
             self.kill(child)
+            if delivery == 2:
+                refunds, suspect = self.query("SELECT refunds, suspect FROM messages WHERE id = ?", poison)[0]
+                self.assertEqual((refunds, suspect), (1, 1), "the first death refunded, the message a suspect")
         # The next receive after the last lease ran out buries the message instead of delivering it.
         child, _, taken = self.start_holder("work", lease=0.5, wait=3)
         self.assertEqual(taken, [])
         self.kill(child)
         letters = self.nf.dead_letters("work")
-        self.assertEqual([(d.id, d.body, d.attempts) for d in letters], [(poison, "kills its consumer", 3)])
-        self.assertIn(f"lease of {owners[-1]} expired after delivery 3", letters[0].last_error or "")
+        self.assertEqual(
+            [(d.id, d.body, d.attempts) for d in letters], [(poison, "kills its consumer", MAX_DELIVERIES + 1)]
+        )
+        self.assertIn(f"lease of {owners[-1]} expired after delivery {MAX_DELIVERIES + 1}", letters[0].last_error or "")
         self.assertEqual(self.message_rows("work"), 0)
 
     def make_dead_letters(self, queue: str, bodies: list[Any]) -> list[int]:

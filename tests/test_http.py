@@ -469,7 +469,7 @@ class HttpApi(HttpTestCase):
         [me] = [node for node in answer["nodes"] if node["id"] == "n1"]
         self.assertLessEqual({"id", "pid", "role", "state", "heartbeat_age"}, set(me))
         self.assertEqual((me["pid"], me["state"], me["role"]), (self.node.pid, "running", "auto"))
-        self.assertEqual(set(answer["instances"]), {"running", "waiting", "completed", "faulted"})
+        self.assertEqual(set(answer["instances"]), {"running", "waiting", "completed", "faulted", "cancelled"})
 
     def test_nodes_queues_locks_and_timers(self) -> None:
         nodes = self.get("/api/nodes")["nodes"]
