@@ -3455,20 +3455,20 @@ def _is_file_at(fd: int, path: str) -> bool:
 
 
 def take_office_from_stalled(
-    conn: sqlite3.Connection, node: str, epoch: int, stall_after: float, replacement: str, path: str
+    conn: sqlite3.Connection, node: str, epoch: int, last_beat: float | None, replacement: str, path: str
 ) -> int:
-    """Take office from a scheduler whose heartbeat is older than ``stall_after`` (frozen by SIGSTOP
-    or Ctrl-Z, its event loop blocked): its kernel lock on scheduler.lock outlives its use, so in
-    this transaction the file is replaced by ``replacement``, a file this node has locked already,
-    and the epoch bumped. Refused (LostOffice) unless office is still in ``epoch`` and its holder
-    still silent. Whatever the old scheduler does when it wakes is refused by the epoch; it finds
-    the file replaced and steps down."""
+    """Take office from a scheduler that has stalled (frozen by SIGSTOP or Ctrl-Z, its event loop
+    blocked): its kernel lock on scheduler.lock outlives its use, so in this transaction the file is
+    replaced by ``replacement``, a file this node has locked already, and the epoch bumped. Refused
+    (LostOffice) unless office is still in ``epoch`` and its holder's heartbeat still the one the
+    taker saw standing still (``last_beat``; None: office had stood empty). Whatever the old
+    scheduler does when it wakes is refused by the epoch; it finds the file replaced, steps down."""
     current, holder = conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
     if current != epoch:
         raise LostOffice(f"office changed hands meanwhile (epoch {current})")
-    if holder is not None:
+    if holder is not None and last_beat is not None:
         beat = conn.execute("SELECT heartbeat FROM nodes WHERE id = ?", (holder,)).fetchone()
-        if beat is not None and time.time() - beat[0] <= stall_after:
+        if beat is None or beat[0] != last_beat:
             raise LostOffice(f"node {holder} beat again")
     os.rename(replacement, path)  # atomic: the path names the old file or ours, never nothing
     return take_office(conn, node)
@@ -6571,6 +6571,7 @@ class Node:
         self._unreadable_beats = 0  # heartbeats in a row that could not stat the database file
         self._last_beat = time.monotonic()  # when this node's heartbeat last committed
         self._office_vacant: tuple[int, float] | None = None  # (epoch, since when, monotonic) office seen empty
+        self._peer_beats: dict[str, tuple[int, float, float]] = {}  # peer -> (pid, heartbeat, when it last moved)
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -6990,9 +6991,10 @@ class Node:
             return
         self._reap_dead()
         self._watch_peers()
+        stalled = self._stalled_peers()  # observed every beat, so stillness is timed from the first look
         if on_time and not self._without_election:
-            self._reap_stalled()
-            self._take_office_if_stalled()
+            self._reap_stalled(stalled)
+            self._take_office_if_stalled(stalled)
             self._wait_for_the_current_office_file()
 
     def _watch_peers(self) -> None:
@@ -7069,34 +7071,47 @@ class Node:
                 if queues:
                     self.nf._ring({_ring_topic_for_queue(queue) for queue in queues})
 
-    def _reap_stalled(self) -> None:
-        """Hand back the leases of every live peer whose heartbeat is older than stall_after: a node
-        frozen (SIGSTOP, Ctrl-Z) or with its event loop blocked renews nothing, and its messages and
-        workflow runs must not wait for it. When it wakes, its acks fail (LeaseLost) and the burst
-        commits in them with them; its handlers' outside effects may have happened once more."""
+    def _observe_peers(self) -> dict[str, tuple[int, float, float]]:
+        """Every running peer: (pid, its heartbeat as last read, how long that heartbeat has stood still
+        by this node's monotonic clock). Stillness is measured here, never by comparing wall clocks:
+        a clock step, or a skew between processes, must not make a peer look stalled."""
         assert self.nf is not None
-        oldest = time.time() - self.stall_after
         rows = self.nf.store.read(
             lambda conn: conn.execute(
-                "SELECT n.id, n.pid FROM nodes n WHERE n.state = 'running' AND n.id != ? AND n.heartbeat < ? "
-                "AND EXISTS (SELECT 1 FROM messages m WHERE m.lease_owner = n.id)",
-                (self.id, oldest),
+                "SELECT id, pid, heartbeat FROM nodes WHERE state = 'running' AND id != ?", (self.id,)
             ).fetchall()
         )
-        for peer, pid in rows:
+        now = time.monotonic()
+        seen: dict[str, tuple[int, float, float]] = {}
+        for peer, pid, beat in rows:
+            known = self._peer_beats.get(peer)
+            seen[peer] = known if known is not None and known[:2] == (pid, beat) else (pid, beat, now)
+        self._peer_beats = seen
+        return {peer: (pid, beat, now - since) for peer, (pid, beat, since) in seen.items()}
 
-            def reap(conn: sqlite3.Connection, peer: str = peer, pid: int = pid) -> tuple[int, set[str], float]:
-                row = conn.execute(
-                    "SELECT heartbeat FROM nodes WHERE id = ? AND pid = ? AND state = 'running'", (peer, pid)
-                ).fetchone()
-                now = time.time()
-                if row is None or now - row[0] <= self.stall_after:
-                    return 0, set(), 0.0  # it beat again meanwhile, or left
-                why = f"node {peer} stalled: no heartbeat for {_format_seconds(now - row[0])}"
-                return (*hand_back_leases(conn, peer, why), now - row[0])
+    def _stalled_peers(self) -> dict[str, tuple[int, float, float]]:
+        """The running peers whose heartbeats have stood still for longer than stall_after."""
+        return {peer: seen for peer, seen in self._observe_peers().items() if seen[2] > self.stall_after}
+
+    def _reap_stalled(self, stalled: dict[str, tuple[int, float, float]]) -> None:
+        """Hand back the leases of every peer that has stalled: a node frozen (SIGSTOP, Ctrl-Z) or with
+        its event loop blocked renews nothing, and its messages and workflow runs must not wait for
+        it. When it wakes, its acks fail (LeaseLost) and the burst commits in them with them; its
+        handlers' outside effects may have happened once more."""
+        assert self.nf is not None
+        for peer, (pid, beat, silent) in stalled.items():
+            why = f"node {peer} stalled: no heartbeat for {_format_seconds(silent)}"
+
+            def reap(
+                conn: sqlite3.Connection, peer: str = peer, pid: int = pid, beat: float = beat, why: str = why
+            ) -> tuple[int, set[str]]:
+                still = "SELECT 1 FROM nodes WHERE id = ? AND pid = ? AND state = 'running' AND heartbeat = ?"
+                if conn.execute(still, (peer, pid, beat)).fetchone() is None:
+                    return 0, set()  # it beat again meanwhile, or left
+                return hand_back_leases(conn, peer, why)
 
             try:
-                count, queues, silent = self.nf.committer.submit(reap)
+                count, queues = self.nf.committer.submit(reap)
             except NodeflowError as error:
                 self.say(f"could not take the leases of stalled node {peer}: {error}")
                 continue
@@ -7109,13 +7124,16 @@ class Node:
 
     def _holder_stalled(self, conn: sqlite3.Connection, holder: LockInfo) -> bool:
         """For the workflow runner, in a transaction: whether an instance lock's holder is another
-        node of this cluster whose heartbeat is older than stall_after, while ours is on time."""
+        node of this cluster whose heartbeat has stood still past stall_after, while ours is on time."""
         if holder.node is None or holder.node == self.id or self.stalled_for() > self.stall_after:
+            return False
+        seen = self._peer_beats.get(holder.node)
+        if seen is None or seen[0] != holder.pid or time.monotonic() - seen[2] <= self.stall_after:
             return False
         row = conn.execute(
             "SELECT heartbeat FROM nodes WHERE id = ? AND pid = ? AND state = 'running'", (holder.node, holder.pid)
         ).fetchone()
-        return row is not None and time.time() - row[0] > self.stall_after
+        return row is not None and row[0] == seen[1]
 
     # Election and the scheduler -----------------------------------------------------------
 
@@ -7159,27 +7177,27 @@ class Node:
                 self._election.stop()
             self._stand_for_election()
 
-    def _take_office_if_stalled(self) -> None:
+    def _take_office_if_stalled(self, stalled: dict[str, tuple[int, float, float]]) -> None:
         """In a thread, every heartbeat of an eligible standby: take office from a scheduler whose
-        heartbeat is older than stall_after, or when office has stood empty that long (its holder
-        stepped down, or froze between locking scheduler.lock and taking office)."""
+        heartbeat has stood still past stall_after, or when office has stood empty (or held by a
+        node no longer running) that long: its holder froze between locking scheduler.lock and
+        taking office, or every waiter waits on a file a frozen node holds."""
         assert self.nf is not None and self._loop is not None and self._stop is not None
         if self.role == "replica" or self.epoch is not None or self._stop.is_set():
             return
-        epoch, holder, beat = self.nf.store.read(
-            lambda conn: conn.execute(
-                "SELECT e.epoch, e.node, n.heartbeat FROM election e LEFT JOIN nodes n ON n.id = e.node WHERE e.id = 1"
-            ).fetchone()
+        epoch, holder = self.nf.store.read(
+            lambda conn: conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
         )
-        now = time.time()
         if holder == self.id:
             return
-        if holder is not None:
+        last_beat: float | None = None
+        if holder is not None and holder in self._peer_beats:  # a running node in office
             self._office_vacant = None
-            if beat is not None and now - beat <= self.stall_after:
+            if holder not in stalled:
                 return  # a scheduler on time
-            silent = f"{holder} has had no heartbeat for {_format_seconds(now - (beat or 0))}"
-        else:  # nobody in office: a waiter usually takes it in milliseconds; take it only if none did
+            last_beat = stalled[holder][1]
+            silent = f"{holder} has had no heartbeat for {_format_seconds(stalled[holder][2])}"
+        else:  # nobody (running) in office: a waiter usually takes it in milliseconds; take it if none did
             if self._office_vacant is None or self._office_vacant[0] != epoch:
                 self._office_vacant = (epoch, time.monotonic())
             if time.monotonic() - self._office_vacant[1] <= self.stall_after:
@@ -7199,7 +7217,7 @@ class Node:
         try:
             epoch = self.nf.committer.submit(
                 functools.partial(
-                    take_office_from_stalled, node=self.id, epoch=epoch, stall_after=self.stall_after,
+                    take_office_from_stalled, node=self.id, epoch=epoch, last_beat=last_beat,
                     replacement=replacement, path=path,
                 )
             )  # fmt: skip
