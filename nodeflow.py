@@ -5852,7 +5852,7 @@ def _spin(seconds: float, stop: threading.Event) -> None:
 
 
 # ══════════════════════════════════════════════════════════════════════════════════════════
-# Python API: connect() and the handle it returns, over the pieces above (not a DESIGN.md layer).
+# Python API: connect() and the handle it returns, over the pieces above (a layer of its own, unnumbered).
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 

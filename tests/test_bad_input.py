@@ -6,7 +6,7 @@
     problem and a summary line), nothing on stdout, and no Python traceback anywhere; over HTTP a
     4xx status and a JSON body ``{"error": ...}``;
 (b) a non-zero exit: 2 for bad usage or bad input, 1 for a failure such as a database that cannot be
-    used (DESIGN.md, "Exit status");
+    used (the exit codes README gives);
 (c) an unchanged database: for the CLI (no node running) the SHA-256 of the file and its -wal/-shm
     before and after (support.tree_snapshot; this process holds no SQLite connection meanwhile);
     over HTTP, where a node writes heartbeats, the rows of every table a request could write.
