@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """nodeflow: several cooperating processes on one host, coordinated through one directory.
 
-Architecture in ten lines:
+Architecture in a few lines:
   - A cluster is one SQLite file (WAL mode) and a lock folder beside it, ``PATH.d/``.
   - Store: opens the database, owns the schema and its migrations, and runs every write inside
     ``BEGIN IMMEDIATE`` with bounded retries on SQLITE_BUSY.
@@ -11,7 +11,11 @@ Architecture in ten lines:
   - Doorbells: a datagram socket per listening process in ``PATH.d/nodes/``, rung after commits.
   - Bus: queues in SQLite with leases and dead letters; one process's writes share transactions.
   - Instructions: an ordered log with a cursor per node, under change tokens and a memory cache.
+  - Membership: a node's liveness lock says it is alive; its heartbeat, timed by each peer, says it
+    stalled, and then its leases, instance locks and scheduler office are taken from it.
+  - Election: one node holds ``scheduler.lock`` and the current epoch; only it fires timers.
   - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks.
+  - Node: the asyncio daemon of ``serve``; user code runs in threads of its own, never the node's.
   - The handle returned by ``connect()`` is the Python API; ``main()`` is the command line.
 """
 
@@ -5331,6 +5335,11 @@ class UserCodeEscaped(NodeflowError):
     sys.exit(), KeyboardInterrupt, GeneratorExit): it fails its own message, never the node."""
 
 
+def describe_failure(error: BaseException) -> str:
+    """What user code raised, for a journal, a dead letter or a log line: its type and message."""
+    return str(error) if isinstance(error, UserCodeEscaped) else f"{type(error).__name__}: {error}"
+
+
 async def run_in_thread(function: Callable[..., T], *args: Any, name: str = "nodeflow-work") -> T:
     """Run a blocking function in a daemon thread of its own and await its result.
 
@@ -5830,7 +5839,7 @@ class WorkflowRunner:
         except asyncio.CancelledError:
             raise
         except BaseException as error:  # whatever the function raises (sys.exit() too) fails this call only
-            raise _CallFailed(f"{type(error).__name__}: {error}") from None
+            raise _CallFailed(describe_failure(error)) from None
         finally:
             _CURRENT_CALL.reset(reset)
         try:
@@ -6860,7 +6869,7 @@ class Node:
         except BaseException as error:  # anything a handler raises (sys.exit() too) fails its message only
             self.failed += 1
             delay = min(60.0, 2.0 ** (message.attempts - 1))
-            text = f"{type(error).__name__}: {error}"
+            text = describe_failure(error)
             try:
                 outcome = await self.nf.anack(message, delay, text)
             except NodeflowError as settle_error:
