@@ -7760,7 +7760,7 @@ function renderStatus(s){
  show($('timers-empty'),!timers.length);
 
  const c=s.instances||{};
- sync($('instance-counts'),['running','waiting','completed','faulted'],(k)=>k,
+ sync($('instance-counts'),['running','waiting','completed','faulted','cancelled'],(k)=>k,
   (k)=>h('div',{c:'tile','data-status': k},h('b'),k),(e,k)=>txt(e.firstChild,c[k]||0));
 }
 
@@ -7812,6 +7812,7 @@ function detail(i){
    (i.waiting_for?'waits for '+i.waiting_for:'timer')+(i.wake_at?' until '+
    clock(i.wake_at):'');
  if(i.status==='completed') return 'done '+clock(i.ended);
+ if(i.status==='cancelled') return 'cancelled '+clock(i.ended)+(i.activity?' at '+i.activity:'');
  return i.activity?'at '+i.activity:'';
 }
 function renderInstances(list){
