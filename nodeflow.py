@@ -60,6 +60,7 @@ import weakref
 import zoneinfo
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from dataclasses import dataclass
+from queue import Empty, SimpleQueue
 from typing import Any, TypeVar, overload
 
 __all__ = [
@@ -5340,14 +5341,65 @@ def describe_failure(error: BaseException) -> str:
     return str(error) if isinstance(error, UserCodeEscaped) else f"{type(error).__name__}: {error}"
 
 
-async def run_in_thread(function: Callable[..., T], *args: Any, name: str = "nodeflow-work") -> T:
-    """Run a blocking function in a daemon thread of its own and await its result.
+class DaemonThreads:
+    """Threads for blocking calls that never run short: a call finds an idle thread or gets a new one.
 
-    Not asyncio's shared executor: a function that blocks for ever then holds one thread of its
-    own, never a slot that the node's heartbeat, file checks or lease renewals also wait for, and
-    a daemon thread never keeps the process from leaving (the executor's threads are joined at
-    exit). A cancelled caller stops waiting at once; the thread's late result is dropped. The
-    caller's context variables are seen in the thread (current_call(), say).
+    Unlike asyncio's default executor (min(32, CPUs + 4) threads, shared by everything that calls
+    to_thread), a call that blocks for ever holds only its own thread: it can starve neither the
+    calls queued behind it nor the node's heartbeat and file checks, which use threads of another
+    pool. The threads are daemons, never joined at exit, so a stuck one cannot keep a stopping
+    process alive; a thread idle for IDLE_SECONDS ends.
+    """
+
+    IDLE_SECONDS = 30.0
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._mutex = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()  # a forked child has none of these threads: it starts afresh
+        self._work: SimpleQueue[Callable[[], None]] = SimpleQueue()
+        self._idle = 0  # threads waiting for work and not yet promised any
+
+    def submit(self, work: Callable[[], None]) -> None:
+        with self._mutex:
+            if self._pid != os.getpid():
+                self._reset()
+            idle = self._idle > 0
+            if idle:
+                self._idle -= 1  # this work is that thread's now
+        self._work.put(work)
+        if not idle:
+            threading.Thread(target=self._serve, name=self.name, daemon=True).start()
+
+    def _serve(self) -> None:
+        work: Callable[[], None] | None = self._work.get()
+        while work is not None:
+            work()
+            with self._mutex:
+                self._idle += 1
+            work = None
+            while work is None:
+                try:
+                    work = self._work.get(timeout=self.IDLE_SECONDS)
+                except Empty:
+                    with self._mutex:
+                        if self._idle > 0:  # not promised to a call on its way: this thread may go
+                            self._idle -= 1
+                            return
+
+
+_NODEFLOW_THREADS = DaemonThreads("nodeflow-work")  # the library's own blocking calls (file checks, peers)
+
+
+async def run_in_thread(function: Callable[..., T], *args: Any, threads: DaemonThreads = _NODEFLOW_THREADS) -> T:
+    """Run a blocking function in one of ``threads`` and await its result, off the event loop.
+
+    A cancelled caller stops waiting at once; the thread's late result is dropped. Whatever the
+    function raises comes back as an Exception: sys.exit() in user code must not end the event
+    loop. The caller's context variables are seen in the thread (current_call(), say).
     """
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
@@ -5359,12 +5411,12 @@ async def run_in_thread(function: Callable[..., T], *args: Any, name: str = "nod
             ok, outcome = True, context.run(function, *args)
         except Exception as error:
             ok, outcome = False, error
-        except BaseException as error:  # sys.exit() in user code must not end the event loop
+        except BaseException as error:
             ok, outcome = False, UserCodeEscaped(f"{type(error).__name__}: {error}")
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits any more
             loop.call_soon_threadsafe(_settle_future, future, ok, outcome)
 
-    threading.Thread(target=work, name=name, daemon=True).start()
+    threads.submit(work)
     return await future
 
 
@@ -5378,6 +5430,7 @@ class UserThreads:
     def __init__(self) -> None:
         self._mutex = threading.Lock()
         self.running = 0
+        self._threads = DaemonThreads("nodeflow-user")  # never the threads the node's own work uses
 
     def wrap(self, function: Callable[..., T]) -> Callable[..., T]:
         def run(*args: Any) -> T:
@@ -5392,8 +5445,8 @@ class UserThreads:
         return run
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        """Run user code in a thread of its own (see run_in_thread), counted while it runs."""
-        return await run_in_thread(self.wrap(function), *args, name="nodeflow-user")
+        """Run user code in a thread of its own (see DaemonThreads), counted while it runs."""
+        return await run_in_thread(self.wrap(function), *args, threads=self._threads)
 
 
 class _StaleInstance(NodeflowError):
