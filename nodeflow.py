@@ -6484,6 +6484,8 @@ def connect(path: str | None = None, **options: Any) -> Cluster:
 PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
 FILE_LOOKS_BEFORE_FAILING = 3  # heartbeats in a row that cannot stat the database file before a node gives up
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
+LOOP_TICK = 0.25  # a node's event loop notes the time this often; a thread watches that it does
+LOOP_BLOCKED_NOTICE = 2.0  # the event loop blocked this long is worth a warning, with where it is
 
 
 _HANDLERS: dict[str, Callable[[Message], Any]] = {}  # queue -> handler, filled by @nodeflow.handler
@@ -6639,6 +6641,7 @@ class Node:
         self._peers: dict[str, _FlockWaiter] = {}
         self._scheduling: asyncio.Task[None] | None = None
         self._log_handler = _NodeLogHandler(self)
+        self._loop_seen = time.monotonic()  # when the event loop last ran its ticker (see _watch_the_loop)
 
     # The log ------------------------------------------------------------------------------
 
@@ -6753,6 +6756,10 @@ class Node:
                 self._stand_for_election()
             beating = self._supervised(self._beat(), "the heartbeat")
             tasks.append(beating)
+            tasks.append(self._supervised(self._tick(), "the event loop's ticker"))
+            threading.Thread(
+                target=self._watch_the_loop, args=(threading.get_ident(),), name="nodeflow-loop-watch", daemon=True
+            ).start()
             if self.runs_workflows:
                 self.runner = WorkflowRunner(
                     nf.workflows,
@@ -6823,6 +6830,36 @@ class Node:
             nf.close()
             if self._forsake_companions:
                 nf.store.remove_companions()
+
+    async def _tick(self) -> None:
+        while True:
+            self._loop_seen = time.monotonic()
+            await asyncio.sleep(LOOP_TICK)
+
+    def _watch_the_loop(self, loop_thread: int) -> None:
+        """In a thread: say when the event loop has been blocked (an async handler or call that
+        computes or sleeps without awaiting), and where, so the culprit can be found: such a node
+        beats no more, and its peers take its work after --stall-after."""
+        assert self._stop is not None
+        reported = 0.0
+        while not self._stop.is_set():
+            time.sleep(LOOP_TICK)
+            blocked = time.monotonic() - self._loop_seen
+            if blocked > LOOP_BLOCKED_NOTICE and not reported:
+                frame = sys._current_frames().get(loop_thread)  # its innermost Python frame: the culprit
+                where = ""
+                if frame is not None:
+                    code = frame.f_code
+                    where = f" (at {os.path.basename(code.co_filename)}:{frame.f_lineno} in {code.co_name})"
+                self.say(
+                    f"warning: the event loop has been blocked for {_format_seconds(blocked)}{where}: an async "
+                    "handler or function must await, not block (run blocking code in a plain def); past "
+                    "--stall-after its peers take this node's work"
+                )
+                reported = blocked
+            elif blocked <= LOOP_TICK * 2 and reported:
+                self.say("the event loop runs again")
+                reported = 0.0
 
     def _supervised(self, work: Awaitable[None], what: str) -> asyncio.Task[None]:
         """A task of the node's own, whose loop catches what it can meet. Should one still end by an
