@@ -8086,34 +8086,49 @@ def is_loopback(host: str) -> bool:
         return False  # a name other than localhost: it may resolve anywhere
 
 
-def _proc_net_address(host: str, port: int) -> tuple[str, str]:
-    """("tcp" or "tcp6", the address as /proc/net/tcp* writes it): each 32-bit word of the address
-    in the host's byte order, in hexadecimal, then the port."""
+def _proc_net_forms(host: str, port: int) -> list[tuple[str, str]]:
+    """Where /proc/net may list one end of a TCP connection: (table, address as the table writes
+    it: each 32-bit word in the host's byte order, in hexadecimal, then the port). An IPv4 address
+    shows in "tcp", or in "tcp6" in its IPv4-mapped form when the socket is a dual-stack one."""
     address = ipaddress.ip_address(host.split("%", 1)[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped  # a dual-stack socket's view of an IPv4 client: in /proc/net/tcp
-    packed = address.packed
-    words = "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
-    return ("tcp" if address.version == 4 else "tcp6"), f"{words}:{port:04X}"
+        address = address.ipv4_mapped
+    forms: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
+    if address.version == 4:
+        forms.append(ipaddress.IPv6Address(f"::ffff:{address}"))
+    found = []
+    for form in forms:
+        packed = form.packed
+        words = "".join(f"{int.from_bytes(packed[i : i + 4], sys.byteorder):08X}" for i in range(0, len(packed), 4))
+        found.append(("tcp" if form.version == 4 else "tcp6", f"{words}:{port:04X}"))
+    return found
+
+
+_TCP_ESTABLISHED = "01"  # the st column of /proc/net/tcp: only a connection still open names its owner
 
 
 def loopback_peer_uid(server: tuple[Any, ...], client: tuple[Any, ...], proc: str = "/proc/net") -> int | None:
-    """The uid that owns the client end of a TCP connection made on this host: the row of
-    /proc/net/tcp (or tcp6) whose local address is the client's and whose remote address is ours.
-    None when no such row is found (not Linux, or the client closed already)."""
+    """The uid that owns the client end of an open TCP connection made on this host: the row of
+    /proc/net/tcp (or tcp6) whose local address is the client's and whose remote address is ours,
+    in state ESTABLISHED. A closed socket's row (FIN_WAIT2, TIME_WAIT) belongs to the kernel and
+    shows uid 0, so it never counts. None when no such row is found."""
     try:
-        table, local = _proc_net_address(client[0], client[1])
-        _, remote = _proc_net_address(server[0], server[1])
+        clients = _proc_net_forms(client[0], client[1])
+        servers = dict(_proc_net_forms(server[0], server[1]))
     except (ValueError, IndexError, TypeError):
         return None
-    try:
-        with open(os.path.join(proc, table), encoding="ascii", errors="replace") as rows:
-            for row in rows:
-                fields = row.split()
-                if len(fields) > 7 and fields[1] == local and fields[2] == remote:
-                    return int(fields[7])
-    except (OSError, ValueError):
-        return None
+    for table, local in clients:
+        remote = servers.get(table)
+        if remote is None:
+            continue
+        try:
+            with open(os.path.join(proc, table), encoding="ascii", errors="replace") as rows:
+                for row in rows:
+                    fields = row.split()
+                    if len(fields) > 7 and fields[1] == local and fields[2] == remote:
+                        return int(fields[7]) if fields[3] == _TCP_ESTABLISHED else None
+        except (OSError, ValueError):
+            continue
     return None
 
 
@@ -8197,16 +8212,18 @@ class HttpServer:
             return
         self._connections.add(task)
         try:
-            await self._serve_connection(reader, writer)
+            # Who is at the other end, asked of the kernel before a byte of the request is read:
+            # the answer is the connection's, while it is open.
+            owner = await self._off_loop(functools.partial(self._from_owner, writer))
+            await self._serve_connection(reader, writer, owner)
         except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, TimeoutError):
             pass
         finally:
             self._connections.discard(task)
             writer.close()
 
-    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, owner: bool) -> None:
         first = True
-        owner: bool | None = None  # whether the other end is this user's: asked once per connection
         while True:
             try:
                 async with asyncio.timeout(HTTP_READ_TIMEOUT if first else HTTP_IDLE_TIMEOUT):
@@ -8231,8 +8248,6 @@ class HttpServer:
             first = False
             self.requests += 1
             keep_alive = request.keep_alive
-            if owner is None:
-                owner = await self._off_loop(functools.partial(self._from_owner, writer))
             status, content_type, payload, extra = await self._respond(request, owner)
             await self._send_bytes(writer, status, content_type, payload, keep_alive, extra)
             if not keep_alive:
