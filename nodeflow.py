@@ -476,7 +476,9 @@ _MIGRATIONS: dict[int, str] = {
     8: """
         ALTER TABLE messages ADD COLUMN refunds INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE messages ADD COLUMN suspect INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX messages_suspects ON messages (available_at) WHERE suspect = 1;
         ALTER TABLE instances ADD COLUMN unwaited INTEGER NOT NULL DEFAULT 0;
+        ALTER TABLE nodes ADD COLUMN stall_after REAL;
     """,
 }
 
@@ -2344,38 +2346,41 @@ def _clock_step_grace_until(conn: sqlite3.Connection, now: float) -> float:
     return float(row[0]) + LEASE_STEP_GRACE
 
 
-# Who is to blame when a node dies (or freezes) with several messages in hand? Any of them may have
-# killed it (a handler that calls os._exit, a `call` that crashes the interpreter), or none. So a
-# death is counted against a message only when it was the one "suspect" in hand: the first time a
-# message's delivery ends with its node it is refunded (the delivery does not count towards its
-# dead-letter limit) and marked suspect, and a consumer holds at most one suspect at a time. A
-# poison message is then counted at every death after its first, as it should be, and the innocent
-# messages that happened to share its node are not, so they never become dead letters for it.
+# Who is to blame when a node dies (or freezes, or lets a lease run out) with several messages in
+# hand? Any of them may have killed it (a handler that calls os._exit, a `call` that crashes the
+# interpreter), or none (an operator's kill -9, the OOM killer). So such a delivery is charged (it
+# counts towards the dead-letter limit) only when the message was alone in its consumer's hands:
+# otherwise it is refunded (`refunds`), and the message is tried again at once, as before. A message
+# refunded ISOLATE_AFTER_DEATHS times was there at as many deaths: it becomes a *suspect*, and a
+# suspect is tried alone: a consumer takes one only with nothing else in hand, and takes nothing
+# else while it holds one. A poison message is thus charged at each death after that, and dies a
+# dead letter; the messages that happened to share its node are never charged for it. One crash
+# of a node costs no message anything, and its messages go back to work in parallel.
+ISOLATE_AFTER_DEATHS = 2
+RECEIVING_RECENTLY = 30.0  # a consumer that received from a queue this recently makes way for its suspects
 
 
 def hand_back_leases(conn: sqlite3.Connection, owner: str, why: str, ended: bool = True) -> tuple[int, set[str]]:
     """Make every message leased by ``owner`` ready again now; how many, and their queues (to ring).
 
-    ``ended``: the holder died or stalled, so the deliveries ended abnormally, and are counted or
+    ``ended``: the holder died or stalled, so the deliveries ended abnormally, and are charged or
     refunded as the rule above says. Otherwise (the holder leaves in good order) nothing changes
     but the lease.
     """
-    rows = conn.execute("SELECT id, queue, suspect FROM messages WHERE lease_owner = ?", (owner,)).fetchall()
+    rows = conn.execute("SELECT id, queue, suspect, refunds FROM messages WHERE lease_owner = ?", (owner,)).fetchall()
     now = time.time()
     alone = len(rows) == 1
-    for message_id, _, suspect in rows:
-        if not ended:
+    for message_id, _, suspect, refunds in rows:
+        if not ended or alone or suspect:  # in good order; or it alone was in hand: it counts
             change, error = "", why
-        elif alone or suspect:
-            change, error = ", suspect = 1", why  # it alone was in hand: it counts
         else:
-            change = ", suspect = 1, refunds = refunds + 1"
-            error = f"{why} holding {len(rows)} messages; not counted against this one until it is tried alone"
+            change = f", refunds = refunds + 1, suspect = {int(refunds + 1 >= ISOLATE_AFTER_DEATHS)}"
+            error = f"{why} holding {len(rows)} messages; this delivery is not counted against any of them"
         conn.execute(
             f"UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ?{change} WHERE id = ?",
             (now, error, message_id),
         )
-    return len(rows), {queue for _, queue, _ in rows}
+    return len(rows), {queue for _, queue, _, _ in rows}
 
 
 def _bury(conn: sqlite3.Connection, message_id: int, error: str | None, now: float) -> None:
@@ -2415,6 +2420,7 @@ class Bus:
         # Queues whose last claim here got a message: the next receive claims at once, without
         # first reading whether one is ready (it most likely is).
         self._busy_queues: set[str] = set()
+        self._receiving: dict[str, float] = {}  # queue -> when this handle last received from it (monotonic)
         self._clock = ClockWatch()
         self.sent = self.acked = self.nacked = self.dead_lettered = 0  # this handle's, for /metrics
 
@@ -2441,79 +2447,107 @@ class Bus:
 
     def _claim_work(self, queue: str, lease: float, count: int) -> Callable[[sqlite3.Connection], list[Message]]:
         owner, limit = self.owner, self.settings.max_deliveries
+        recently = time.monotonic() - RECEIVING_RECENTLY
+        receiving = [name for name, when in self._receiving.items() if when >= recently]
+
+        def take(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> Message | None:
+            """Lease one message to this consumer, or bury it if nothing can handle it any more."""
+            message_id, body, priority, attempts, refunds, suspect, created, last_error, _ = row
+            if attempts - refunds >= limit and queue != WORKFLOW_QUEUE:  # a poison message
+                _bury(conn, message_id, last_error, now)
+                return None
+            try:
+                decoded = json.loads(body)
+            except (ValueError, RecursionError) as error:  # stored by hand, or by an older nodeflow
+                why = f"its body cannot be decoded ({type(error).__name__}: {str(error)[:200]})"
+                _bury(conn, message_id, why, now)
+                log.warning("message %d of queue %s is a dead letter now: %s", message_id, queue, why)
+                return None
+            conn.execute(
+                "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, refunds = ?, "
+                "suspect = ?, last_error = ? WHERE id = ?",
+                (owner, now + lease, refunds, suspect, last_error, message_id),
+            )
+            return Message(
+                message_id, queue, decoded, attempts + 1, priority, created, now + lease, last_error, owner, refunds
+            )
+
+        columns = "id, body, priority, attempts, refunds, suspect, created, last_error, lease_owner"
 
         def claim(conn: sqlite3.Connection) -> list[Message]:
             now = time.time()
             if self._clock.stepped() > 0:
                 note_clock_step(conn, now)
-            step_grace_until: float | None = None  # read once, at the first expired lease met
-            suspect_in_hand: bool | None = None  # read once, at the first suspect met (see hand_back_leases)
+            # A suspect runs alone (see hand_back_leases): none is taken beside other work, and
+            # nothing is taken beside one. A consumer that sees a suspect waiting in a queue it
+            # receives from finishes what it holds first, so the suspect finds an empty pair of hands.
+            held, holds_suspect = conn.execute(
+                "SELECT COUNT(*), COALESCE(MAX(suspect), 0) FROM messages WHERE lease_owner = ?", (owner,)
+            ).fetchone()
+            if holds_suspect:
+                return []
+            waiting = conn.execute(
+                f"SELECT {columns}, queue FROM messages WHERE suspect = 1 AND available_at <= ? "
+                f"AND queue IN ({','.join('?' * len(receiving))}) ORDER BY available_at LIMIT 1",
+                (now, *receiving),
+            ).fetchone()
+            grace: list[float] = []  # when the grace after a clock step ends, read at the first expired lease
+
+            def in_step_grace(message_id: int) -> bool:
+                """After the wall clock stepped forward, a lease only seems to have run out: its holder
+                renews it. Left to that holder for LEASE_STEP_GRACE."""
+                if not grace:
+                    grace.append(_clock_step_grace_until(conn, now))
+                if now >= grace[0]:
+                    return False
+                conn.execute("UPDATE messages SET available_at = ? WHERE id = ?", (grace[0], message_id))
+                return True
+
+            if waiting is not None:
+                if held or waiting[-1] != queue:
+                    return []
+                row = waiting[:-1]
+                previous = row[8]
+                if previous is not None:  # a suspect's lease ran out: tried alone, it counts
+                    if in_step_grace(row[0]):
+                        return []
+                    row = (*row[:7], f"lease of {previous} expired after delivery {row[3]}", previous)
+                suspect = take(conn, row, now)
+                return [suspect] if suspect is not None else []
             taken: list[Message] = []
             # Priority by priority, highest first, each an index range of what is available now:
             # one ORDER BY over the whole queue would scan every delayed or leased message.
             level = conn.execute("SELECT MAX(priority) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
             while level is not None and len(taken) < count:
                 rows = conn.execute(
-                    "SELECT id, body, priority, attempts, refunds, suspect, created, last_error, lease_owner "
-                    "FROM messages WHERE queue = ? AND priority = ? AND available_at <= ? AND (? OR suspect = 0) "
-                    "ORDER BY available_at LIMIT ?",
-                    (queue, level, now, not suspect_in_hand, count - len(taken)),
+                    f"SELECT {columns} FROM messages WHERE queue = ? AND priority = ? AND available_at <= ? "
+                    "AND suspect = 0 ORDER BY available_at LIMIT ?",
+                    (queue, level, now, count - len(taken)),
                 ).fetchall()
                 if not rows:
                     level = conn.execute(
                         "SELECT MAX(priority) FROM messages WHERE queue = ? AND priority < ?", (queue, level)
                     ).fetchone()[0]
                     continue
-                for message_id, body, priority, attempts, refunds, suspect, created, last_error, previous in rows:
+                for row in rows:
+                    message_id, attempts, refunds, previous = row[0], row[3], row[4], row[8]
                     if previous is not None:  # its lease ran out without an ack or a nack
-                        if step_grace_until is None:
-                            step_grace_until = _clock_step_grace_until(conn, now)
-                        if now < step_grace_until:  # or only seems to: the clock stepped; its holder renews it
+                        if in_step_grace(message_id):
+                            continue
+                        # Its holder may have held others (see hand_back_leases): refunded, perhaps a suspect.
+                        refunds += 1
+                        error = f"lease of {previous} expired after delivery {attempts}; not counted against it"
+                        if refunds >= ISOLATE_AFTER_DEATHS:
                             conn.execute(
-                                "UPDATE messages SET available_at = ? WHERE id = ?", (step_grace_until, message_id)
+                                "UPDATE messages SET lease_owner = NULL, refunds = ?, suspect = 1, last_error = ? "
+                                "WHERE id = ?",
+                                (refunds, error, message_id),
                             )
-                            continue
-                        last_error = f"lease of {previous} expired after delivery {attempts}"
-                        if not suspect:  # its holder may have held others: counted once it is tried alone
-                            refunds, suspect = refunds + 1, 1
-                            last_error += "; not counted against it until it is tried alone"
-                    if attempts - refunds >= limit and queue != WORKFLOW_QUEUE:  # a poison message
-                        _bury(conn, message_id, last_error, now)
-                        continue
-                    if suspect:
-                        if suspect_in_hand is None:
-                            suspect_in_hand = bool(
-                                conn.execute(
-                                    "SELECT 1 FROM messages WHERE lease_owner = ? AND suspect = 1 LIMIT 1", (owner,)
-                                ).fetchone()
-                            )
-                        if suspect_in_hand:  # one suspect at a time per consumer: left for the next claim
-                            if previous is not None:
-                                conn.execute(
-                                    "UPDATE messages SET lease_owner = NULL, refunds = ?, suspect = 1, last_error = ? "
-                                    "WHERE id = ?",
-                                    (refunds, last_error, message_id),
-                                )
-                            continue
-                        suspect_in_hand = True
-                    try:
-                        decoded = json.loads(body)
-                    except (ValueError, RecursionError) as error:  # stored by hand, or by an older nodeflow
-                        why = f"its body cannot be decoded ({type(error).__name__}: {str(error)[:200]})"
-                        _bury(conn, message_id, why, now)
-                        log.warning("message %d of queue %s is a dead letter now: %s", message_id, queue, why)
-                        continue
-                    conn.execute(
-                        "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, refunds = ?, "
-                        "suspect = ?, last_error = ? WHERE id = ?",
-                        (owner, now + lease, refunds, suspect, last_error, message_id),
-                    )
-                    taken.append(
-                        Message(
-                            message_id, queue, decoded, attempts + 1, priority, created, now + lease, last_error,
-                            owner, refunds,
-                        )
-                    )  # fmt: skip
+                            continue  # tried alone from now on
+                        row = (*row[:4], refunds, 0, row[6], error, previous)
+                    message = take(conn, row, now)
+                    if message is not None:
+                        taken.append(message)
             return taken
 
         return claim
@@ -2587,17 +2621,23 @@ class Bus:
             turn_granted.set()
             return True
 
+        claimed_nothing = False
         try:
             while True:
                 seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
                 due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)
-                if due == 0.0:
+                if due == 0.0 and not claimed_nothing:
+                    self._receiving[queue] = time.monotonic()
                     taken = self.committer.submit(self._claim_work(queue, lease_s, batch))
                     if taken:
                         self._busy_queues.add(queue)
                         return taken
                     self._busy_queues.discard(queue)
+                    claimed_nothing = True
                     continue  # another consumer took it first, or it has run dry; look again
+                if due == 0.0:  # ready, but not for us now (a suspect, kept for empty hands): wait for news
+                    due = None
+                claimed_nothing = False
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return []
@@ -2628,16 +2668,22 @@ class Bus:
         queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
         topic = _ring_topic_for_queue(queue)
         deadline = time.monotonic() + wait_s
+        claimed_nothing = False
         while True:
             seen = self.wakeups.generation(topic)
             due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)  # a short WAL read
-            if due == 0.0:
+            if due == 0.0 and not claimed_nothing:
+                self._receiving[queue] = time.monotonic()
                 taken = await self.committer.asubmit(self._claim_work(queue, lease_s, batch))
                 if taken:
                     self._busy_queues.add(queue)
                     return taken
                 self._busy_queues.discard(queue)
+                claimed_nothing = True
                 continue
+            if due == 0.0:  # ready, but not for us now (a suspect, kept for empty hands): wait for news
+                due = None
+            claimed_nothing = False
             if time.monotonic() >= deadline:
                 return []
             await self.wakeups.await_change(topic, seen, self._sleep_for(due, deadline))
@@ -2681,8 +2727,8 @@ class Bus:
 
         def nack(conn: sqlite3.Connection) -> str:
             now = time.time()
-            changed = conn.execute(  # a nack is no death of its consumer: no longer a suspect
-                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ?, suspect = 0 "
+            changed = conn.execute(
+                "UPDATE messages SET lease_owner = NULL, available_at = ?, last_error = ? "
                 "WHERE id = ? AND attempts = ? AND lease_owner = ?",
                 (now + delay, error, message.id, message.attempts, message.owner),
             ).rowcount

@@ -371,26 +371,28 @@ class PoisonMessages(BusTestCase):
     def test_message_whose_consumer_is_killed_on_every_delivery_dies_after_max_deliveries(self) -> None:
         poison = self.nf.send("work", "kills its consumer")
         owners = []
-        # The first delivery that ends with its consumer is not counted (that consumer may have died
-        # of another message it held): the message becomes a suspect, and every later one counts.
-        for delivery in range(1, MAX_DELIVERIES + 2):
+        # A delivery that ends with its consumer is not counted at first (that consumer may have died
+        # of another message it held); after ISOLATE_AFTER_DEATHS of them the message is a suspect,
+        # tried alone, and every later death counts: MAX_DELIVERIES counted deliveries in all.
+        deliveries = MAX_DELIVERIES + nodeflow.ISOLATE_AFTER_DEATHS
+        for delivery in range(1, deliveries + 1):
             # Each child waits for the previous lease (0.5 s) to run out, then gets the message.
             child, owner, taken = self.start_holder("work", lease=0.5)
             self.assertEqual(taken, [(poison, delivery)])
             owners.append(owner)
             self.kill(child)
-            if delivery == 2:
+            if delivery == nodeflow.ISOLATE_AFTER_DEATHS + 1:
                 refunds, suspect = self.query("SELECT refunds, suspect FROM messages WHERE id = ?", poison)[0]
-                self.assertEqual((refunds, suspect), (1, 1), "the first death refunded, the message a suspect")
+                self.assertEqual(
+                    (refunds, suspect), (nodeflow.ISOLATE_AFTER_DEATHS, 1), "refunded, then a suspect tried alone"
+                )
         # The next receive after the last lease ran out buries the message instead of delivering it.
         child, _, taken = self.start_holder("work", lease=0.5, wait=3)
         self.assertEqual(taken, [])
         self.kill(child)
         letters = self.nf.dead_letters("work")
-        self.assertEqual(
-            [(d.id, d.body, d.attempts) for d in letters], [(poison, "kills its consumer", MAX_DELIVERIES + 1)]
-        )
-        self.assertIn(f"lease of {owners[-1]} expired after delivery {MAX_DELIVERIES + 1}", letters[0].last_error or "")
+        self.assertEqual([(d.id, d.body, d.attempts) for d in letters], [(poison, "kills its consumer", deliveries)])
+        self.assertIn(f"lease of {owners[-1]} expired after delivery {deliveries}", letters[0].last_error or "")
         self.assertEqual(self.message_rows("work"), 0)
 
     def make_dead_letters(self, queue: str, bodies: list[Any]) -> list[int]:
