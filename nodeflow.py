@@ -6531,6 +6531,7 @@ PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
 FILE_LOOKS_BEFORE_FAILING = 3  # heartbeats in a row that cannot stat the database file before a node gives up
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 LOOP_TICK = 0.25  # a node's event loop notes the time this often; a thread watches that it does
+DEFAULT_STALL_AFTER = 5.0  # a node whose heartbeat stands still this long (or 3 heartbeats) has stalled
 LOOP_BLOCKED_NOTICE = 2.0  # the event loop blocked this long is worth a warning, with where it is
 
 
@@ -6618,7 +6619,7 @@ class Node:
         workflows: bool = True,
         http: str | None = None,
         http_token: str | None = None,
-        stall_after: float | str = 5.0,
+        stall_after: float | str | None = None,
     ) -> None:
         if role not in ("auto", "replica"):
             raise InvalidInput(f"role must be auto or replica, not {role!r}")
@@ -6633,7 +6634,9 @@ class Node:
         self.heartbeat = parse_duration(heartbeat, "heartbeat")
         if self.heartbeat <= 0:
             raise InvalidInput("heartbeat must be more than zero, such as 1s")
-        self.stall_after = parse_duration(stall_after, "stall_after")
+        # Peers judge this node by the limit it declares (nodes.stall_after), each node by its own.
+        default_stall = max(DEFAULT_STALL_AFTER, 3 * self.heartbeat)
+        self.stall_after = default_stall if stall_after is None else parse_duration(stall_after, "stall_after")
         if self.stall_after < 2 * self.heartbeat:
             raise InvalidInput(
                 f"stall_after ({_format_seconds(self.stall_after)}) must be at least twice the heartbeat "
@@ -6682,6 +6685,7 @@ class Node:
         self._last_beat = time.monotonic()  # when this node's heartbeat last committed
         self._office_vacant: tuple[int, float] | None = None  # (epoch, since when, monotonic) office seen empty
         self._peer_beats: dict[str, tuple[int, float, float]] = {}  # peer -> (pid, heartbeat, when it last moved)
+        self._peer_limits: dict[str, float] = {}  # peer -> the stall limit it declared
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -6747,10 +6751,11 @@ class Node:
     def _register(self, conn: sqlite3.Connection) -> int:
         now = time.time()
         conn.execute(
-            "INSERT INTO nodes (id, pid, host, role, started, heartbeat, state) VALUES (?, ?, ?, ?, ?, ?, 'running') "
-            "ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, host = excluded.host, role = excluded.role, "
-            "started = excluded.started, heartbeat = excluded.heartbeat, state = 'running'",
-            (self.id, os.getpid(), socket.gethostname(), self.role, now, now),
+            "INSERT INTO nodes (id, pid, host, role, started, heartbeat, state, stall_after) "
+            "VALUES (?, ?, ?, ?, ?, ?, 'running', ?) ON CONFLICT (id) DO UPDATE SET pid = excluded.pid, "
+            "host = excluded.host, role = excluded.role, started = excluded.started, "
+            "heartbeat = excluded.heartbeat, state = 'running', stall_after = excluded.stall_after",
+            (self.id, os.getpid(), socket.gethostname(), self.role, now, now, self.stall_after),
         )
         # Leases of an earlier life under this id are its own no more: hand them back now.
         return hand_back_leases(conn, self.id, f"node {self.id} restarted")[0]
@@ -6952,6 +6957,9 @@ class Node:
             if free == 0:
                 room.clear()
                 await room.wait()
+                continue
+            if self.stalled_for() > self.stall_after:  # its peers may be taking this node's work: take no more
+                await asyncio.sleep(self.heartbeat)
                 continue
             try:
                 wanted = min(claim, free)
@@ -7216,35 +7224,38 @@ class Node:
                 if queues:
                     self.nf._ring({_ring_topic_for_queue(queue) for queue in queues})
 
-    def _observe_peers(self) -> dict[str, tuple[int, float, float]]:
+    def _observe_peers(self) -> dict[str, tuple[int, float, float, float]]:
         """Every running peer: (pid, its heartbeat as last read, how long that heartbeat has stood still
-        by this node's monotonic clock). Stillness is measured here, never by comparing wall clocks:
-        a clock step, or a skew between processes, must not make a peer look stalled."""
+        by this node's monotonic clock, the stall limit it declared). Stillness is measured here,
+        never by comparing wall clocks: a clock step, or a skew between processes, must not make a
+        peer look stalled; and each peer is judged by its own limit, which suits its heartbeat."""
         assert self.nf is not None
         rows = self.nf.store.read(
             lambda conn: conn.execute(
-                "SELECT id, pid, heartbeat FROM nodes WHERE state = 'running' AND id != ?", (self.id,)
+                "SELECT id, pid, heartbeat, stall_after FROM nodes WHERE state = 'running' AND id != ?", (self.id,)
             ).fetchall()
         )
         now = time.monotonic()
         seen: dict[str, tuple[int, float, float]] = {}
-        for peer, pid, beat in rows:
+        limits: dict[str, float] = {}
+        for peer, pid, beat, limit in rows:
             known = self._peer_beats.get(peer)
             seen[peer] = known if known is not None and known[:2] == (pid, beat) else (pid, beat, now)
-        self._peer_beats = seen
-        return {peer: (pid, beat, now - since) for peer, (pid, beat, since) in seen.items()}
+            limits[peer] = max(limit or DEFAULT_STALL_AFTER, self.heartbeat)  # an older node declares none
+        self._peer_beats, self._peer_limits = seen, limits
+        return {peer: (pid, beat, now - since, limits[peer]) for peer, (pid, beat, since) in seen.items()}
 
-    def _stalled_peers(self) -> dict[str, tuple[int, float, float]]:
-        """The running peers whose heartbeats have stood still for longer than stall_after."""
-        return {peer: seen for peer, seen in self._observe_peers().items() if seen[2] > self.stall_after}
+    def _stalled_peers(self) -> dict[str, tuple[int, float, float, float]]:
+        """The running peers whose heartbeats have stood still for longer than their stall limits."""
+        return {peer: seen for peer, seen in self._observe_peers().items() if seen[2] > seen[3]}
 
-    def _reap_stalled(self, stalled: dict[str, tuple[int, float, float]]) -> None:
+    def _reap_stalled(self, stalled: dict[str, tuple[int, float, float, float]]) -> None:
         """Hand back the leases of every peer that has stalled: a node frozen (SIGSTOP, Ctrl-Z) or with
         its event loop blocked renews nothing, and its messages and workflow runs must not wait for
         it. When it wakes, its acks fail (LeaseLost) and the burst commits in them with them; its
         handlers' outside effects may have happened once more."""
         assert self.nf is not None
-        for peer, (pid, beat, silent) in stalled.items():
+        for peer, (pid, beat, silent, _) in stalled.items():
             why = f"node {peer} stalled: no heartbeat for {_format_seconds(silent)}"
 
             def reap(
@@ -7273,7 +7284,8 @@ class Node:
         if holder.node is None or holder.node == self.id or self.stalled_for() > self.stall_after:
             return False
         seen = self._peer_beats.get(holder.node)
-        if seen is None or seen[0] != holder.pid or time.monotonic() - seen[2] <= self.stall_after:
+        limit = self._peer_limits.get(holder.node, DEFAULT_STALL_AFTER)
+        if seen is None or seen[0] != holder.pid or time.monotonic() - seen[2] <= limit:
             return False
         row = conn.execute(
             "SELECT heartbeat FROM nodes WHERE id = ? AND pid = ? AND state = 'running'", (holder.node, holder.pid)
@@ -7322,7 +7334,7 @@ class Node:
                 self._election.stop()
             self._stand_for_election()
 
-    def _take_office_if_stalled(self, stalled: dict[str, tuple[int, float, float]]) -> None:
+    def _take_office_if_stalled(self, stalled: dict[str, tuple[int, float, float, float]]) -> None:
         """In a thread, every heartbeat of an eligible standby: take office from a scheduler whose
         heartbeat has stood still past stall_after, or when office has stood empty (or held by a
         node no longer running) that long: its holder froze between locking scheduler.lock and
@@ -9602,8 +9614,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--lease", default="30s", help="a handler's lease on its message, renewed while it runs")
     serve.add_argument(
         "--stall-after",
-        default="5s",
-        help="a peer whose heartbeat is older than this is stalled: its leases, bursts and office are taken",
+        default=None,
+        help="this node is stalled when its heartbeat stands still this long (default 5s, or 3 heartbeats if "
+        "longer): its peers then take its leases, workflow bursts and office",
     )
     serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
     serve.add_argument("--http", default=None, help="serve the dashboard, JSON API and /metrics at HOST:PORT")
