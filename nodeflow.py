@@ -5758,13 +5758,15 @@ class WorkflowRunner:
                     f"no activity {burst.position!r} in {blueprint.id} v{blueprint.version}",
                 )
                 return burst
-            if burst.unwaited >= BUSY_LOOP_MAX_STEPS:
-                return self._fault_before(
-                    burst,
-                    blueprint,
+            if burst.unwaited >= BUSY_LOOP_MAX_STEPS:  # the steps of this burst so far stand, journaled
+                burst.status = "faulted"
+                burst.error = (
                     f"it ran {burst.unwaited} steps without a wait (a timer or a signal): a loop with no way out? "
-                    "Fix the definition and retry it, or cancel it",
+                    "Fix the definition and retry it, or cancel it"
                 )
+                now = time.time()
+                burst.journal.append((activity.id, activity.type, now, now, f"faulted: {burst.error}"))
+                return burst
             started = time.time()
             try:
                 following, outcome = await self._step(burst, activity)
