@@ -535,6 +535,41 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
+def _kernel_flock_owners() -> dict[tuple[int, int, int], int] | None:
+    """(major, minor, inode) -> pid for every granted flock on the host, from /proc/locks."""
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as table:
+            text = table.read()
+    except OSError:
+        return None
+    owners: dict[tuple[int, int, int], int] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK":  # "->" rows are blocked waiters
+            continue
+        try:
+            major, minor, inode = fields[5].split(":")
+            owners[(int(major, 16), int(minor, 16), int(inode))] = int(fields[4])
+        except ValueError:
+            continue
+    return owners
+
+
+def _held_lock_files(folder: str) -> list[str]:
+    """The lock files under ``folder`` (a lock folder) that some process holds a flock on now."""
+    owners = _kernel_flock_owners() or {}
+    held = []
+    for root, _, names in os.walk(folder):
+        for name in names:
+            try:
+                info = os.stat(os.path.join(root, name), follow_symlinks=False)
+            except OSError:
+                continue
+            if (os.major(info.st_dev), os.minor(info.st_dev), info.st_ino) in owners:
+                held.append(os.path.join(root, name))
+    return held
+
+
 def database_path(path: str) -> str:
     """The one name of a database file, however it is reached: symbolic links and ``..`` resolved.
 
@@ -581,6 +616,7 @@ class Store:
         self.settings = settings or Settings()
         self.path = database_path(path)
         self.lock_dir = self.path + ".d"
+        self._refuse_an_older_lock_folder(os.path.abspath(path) + ".d")
         self._mutex = threading.Lock()  # the read connection
         self._write_mutex = threading.Lock()  # the write connection: reads never wait for a commit
         self._pid = os.getpid()
@@ -618,6 +654,20 @@ class Store:
         _LIVE_STORES.add(self)
 
     # Opening ------------------------------------------------------------------------------
+
+    def _refuse_an_older_lock_folder(self, named: str) -> None:
+        """Nodes of an older nodeflow that reach this file through a symbolic link keep their locks
+        beside the link; this one keeps them beside the real file. Both at once would be two
+        clusters on one file (two schedulers, one lock held twice): refused until they stop."""
+        if named == self.lock_dir or not os.path.isdir(named):
+            return
+        held = _held_lock_files(named)
+        if held:
+            raise StoreError(
+                f"{named} is the lock folder of processes of an older nodeflow that reach {self.path} through "
+                f"{named[:-2]} ({len(held)} lock(s) held, such as {os.path.basename(held[0])}); this version keeps "
+                f"the locks in {self.lock_dir}: stop those processes first"
+            )
 
     def _refuse_unusable_file(self) -> None:
         info = os.stat(self.path)
@@ -1108,26 +1158,6 @@ class LockInfo:
         if self.since:
             who += f" for {_format_seconds(max(0.0, time.time() - self.since))}"
         return who
-
-
-def _kernel_flock_owners() -> dict[tuple[int, int, int], int] | None:
-    """(major, minor, inode) -> pid for every granted flock on the host, from /proc/locks."""
-    try:
-        with open("/proc/locks", encoding="ascii", errors="replace") as table:
-            text = table.read()
-    except OSError:
-        return None
-    owners: dict[tuple[int, int, int], int] = {}
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) < 6 or fields[1] != "FLOCK":  # "->" rows are blocked waiters
-            continue
-        try:
-            major, minor, inode = fields[5].split(":")
-            owners[(int(major, 16), int(minor, 16), int(inode))] = int(fields[4])
-        except ValueError:
-            continue
-    return owners
 
 
 class HeldLock:
