@@ -522,7 +522,28 @@ def check_local_filesystem(path: str, mountinfo: str = "/proc/self/mountinfo") -
         )
 
 
+# SQLite's primary result codes (the low byte of sqlite_errorcode), which sort its errors; the
+# English text of a message is only looked at for an error that carries no code.
+_SQLITE_BUSY, _SQLITE_LOCKED, _SQLITE_READONLY, _SQLITE_IOERR, _SQLITE_CORRUPT, _SQLITE_FULL, _SQLITE_NOTADB = (
+    5,
+    6,
+    8,
+    10,
+    11,
+    13,
+    26,
+)
+
+
+def _sqlite_code(error: sqlite3.Error) -> int | None:
+    code = getattr(error, "sqlite_errorcode", None)
+    return code & 0xFF if isinstance(code, int) else None
+
+
 def _is_busy(error: sqlite3.Error) -> bool:
+    code = _sqlite_code(error)
+    if code is not None:
+        return code in (_SQLITE_BUSY, _SQLITE_LOCKED)
     text = str(error)
     return "database is locked" in text or "database is busy" in text or "database table is locked" in text
 
@@ -1009,24 +1030,26 @@ class Store:
     def _translate(self, error: sqlite3.Error, path: str | None = None) -> StoreError:
         path = path or self.path
         text = str(error)
-        if "not a database" in text:
+        code = _sqlite_code(error)
+        unknown = code is None  # an error of Python's sqlite3 module itself: only its text says what it is
+        if code == _SQLITE_NOTADB or (unknown and "not a database" in text):
             return NotADatabase(
                 f"{path} is not an SQLite database, or its header is damaged ({text}); "
                 "choose another --db, or restore the file from a backup"
             )
-        if "malformed" in text:
+        if code == _SQLITE_CORRUPT or (unknown and "database disk image is malformed" in text):
             return CorruptDatabase(
                 f"{path} is damaged or not a database ({text}); nodeflow will not run on it: "
                 "restore it from a backup or choose another --db"
             )
-        if "disk is full" in text:
+        if code == _SQLITE_FULL or (unknown and "disk is full" in text):
             return StoreError(f"{path}: the disk is full ({text}); free some space and retry")
-        if getattr(error, "sqlite_errorname", "").startswith("SQLITE_IOERR"):
+        if code == _SQLITE_IOERR:
             return StoreError(
                 f"{path}: writing or reading the file failed ({text}, {getattr(error, 'sqlite_errorname', '')}): "
                 "a full disk or a file-size limit (ulimit -f) does this"
             )
-        if "readonly" in text or "read-only" in text:
+        if code == _SQLITE_READONLY or (unknown and ("readonly" in text or "read-only" in text)):
             return StoreError(f"{path} is read-only ({text}); nodeflow needs to write the file and its folder")
         if _is_busy(error):
             return StoreBusy(f"{path} is locked by another writer ({text}); retry")
@@ -4934,6 +4957,10 @@ def _instance_from_row(row: tuple[Any, ...], journal: tuple[JournalEntry, ...] =
     )  # fmt: skip
 
 
+# The instance a run message is for, in SQL; a body that is not JSON (stored by hand) names none.
+_RUN_OF_MESSAGE = "CASE WHEN json_valid(body) THEN json_extract(body, '$.run') END"
+
+
 def _run_message(conn: sqlite3.Connection, instance: str, seq: int, at: float, now: float) -> None:
     conn.execute(
         "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
@@ -5311,7 +5338,7 @@ class Workflows:
                 _run_message(conn, found, seq + 1, now, now)
                 return
             queued = conn.execute(
-                "SELECT 1 FROM messages WHERE queue = ? AND json_extract(body, '$.run') = ?", (WORKFLOW_QUEUE, found)
+                f"SELECT 1 FROM messages WHERE queue = ? AND {_RUN_OF_MESSAGE} = ?", (WORKFLOW_QUEUE, found)
             ).fetchone()
             if queued is None and (status == "running" or (status == "waiting" and bookmark == "timer")):
                 _run_message(conn, found, seq, max(now, wake_at or now), now)  # its message went dead: a new one
@@ -5348,7 +5375,7 @@ class Workflows:
                  f"cancelled{': ' + reason if reason else ''} (was {status})"),
             )  # fmt: skip
             conn.execute(  # its waiting timer and queued runs: never needed now (one in a node's hands is acked)
-                "DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL AND json_extract(body, '$.run') = ?",
+                f"DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL AND {_RUN_OF_MESSAGE} = ?",
                 (WORKFLOW_QUEUE, instance),
             )
             conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + instance,))
