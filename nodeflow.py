@@ -6751,6 +6751,7 @@ class Node:
         self._scheduling: asyncio.Task[None] | None = None
         self._log_handler = _NodeLogHandler(self)
         self._loop_seen = time.monotonic()  # when the event loop last ran its ticker (see _watch_the_loop)
+        self._left = threading.Event()  # set when run() ends, however: its threads end with it
 
     # The log ------------------------------------------------------------------------------
 
@@ -6924,6 +6925,7 @@ class Node:
             return 0 if self._fatal is None else 1
         finally:
             # Also when run() itself was cancelled or failed: nothing of this node may outlive it.
+            self._left.set()
             for task in [*tasks, *([self._scheduling] if self._scheduling else [])]:
                 task.cancel()
             if self._election is not None:
@@ -6952,8 +6954,11 @@ class Node:
         beats no more, and its peers take its work after --stall-after."""
         assert self._stop is not None
         reported = 0.0
-        while not self._stop.is_set():
+        while not self._stop.is_set() and not self._left.is_set():
+            before = time.monotonic()
             time.sleep(LOOP_TICK)
+            if time.monotonic() - before > LOOP_TICK + 1.0:
+                continue  # this thread was held up too: the whole process was stopped (SIGSTOP), not its loop
             blocked = time.monotonic() - self._loop_seen
             if blocked > LOOP_BLOCKED_NOTICE and not reported:
                 frame = sys._current_frames().get(loop_thread)  # its innermost Python frame: the culprit
