@@ -1635,9 +1635,14 @@ class LockManager:
             if not stalled(conn, holder):
                 return None
             try:
-                if os.stat(path, follow_symlinks=False).st_ino != inode:
-                    return None  # released, or taken by another node already
+                info = os.stat(path, follow_symlinks=False)
             except FileNotFoundError:
+                return None
+            if info.st_ino != inode:
+                return None  # released, or taken by another node already
+            # Still locked by the stalled process? It may have woken, let go, and another locked the file.
+            owners = _kernel_flock_owners() or {}
+            if owners.get((os.major(info.st_dev), os.minor(info.st_dev), info.st_ino)) != holder.pid:
                 return None
             os.unlink(path)
             return holder
