@@ -4733,6 +4733,8 @@ def compile_definition(data: Any, version: int = 0) -> Blueprint:
     check = _Checker()
     if not isinstance(data, dict):
         raise InvalidDefinition([f"definition: must be a JSON object, not {_json_kind(data)}"])
+    if _nested_deeper_than(data, VARIABLES_MAX_DEPTH):  # first: the checks below walk it recursively
+        raise InvalidDefinition([f"definition: nests lists and objects more than {VARIABLES_MAX_DEPTH} deep"])
     try:
         body = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as error:
@@ -5137,9 +5139,13 @@ class Workflows:
         )
         found = []
         for workflow_id, version, name, created, body in rows:
-            data = json.loads(body)
-            triggers = tuple(data.get("triggers", ()))
-            found.append(DefinitionInfo(workflow_id, name, version, created, len(data["activities"]), triggers))
+            data = decode_stored(body)
+            if not isinstance(data, dict):
+                data = {}  # stored in a form this nodeflow cannot read: listed, with nothing to show
+            triggers = tuple(data.get("triggers") or ())
+            found.append(
+                DefinitionInfo(workflow_id, name, version, created, len(data.get("activities") or ()), triggers)
+            )
         return found
 
     def definition(self, workflow_id: str, version: int | None = None) -> dict[str, Any]:
@@ -5644,8 +5650,10 @@ class WorkflowRunner:
         data = body.get("input") if isinstance(body.get("input"), dict) else {}
         try:
             version = self.workflows.blueprint(definition).version
-        except InvalidInput as error:
-            self.say(f"trigger for workflow {definition!r} dropped: {error}")
+        except StoreError:
+            raise  # the database is busy, say: the message comes back for another try
+        except Exception as error:  # no such definition, or one no node can read: nothing to start
+            self.say(f"trigger for workflow {definition!r} dropped: {describe_failure(error)}")
             await self.bus.aack(message)
             return
         variables = encode_body({"input": data}, self.workflows.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH)
@@ -5792,7 +5800,9 @@ class WorkflowRunner:
         definition, version = row[11:13]
         try:
             blueprint = self.workflows.blueprint(definition, version)
-        except (InvalidInput, sqlite3.Error) as error:
+        except StoreError:
+            raise  # the database is busy, say: the run message comes back for another try
+        except Exception as error:  # gone, or stored by an older nodeflow in a form no node can read now
             burst = _Burst(row, _EMPTY_BLUEPRINT)
             burst.status, burst.error = "faulted", f"cannot load workflow {definition} v{version}: {error}"
             burst.position = row[3]  # where it was: a retry after the definition is mended starts there

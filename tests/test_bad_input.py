@@ -1,6 +1,6 @@
 """A corpus of bad input: every way in (CLI, HTTP, definitions, database files, the library) refuses it cleanly.
 
-314 inputs in all (the test at the end counts the tables), each checked for three things:
+315 inputs in all (the test at the end counts the tables), each checked for three things:
 (a) a clear message that names what was wrong (a fragment of it is asserted, never just "non-empty"):
     on the CLI one line on stderr starting with "nodeflow: " (``define`` prints one such line per
     problem and a summary line), nothing on stdout, and no Python traceback anywhere; over HTTP a
@@ -545,6 +545,10 @@ DEFINITION_CASES: dict[str, Definition] = {
         "not JSON data (Out of range float values",
     ),
     "nested too deeply": Definition("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    "a value nested 200 deep": definition(
+        b_is({"type": "set", "values": {"x": json.loads("[" * 200 + "]" * 200)}}),
+        "definition: nests lists and objects more than 128 deep",
+    ),
     "a timer of 99999999999d": definition(
         b_is({"type": "timer", "duration": "99999999999d"}), "'99999999999d' is longer than 100 years"
     ),

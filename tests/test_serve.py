@@ -11,7 +11,8 @@ Covered:
 
 - 2,000 one-shot timers fired while the scheduling node is SIGKILLed every 2-4 s and restarted:
   every timer's message exactly once, none early, and the replica never in office.
-- A SIGSTOPped scheduler keeps office: nobody else takes it and no timer fires until SIGCONT.
+- A SIGSTOPped scheduler loses office within its stall limit: a standby takes it, fires what falls due, and
+  the woken node steps down and fires nothing.
 - SIGTERM hands office over (a higher epoch); SIGINT once stops cleanly, twice exits 130 at once.
 - Node ids: a live duplicate refused (exit 1, naming the pid), defaults n1, n2, n3, and a restarted
   node taking its old id and instruction cursor back.
