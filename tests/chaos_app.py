@@ -11,23 +11,39 @@ so that the checker can count them after the run:
   ``chaos_effects`` keyed by ``nodeflow.current_call().key``: a call runs at least once, and a burst
   lost to a crash runs it again under the same key (``runs`` counts the runs).
 
+The hostile mix (tests/chaos.py ``--hostile``) has code here that misbehaves on purpose. Each run of
+it first records itself in ``chaos_hostile`` (committed before it misbehaves), so that the checker
+can tell its doings from nodeflow's:
+
+- a poison job (``{"poison": true}`` in ``chaos.jobs``) and a ``call`` of an instance whose input says
+  ``"hostile": "exit"`` end their process with ``os._exit(3)``, after a line with ``PLANNED_EXIT_MARK``
+  on stderr (the node's log): the runner restarts such a node and does not count it as a crash;
+- a job with ``"block": SECONDS`` sleeps that long in its handler's thread, then acks: its node
+  must not be taken for stalled;
+- a message of ``chaos.loop`` (an async handler) sleeps ``"sleep"`` seconds on the node's event loop,
+  past the stall limit: its node stalls for real, and its peers hand the message on.
+
 The database path comes from ``$CHAOS_DB`` (the runner sets it for every node).
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import sys
 import threading
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import nodeflow
 
 _handle: nodeflow.Cluster | None = None
 _handle_mutex = threading.Lock()
+
+PLANNED_EXIT_CODE = 3  # the exit status of a planned exit (tests/chaos.py has the same two constants)
+PLANNED_EXIT_MARK = "CHAOS PLANNED EXIT"
 
 
 def cluster() -> nodeflow.Cluster:
@@ -46,6 +62,12 @@ def _pause() -> None:
 
 def _receipt(message: nodeflow.Message, key: str) -> object:
     """Ack ``message`` and record its receipt under ``key`` in one transaction."""
+    _acked(message, key)
+    return nodeflow.SETTLED
+
+
+def _acked(message: nodeflow.Message, key: str) -> bool:
+    """Ack ``message`` with its receipt (see _receipt); whether the ack committed."""
 
     def record(conn: Any) -> None:
         conn.execute(
@@ -58,14 +80,55 @@ def _receipt(message: nodeflow.Message, key: str) -> object:
     try:
         cluster().ack(message, also=record)
     except nodeflow.LeaseLost:
-        pass  # our lease ran out (a stop, a slow disk): the message went to another node, whose ack counts
-    return nodeflow.SETTLED
+        return False  # our lease ran out (a stop, a slow disk): the message went to another node, whose ack counts
+    return True
+
+
+def _hostile(kind: str, key: str, node: str | None, message: nodeflow.Message | None = None) -> int:
+    """Record that hostile code of ``kind`` starts now in this process (committed when this returns)."""
+    row = (kind, key, message.id if message else None, message.attempts if message else None,
+           message.refunds if message else None, node, os.getpid(), time.time())
+    return int(cluster().committer.submit(
+        lambda conn: conn.execute(
+            "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            row,
+        ).lastrowid
+    ))  # fmt: skip
+
+
+def _hostile_done(row: int, outcome: str) -> None:
+    cluster().committer.submit(
+        lambda conn: conn.execute(
+            "UPDATE chaos_hostile SET ended = ?, outcome = ? WHERE id = ?", (time.time(), outcome, row)
+        )
+    )
+
+
+def _planned_exit(what: str) -> NoReturn:
+    """End this process at once, as a crash in user code would, after saying so in the node's log."""
+    stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
+    print(f"{stamp} {PLANNED_EXIT_MARK} (pid {os.getpid()}): {what}", file=sys.stderr, flush=True)
+    os._exit(PLANNED_EXIT_CODE)
 
 
 @nodeflow.handler("chaos.jobs")
 def job(message: nodeflow.Message) -> object:
-    """{"id": ..., "fail": K}: fails on purpose on its first K deliveries (K >= 5: a dead letter)."""
+    """{"id": ..., "fail": K}: fails on purpose on its first K deliveries (K >= 5: a dead letter).
+
+    {"id": ..., "poison": true}: ends its process (each delivery; it ends a dead letter).
+    {"id": ..., "block": S}: blocks its thread S seconds, then acks.
+    """
     body = message.body
+    if body.get("poison"):
+        _hostile("poison", f"job:{body['id']}", message.owner, message)
+        _planned_exit(f"poison job {body['id']} (message {message.id}, delivery {message.attempts})")
+    if body.get("block"):
+        row = _hostile("block-thread", f"job:{body['id']}", message.owner, message)
+        time.sleep(float(body["block"]))  # in this handler's own thread: the node's heartbeat goes on
+        acked = _acked(message, f"job:{body['id']}")
+        _hostile_done(row, "acked" if acked else "lease lost")
+        return nodeflow.SETTLED
     _pause()
     if message.attempts <= int(body.get("fail", 0)):
         raise RuntimeError(f"job {body['id']} fails on purpose (delivery {message.attempts})")
@@ -86,15 +149,35 @@ def cron(message: nodeflow.Message) -> object:
     return _receipt(message, f"cron:{message.body['cron']}:{message.id}")
 
 
+@nodeflow.handler("chaos.loop")
+async def loop_blocker(message: nodeflow.Message) -> object:
+    """{"id": ..., "sleep": S}: blocks the node's event loop S seconds (past the stall limit), then acks.
+
+    Everything here blocks the loop (the commits too): the node stalls for real, its peers take its
+    leases (this message's too) and its office; its ack afterwards fails unless nobody took it.
+    """
+    body = message.body
+    row = _hostile("block-loop", f"loop:{body['id']}", message.owner, message)
+    time.sleep(float(body["sleep"]))  # blocking the event loop is the point
+    acked = _acked(message, f"loop:{body['id']}")
+    _hostile_done(row, "acked" if acked else "lease lost")
+    return nodeflow.SETTLED
+
+
 @nodeflow.activity("effect")
 def effect(variables: dict[str, Any]) -> dict[str, Any]:
     """A call with an outside effect, recorded under the call's idempotency key.
 
     With ``input.flaky`` the first try of the ``charge`` step fails (the instance retries it after
-    a second); the failure is remembered in ``chaos_flaky`` so that the next try succeeds.
+    a second); the failure is remembered in ``chaos_flaky`` so that the next try succeeds. With
+    ``input.hostile == "exit"`` the ``charge`` step ends its process, every time: the instance
+    faults once its run message has had its deliveries.
     """
     call = nodeflow.current_call()
     nf = cluster()
+    if variables["input"].get("hostile") == "exit" and call.activity == "charge":
+        _hostile("exit-call", call.instance, call.node)
+        _planned_exit(f"instance {call.instance} {call.activity} (fence {call.fence}): the call ends its process")
     if variables["input"].get("flaky") and call.activity == "charge":
         first = nf.committer.submit(
             lambda conn: conn.execute(

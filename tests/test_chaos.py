@@ -1,16 +1,22 @@
-"""The chaos run (tests/chaos.py), short: 30 s of kills, stops and restarts under load, then the checker.
+"""The chaos run (tests/chaos.py), short: 30 s of kills, stops and restarts under load, with the
+hostile mix (poison jobs, calls that end their process, handlers that block their thread or the
+event loop, undecodable messages, a frozen scheduler), then the checker.
 
 - The run itself, with a random seed (printed; NODEFLOW_TEST_SEED replays its choices): exit 0, no
-  invariant violated, and the faults, instances, messages, timers and locks really happened.
+  invariant violated, and the faults, instances, messages, timers, locks and the hostile mix really
+  happened.
 - The checker can fail: each invariant is shown a doctored copy of the run's finished database (a
   step committed twice, two steps at once, a message received twice, a timer that never fired, a
-  lost instance, two lock holders at once, an epoch claimed twice, ...) and must report it.
+  lost instance, two lock holders at once, an epoch claimed twice, an innocent dead letter, a poison
+  job that killed too many nodes, a stall nothing explains, a frozen scheduler replaced late, ...)
+  and must report it.
 
 `make chaos` runs the long version (python3 tests/chaos.py --seconds 120).
 """
 
 from __future__ import annotations
 
+import datetime
 import glob
 import json
 import os
@@ -86,7 +92,8 @@ class ChaosRun(unittest.TestCase):
         # The chaos really happened, and the workload really ran through it.
         summary = self.report["summary"]
         faults = summary["faults"]
-        self.assertGreaterEqual(sum(faults.get(kind, 0) for kind in ("kill", "stop", "term", "restart")), 8, faults)
+        self.assertGreaterEqual(sum(faults.get(kind, 0) for kind in ("kill", "stop", "term", "restart", "freeze")), 8,
+                                faults)
         self.assertGreaterEqual(faults.get("of which the scheduler", 0), 1, faults)
         self.assertTrue(summary["settled"], self.output())
         self.assertGreater(summary["instances"]["total"], 30, summary["instances"])
@@ -97,7 +104,20 @@ class ChaosRun(unittest.TestCase):
         self.assertGreater(summary["scheduler"]["terms"], 1, summary["scheduler"])
         self.assertGreater(len(summary["instances"]["by version"]), 3, summary["instances"])
         checked = {item["key"]: item["checked"] for item in self.report["invariants"]}
-        self.assertEqual([key for key, count in checked.items() if key != "cron" and count == 0], [], checked)
+        self.assertEqual([key for key, count in checked.items() if key not in ("cron", "takeover") and count == 0],
+                         [], checked)
+        # The hostile mix really happened, and ended as it should.
+        hostile, blocking = summary["hostile"], summary["blocking"]
+        self.assertGreaterEqual(hostile["poison jobs"], 1, hostile)
+        self.assertGreaterEqual(hostile["nodes they ended"], 1, hostile)
+        self.assertGreaterEqual(hostile["undecodable"], 2, hostile)
+        self.assertGreaterEqual(summary["instances"].get("faulted on purpose (its call exits)", 0), 1,
+                                summary["instances"])
+        self.assertGreaterEqual(summary["instances"].get("cancelled on purpose", 0), 1, summary["instances"])
+        self.assertGreaterEqual(blocking["thread runs"], 1, blocking)
+        self.assertGreaterEqual(blocking["loop runs"], 1, blocking)
+        self.assertGreaterEqual(faults.get("freeze", 0), 1, faults)
+        self.assertGreaterEqual(faults.get("planned exits (restarted)", 0), 1, faults)
 
     # The checker --------------------------------------------------------------------------
 
@@ -345,6 +365,169 @@ def crash_logged(conn: sqlite3.Connection, folder: str) -> list[str]:
     return [path]
 
 
+def sent_rows(conn: sqlite3.Connection, kind: str, where: str = "1") -> list[tuple[str, dict[str, Any]]]:
+    return [(key, json.loads(detail)) for key, detail in conn.execute(
+        f"SELECT key, detail FROM chaos_sent WHERE kind = ? AND {where} ORDER BY at", (kind,))]  # fmt: skip
+
+
+def innocent_dead(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An innocent job (acked once, failing on purpose at most twice) a dead letter instead."""
+    for key, detail in sent_rows(conn, "job", "expect = 'once'"):
+        if detail.get("block") or not conn.execute("SELECT 1 FROM chaos_received WHERE key = ?", (key,)).fetchone():
+            continue
+        conn.execute("DELETE FROM chaos_received WHERE key = ?", (key,))
+        conn.execute("INSERT INTO dead_letters (id, queue, body, priority, attempts, created, died, last_error) "
+                     "VALUES (?, 'chaos.jobs', ?, 0, 5, ?, ?, 'node n1 died')",
+                     (detail["message"], json.dumps({"id": detail["id"], "fail": detail.get("fail", 0)}),
+                      time.time() - 60, time.time() - 30))
+        return []
+    raise unittest.SkipTest("no job was acked")
+
+
+def hostile_rows(conn: sqlite3.Connection, kind: str) -> list[tuple[Any, ...]]:
+    rows = conn.execute("SELECT * FROM chaos_hostile WHERE kind = ? ORDER BY id", (kind,)).fetchall()
+    if not rows:
+        raise unittest.SkipTest(f"the run has no hostile run of kind {kind}")
+    return rows
+
+
+def poison_too_deadly(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A poison job that ended its node once more than its limit (5) and its refunded deaths allow."""
+    row = hostile_rows(conn, "poison")[0]
+    have, = one(conn, "SELECT count(*) FROM chaos_hostile WHERE kind = 'poison' AND key = ?", row[2])
+    refunded = json.loads(one(conn, "SELECT value FROM chaos_meta WHERE key = 'isolate_after_deaths'")[0])
+    for _ in range(5 + refunded + 1 - have):
+        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+                     "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+    return []
+
+
+def poison_alive(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A poison job that is no dead letter (it was purged, say, or never came to its limit)."""
+    _key, detail = next(iter(sent_rows(conn, "job", "detail LIKE '%poison%'")), (None, None))
+    if detail is None:
+        raise unittest.SkipTest("no poison job was sent")
+    conn.execute("DELETE FROM dead_letters WHERE id = ?", (detail["message"],))
+    return []
+
+
+def undecodable_wrong_reason(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An undecodable message dead-lettered as if its consumer had died five times."""
+    rows = sent_rows(conn, "undecodable")
+    if not rows:
+        raise unittest.SkipTest("no undecodable message was written")
+    conn.execute("UPDATE dead_letters SET last_error = 'node n1 died' WHERE id = ?", (rows[0][1]["message"],))
+    return []
+
+
+def exit_call_too_deadly(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An instance whose call ended its node 30 times more: 4x the limit (20) and its refunded deaths allow 22."""
+    row = hostile_rows(conn, "exit-call")[0]
+    for _ in range(30):
+        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+                     "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+    return []
+
+
+def exit_call_completed(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An instance whose call ends its process, completed all the same."""
+    (instance,) = one(conn, "SELECT id FROM instances WHERE json_extract(variables, '$.input.hostile') = 'exit'")
+    conn.execute("UPDATE instances SET status = 'completed', error = NULL WHERE id = ?", (instance,))
+    return []
+
+
+def cancel_missed(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An instance meant to be cancelled, still waiting."""
+    (instance,) = one(conn, "SELECT id FROM instances WHERE status = 'cancelled'")
+    conn.execute("UPDATE instances SET status = 'waiting', ended = NULL WHERE id = ?", (instance,))
+    conn.execute("DELETE FROM journal WHERE instance = ? AND type = 'cancel'", (instance,))
+    conn.execute("UPDATE instances SET steps = steps - 1 WHERE id = ?", (instance,))
+    return []
+
+
+def quiet_time(conn: sqlite3.Connection) -> float:
+    """A moment after every fault of the run: nothing the run did explains what happens then."""
+    (last,) = one(conn, "SELECT MAX(MAX(at, COALESCE(until, at))) FROM chaos_faults")
+    return float(last) + 10
+
+
+def thread_blocker_lost_lease(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A handler that blocked its thread lost its lease though nothing befell its node (a life no fault hit)."""
+    row = hostile_rows(conn, "block-thread")[0]
+    started = quiet_time(conn)
+    conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+                 "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'lease lost')",
+                 (row[2], row[3], row[6], started, started + 5))
+    return []
+
+
+def loop_blocker_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A message whose handler blocks the event loop, acked by two of its runs."""
+    row = hostile_rows(conn, "block-loop")[0]
+    for _ in range(2):
+        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+                     "outcome) VALUES ('block-loop', ?, ?, 9, 0, ?, ?, ?, ?, 'acked')",
+                     (row[2], row[3], row[6], row[7], row[8], row[8] + 5))
+    return []
+
+
+def _clock(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at).strftime("%H:%M:%S.%f")[:-3]
+
+
+def stalled_by_thread(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A node taken for stalled while only a handler blocked its own thread there (a life no fault hit)."""
+    row = hostile_rows(conn, "block-thread")[0]
+    node, started = row[6], quiet_time(conn)
+    conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+                 "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'acked')",
+                 (row[2], row[3], node, started, started + 6))
+    path = os.path.join(folder, "n9-1.log")
+    with open(path, "w") as log:
+        log.write(f"{_clock(started + 4.5)} n9 standby   node {node} (pid 999999) stalled: no heartbeat for 3.2s; "
+                  "handed back 1 leases\n")
+    return [path]
+
+
+def replaced_freeze(conn: sqlite3.Connection) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """A freeze of the node in office, and the term that replaced it before it woke."""
+    for fault in conn.execute("SELECT id, node, pid, at, until, epoch FROM chaos_faults WHERE kind = 'freeze'"):
+        term = conn.execute("SELECT epoch, node, pid, since FROM elections WHERE epoch > ? ORDER BY epoch LIMIT 1",
+                            (fault[5],)).fetchone()
+        if term is not None and fault[3] < term[3] < fault[4]:
+            return tuple(fault), tuple(term)
+    raise unittest.SkipTest("no freeze of the scheduler was replaced before it woke")
+
+
+def freeze_replaced_late(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A standby took office from the frozen scheduler 2 s past the bound (stall limit + 3 s), though
+    another standby (a life of a node n8 that nothing hindered) stood by all along."""
+    fault, term = replaced_freeze(conn)
+    (stall,) = one(conn, "SELECT value FROM chaos_meta WHERE key = 'stall_after'")
+    conn.execute("UPDATE chaos_faults SET until = ? WHERE id = ?", (fault[3] + json.loads(stall) + 30, fault[0]))
+    conn.execute("UPDATE elections SET since = ? WHERE epoch = ?", (fault[3] + json.loads(stall) + 5, term[0]))
+    conn.execute("INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
+                 "VALUES ('n8', 1, 999997, 0, ?, ?, NULL, NULL)", (fault[3] - 20, fault[3] - 19))
+    return []
+
+
+def freeze_never_stepped_down(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """The frozen scheduler (a life whose log says nothing of losing office) lived on after it woke."""
+    fault, _term = replaced_freeze(conn)
+    conn.execute("UPDATE chaos_faults SET pid = 999998 WHERE id = ?", (fault[0],))
+    conn.execute("INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
+                 "VALUES (?, 99, 999998, 0, ?, ?, NULL, NULL)", (fault[1], fault[3] - 10, fault[3] - 9))
+    return []
+
+
+def frozen_epoch_fired(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """The frozen scheduler fired a timer in its old epoch after a standby took office."""
+    fault, term = replaced_freeze(conn)
+    conn.execute("INSERT INTO timer_firings (name, due, fired, epoch, node, message) VALUES ('ghost', ?, ?, ?, ?, ?)",
+                 (term[3], term[3] + 0.5, fault[5], fault[1], 999999))
+    return []
+
+
 DOCTORS: list[tuple[str, str, Callable[[sqlite3.Connection, str], list[str]]]] = [
     ("steps", "a journal step committed twice", step_twice),
     ("overlap", "two steps of one instance at once", steps_overlap),
@@ -366,6 +549,19 @@ DOCTORS: list[tuple[str, str, Callable[[sqlite3.Connection, str], list[str]]]] =
     ("nodes", "a node on a stale version and instruction", stale_node),
     ("locks", "two lock holders at once", locks_overlap),
     ("crashes", "a traceback in a node log", crash_logged),
+    ("hostile", "an innocent job a dead letter", innocent_dead),
+    ("hostile", "a poison job that ended its node more often than its limit allows", poison_too_deadly),
+    ("hostile", "a poison job that is no dead letter", poison_alive),
+    ("hostile", "an undecodable message dead-lettered for another reason", undecodable_wrong_reason),
+    ("hostile", "a call that ended its node more often than 4x the limit allows", exit_call_too_deadly),
+    ("instances", "an instance whose call exits, completed", exit_call_completed),
+    ("instances", "an instance meant to be cancelled, still waiting", cancel_missed),
+    ("blocking", "a thread-blocking handler lost its lease with nothing done to its node", thread_blocker_lost_lease),
+    ("blocking", "a loop-blocking message acked twice", loop_blocker_twice),
+    ("stalls", "a node taken for stalled while only a handler blocked its thread", stalled_by_thread),
+    ("takeover", "a frozen scheduler replaced past its bound", freeze_replaced_late),
+    ("takeover", "a frozen scheduler that never stepped down", freeze_never_stepped_down),
+    ("takeover", "the frozen epoch fired after the takeover", frozen_epoch_fired),
 ]
 
 
