@@ -80,9 +80,9 @@ def cluster():
 def receipt(message):
     def record(conn):
         conn.execute(
-            "INSERT INTO receipts (id, queue, node, count) VALUES (?, ?, ?, 1) "
+            "INSERT INTO receipts (id, queue, node, count, charged) VALUES (?, ?, ?, 1, ?) "
             "ON CONFLICT (id) DO UPDATE SET count = count + 1",
-            (message.id, message.queue, message.owner),
+            (message.id, message.queue, message.owner, message.attempts - getattr(message, "refunds", 0)),
         )
 
     try:
@@ -245,7 +245,8 @@ class HostileTestCase(PrintsLogsOnFailure, ServeTestCase):
     def receipts_table(self) -> None:
         self.nf.store.write(
             lambda conn: conn.execute(
-                "CREATE TABLE receipts (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, node TEXT, count INTEGER NOT NULL)"
+                "CREATE TABLE receipts (id INTEGER PRIMARY KEY, queue TEXT NOT NULL, node TEXT, "
+                "count INTEGER NOT NULL, charged INTEGER NOT NULL)"
             )
         )
 
@@ -902,6 +903,8 @@ class FoundInReview(HostileTestCase):
             time.sleep(0.05)
         self.assertEqual(self.receipts("jobs"), {innocent: 1})
         self.assertEqual(sorted(letter.id for letter in self.nf.dead_letters("jobs")), poisons)
+        # Of its deliveries, only the one that was acked counted: the poisons' deaths were not its.
+        self.assertEqual(self.query("SELECT charged FROM receipts WHERE id = ?", innocent), [(1,)])
 
     def test_a_consumer_with_a_suspect_in_hand_waits_for_news_instead_of_spinning(self) -> None:
         # Review 2: two suspects waiting; a consumer holding one claims nothing more, and receive
