@@ -6767,6 +6767,7 @@ class Node:
         self._log_handler = _NodeLogHandler(self)
         self._loop_seen = time.monotonic()  # when the event loop last ran its ticker (see _watch_the_loop)
         self._left = threading.Event()  # set when run() ends, however: its threads end with it
+        self._process_stopped: tuple[float, float] | None = None  # (when noticed, for how long), monotonic
 
     # The log ------------------------------------------------------------------------------
 
@@ -6972,8 +6973,10 @@ class Node:
         while not self._stop.is_set() and not self._left.is_set():
             before = time.monotonic()
             time.sleep(LOOP_TICK)
-            if time.monotonic() - before > LOOP_TICK + 1.0:
-                continue  # this thread was held up too: the whole process was stopped (SIGSTOP), not its loop
+            slept = time.monotonic() - before
+            if slept > LOOP_TICK + 1.0:  # this thread was held up too: the whole process was stopped (SIGSTOP)
+                self._process_stopped = (time.monotonic(), slept)
+                continue
             blocked = time.monotonic() - self._loop_seen
             if blocked > LOOP_BLOCKED_NOTICE and not reported:
                 frame = sys._current_frames().get(loop_thread)  # its innermost Python frame: the culprit
@@ -7147,14 +7150,15 @@ class Node:
             if await self._database_file_gone():
                 return
             try:
+                asked = time.monotonic()
                 await self.nf.committer.asubmit(beat)
                 beaten = time.monotonic()
                 silent, self._last_beat = beaten - self._last_beat, beaten
                 if silent > self.stall_after:
                     self.say(
-                        f"this node was stalled: no heartbeat for {_format_seconds(silent)} (stopped, its event loop "
-                        "blocked, or the database blocked); its peers may have taken its leases, bursts and office, "
-                        "and what it commits now is checked against them"
+                        f"this node was stalled: no heartbeat for {_format_seconds(silent)} "
+                        f"({self._why_silent(silent, beaten - asked, beaten)}); its peers may have taken its leases, "
+                        "bursts and office, and what it commits now is checked against them"
                     )
                 # Judging peers stalled takes a node that beats on time itself: after the database
                 # was blocked for everyone, every heartbeat looks old for a moment.
@@ -7211,6 +7215,15 @@ class Node:
             now = time.time()
             with contextlib.suppress(NodeflowError):
                 await self.nf.committer.asubmit(functools.partial(note_clock_step, now=now))
+
+    def _why_silent(self, silent: float, waited: float, now: float) -> str:
+        """Why this node's heartbeat stood still for ``silent`` seconds, as far as it can tell."""
+        stopped = self._process_stopped
+        if stopped is not None and now - stopped[0] <= silent + LOOP_TICK:
+            return f"the process was stopped for {_format_seconds(stopped[1])}"
+        if waited > silent / 2:
+            return f"its heartbeat waited {_format_seconds(waited)} for the database: busy, or a slow disk"
+        return "its event loop was blocked"
 
     def stalled_for(self) -> float:
         """Seconds since this node's heartbeat last committed (its own view of its health)."""
