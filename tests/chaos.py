@@ -1101,7 +1101,18 @@ class Story:
             return "its event loop blocked by a handler"
         if not loop and self.writer_frozen(lo, hi, pids) is not None:
             return "a frozen node held the writers' turn"
+        if not loop and self.waited_for_the_database(pids, lo, hi):
+            return "its heartbeat waited for the database (a loaded machine)"
         return None
+
+    def waited_for_the_database(self, pids: set[int], lo: float, hi: float) -> bool:
+        """Whether the node itself said, for a stall in [lo, hi], that its heartbeat's commit waited for the
+        database: no fault of the run, nor a blocked thread, but a disk or a machine too busy to keep up."""
+        return any(
+            other.what == "said it was stalled" and other.pid in pids and "for the database" in other.line.text
+            and _overlap(lo, hi, other.lo, other.hi)
+            for other in self.stalls
+        )  # fmt: skip
 
     def disturbed(self, pids: set[int], lo: float, hi: float) -> str | None:
         """Whatever befell a node life in [lo, hi] that may cost a message in its hands its lease:
