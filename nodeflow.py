@@ -2516,6 +2516,10 @@ class Bus:
                 return None
             try:
                 decoded = json.loads(body)
+                # Whether a body this deep decodes at all depends on how deep the stack already is:
+                # past the limit new values are held to, it is refused here, the same on every node.
+                if len(body) > 2 * VARIABLES_MAX_DEPTH and _nested_deeper_than(decoded, VARIABLES_MAX_DEPTH):
+                    raise ValueError(f"nested more than {VARIABLES_MAX_DEPTH} deep")
             except (ValueError, RecursionError) as error:  # stored by hand, or by an older nodeflow
                 why = f"its body cannot be decoded ({type(error).__name__}: {str(error)[:200]})"
                 _bury(conn, message_id, why, now)
