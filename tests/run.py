@@ -3,7 +3,7 @@
 Most tests wait on real processes, timers and kernel locks rather than on the CPU: on a 2-core
 machine (measured 2026-11-23) the suite took 342 s in one process, 181 s in two and 135 s in three,
 using about 63% of the two cores. The groups are balanced by the seconds each module took in a
-sequential run (a module not listed counts as 10 s).
+sequential run on 2026-12-07 (a module not listed counts as 10 s).
 `NODEFLOW_TEST_JOBS=1` runs everything in one process, as `python3 -m unittest discover` would.
 """
 
@@ -19,10 +19,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 SECONDS = {
-    "test_serve": 55, "test_bus": 41, "test_locks": 28, "test_workflows": 19, "test_demo": 15,
-    "test_lock_cli": 13, "test_signals": 13, "test_http": 12, "test_store": 9, "test_workflow_cluster": 9,
-    "test_cluster": 7, "test_dashboard": 2, "test_cron": 1, "test_security": 12, "test_chaos": 60,
-    "test_faults": 51, "test_bad_input": 11, "test_hostile": 95,
+    "test_hostile": 82, "test_chaos": 68, "test_serve": 63, "test_bus": 58, "test_faults": 54, "test_locks": 42,
+    "test_workflows": 34, "test_lock_cli": 25, "test_signals": 20, "test_demo": 19, "test_security": 19,
+    "test_store": 17, "test_http": 16, "test_workflow_cluster": 13, "test_bad_input": 11, "test_cluster": 9,
+    "test_dashboard": 5, "test_cron": 4, "test_settings": 1, "test_readme": 1,
 }  # fmt: skip
 GROUP_TIMEOUT = 900.0  # a group still running after this is killed and counted as failed
 
