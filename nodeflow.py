@@ -3382,6 +3382,7 @@ class MemoryCache:
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
 NODE_STATES = ("running", "stalled", "stopped", "dead")
+DEFAULT_STALL_AFTER = 5.0  # a node whose heartbeat stands still this long (or 3 heartbeats) has stalled
 
 
 def _lock_file_holders(directory: str, suffix: str) -> dict[str, int | None]:
@@ -6510,23 +6511,27 @@ class Cluster:
 
     # Membership ---------------------------------------------------------------------------
 
-    def nodes(self, stall_after: float = 5.0) -> list[dict[str, Any]]:
-        """Every node that ever ran here: id, pid, host, role, state and heartbeat age (seconds)."""
+    def nodes(self, stall_after: float | None = None) -> list[dict[str, Any]]:
+        """Every node that ever ran here: id, pid, host, role, state and heartbeat age (seconds).
+
+        A live node is ``stalled`` when its heartbeat is older than ``stall_after``, or by default
+        than the limit the node declared (its --stall-after), as its peers judge it."""
         # The rows first, then the kernel's word: a node that joins in between is seen alive.
         rows = self.store.read(
             lambda conn: conn.execute(
-                "SELECT id, pid, host, role, started, heartbeat, state FROM nodes ORDER BY id"
+                "SELECT id, pid, host, role, started, heartbeat, state, stall_after FROM nodes ORDER BY id"
             ).fetchall()
         )
         alive = live_nodes(self.store.lock_dir)
-        for node, pid, *_, state in rows:  # /proc/locks can miss a held lock: ask the lock before saying dead
+        for node, pid, *_, state, _ in rows:  # /proc/locks can miss a held lock: ask the lock before saying dead
             if state == "running" and node not in alive and not liveness_lock_free(self.store.lock_dir, node, pid):
                 alive[node] = pid
         now = time.time()
         found = []
-        for node, pid, host, role, started, heartbeat, state in rows:
+        for node, pid, host, role, started, heartbeat, state, declared in rows:
             if alive.get(node) is not None:
-                state = "stalled" if now - heartbeat > stall_after else "running"
+                limit = stall_after if stall_after is not None else declared or DEFAULT_STALL_AFTER
+                state = "stalled" if now - heartbeat > limit else "running"
                 pid = alive[node]
             elif state != "stopped":
                 state = "dead"  # its liveness lock is free, whatever its last heartbeat says
@@ -6556,7 +6561,7 @@ class Cluster:
             return None
         return {"node": node, "epoch": epoch, "pid": pid}
 
-    def status(self, stall_after: float = 5.0) -> dict[str, Any]:
+    def status(self, stall_after: float | None = None) -> dict[str, Any]:
         """The cluster at a glance, as ``status --json`` prints it and ``GET /api/status`` answers."""
         nodes = self.nodes(stall_after)
         scheduler = self.scheduler()
@@ -6609,7 +6614,6 @@ PRUNE_INTERVAL = 60.0  # the scheduler prunes the instruction log this often
 FILE_LOOKS_BEFORE_FAILING = 3  # heartbeats in a row that cannot stat the database file before a node gives up
 RING_MEMBERSHIP = "n"  # a node joined: its peers start watching its liveness lock at once
 LOOP_TICK = 0.25  # a node's event loop notes the time this often; a thread watches that it does
-DEFAULT_STALL_AFTER = 5.0  # a node whose heartbeat stands still this long (or 3 heartbeats) has stalled
 LOOP_BLOCKED_NOTICE = 2.0  # the event loop blocked this long is worth a warning, with where it is
 
 
@@ -8792,7 +8796,7 @@ class _ArgumentParser(argparse.ArgumentParser):
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    stall_after = parse_duration(args.stall_after, "--stall-after")
+    stall_after = None if args.stall_after is None else parse_duration(args.stall_after, "--stall-after")
     with Cluster(args.db, create=False) as nf:
         report = nf.status(stall_after)
     if args.json:
@@ -9698,7 +9702,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = verbs.add_parser("status", help="nodes, scheduler, queues, instances, timers and locks held")
     status.add_argument("--json", action="store_true", help="one JSON object")
-    status.add_argument("--stall-after", default="5s", help="a live node's heartbeat older than this is stalled")
+    status.add_argument(
+        "--stall-after",
+        default=None,
+        help="a live node's heartbeat older than this is stalled (default: its own limit)",
+    )
     status.set_defaults(run=cmd_status)
 
     serve = verbs.add_parser("serve", help="run a node of the cluster until SIGTERM or Ctrl-C")
