@@ -6790,7 +6790,7 @@ class Node:
             return "scheduler"
         return "replica" if self.role == "replica" else "standby"
 
-    def say(self, event: str, probe: bool = False) -> None:
+    def say(self, event: str, probe: bool = False, label: str | None = None) -> None:
         """Log one line. Never raises: a log on a full disk (or a closed pipe) must not take down
         the loop that wanted to say something; the lines lost are counted in ``log_lines_lost``."""
         stamp = datetime.datetime.now().strftime("%H:%M:%S.%f")[:-3]
@@ -6804,7 +6804,7 @@ class Node:
                         flush=True,
                     )
                     self._lines_unsaid = 0
-                print(f"{stamp} {self.id} {self.label:<9} {one_line(event)}", file=self.out, flush=True)
+                print(f"{stamp} {self.id} {label or self.label:<9} {one_line(event)}", file=self.out, flush=True)
             except (OSError, ValueError):
                 if not probe:  # a line only written to see whether the log works again is no loss
                     self.log_lines_lost += 1
@@ -7423,8 +7423,7 @@ class Node:
                     return
                 self.say(f"taking office failed ({error}); retrying")
                 time.sleep(0.5)
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._begin_office, fd, epoch)
+        self._took_office(fd, epoch)
 
     def _stand_again(self) -> None:
         """On the loop: wait for scheduler.lock again (a new waiter on the file at the path now)."""
@@ -7493,8 +7492,7 @@ class Node:
         self._office_vacant = None
         if self._election is not None:
             self._election.stop()  # it waits on the old file, which the stalled node holds; it lets go later
-        with contextlib.suppress(RuntimeError):
-            self._loop.call_soon_threadsafe(self._begin_office, fd, epoch, silent)
+        self._took_office(fd, epoch, silent)
 
     def _wait_for_the_current_office_file(self) -> None:
         """A standby whose election thread waits on a scheduler.lock that was replaced (office taken
@@ -7512,14 +7510,28 @@ class Node:
             with contextlib.suppress(RuntimeError):
                 self._loop.call_soon_threadsafe(self._stand_again)
 
-    def _begin_office(self, fd: int, epoch: int, taken_from: str | None = None) -> None:
+    def _took_office(self, fd: int, epoch: int, taken_from: str | None = None) -> None:
+        """In a thread, right after the commit that bumped the epoch: say so now (the log's time is the
+        commit's, even if the event loop is held up), then begin scheduling on the loop."""
+        self.say(
+            f"took office as the scheduling node (epoch {epoch})" + (f": {taken_from}" if taken_from else ""),
+            label="scheduler",
+        )
+        try:
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(self._begin_office, fd, epoch)
+        except RuntimeError:  # the loop is closed: the node has gone
+            with _LOCK_FDS_MUTEX:
+                _close_lock_fd(fd)
+
+    def _begin_office(self, fd: int, epoch: int) -> None:
         assert self._stop is not None
         if self._stop.is_set():  # won while stopping: leave at once
             with _LOCK_FDS_MUTEX:
                 _close_lock_fd(fd)
+            self.say(f"left office at once (epoch {epoch}): this node is stopping")
             return
         self._office_fd, self.epoch = fd, epoch
-        self.say(f"took office as the scheduling node (epoch {epoch})" + (f": {taken_from}" if taken_from else ""))
         self._scheduling = self._supervised(self._schedule(epoch), "the scheduler")
 
     async def _schedule(self, epoch: int) -> None:
