@@ -1138,8 +1138,11 @@ class Story:
 
 
 def _dead_reason_ok(error: str | None) -> bool:
-    """A dead letter that ended with its holders (killed, ended itself, stalled, restarted, lease ran out)."""
-    return any(word in (error or "") for word in ("died", "stalled", "restarted", "expired"))
+    """A dead letter whose last delivery ended with its holder: killed, ended itself, stalled, restarted,
+    its lease ran out, or its node stopped gracefully around it (a delivery a graceful stop interrupts
+    counts: "interrupted" by the grace period, or handed back as its holder "went away")."""
+    words = ("died", "stalled", "restarted", "expired", "went away", "interrupted")
+    return any(word in (error or "") for word in words)
 
 
 def _check_hostile(
