@@ -6768,6 +6768,7 @@ class Node:
         self._office_vacant: tuple[int, float] | None = None  # (epoch, since when, monotonic) office seen empty
         self._peer_beats: dict[str, tuple[int, float, float]] = {}  # peer -> (pid, heartbeat, when it last moved)
         self._peer_limits: dict[str, float] = {}  # peer -> the stall limit it declared
+        self._office_mutex = threading.Lock()  # one attempt at a time to take office from a stalled node
         self._office_fd: int | None = None
         self._election: _FlockWaiter | None = None
         self._peers: dict[str, _FlockWaiter] = {}
@@ -6889,6 +6890,7 @@ class Node:
                 self._scheduling = asyncio.create_task(self._fire_without_election())
             elif self.role == "auto":
                 self._stand_for_election()
+                tasks.append(self._supervised(self._watch_office(), "the watch on office"))
             beating = self._supervised(self._beat(), "the heartbeat")
             tasks.append(beating)
             tasks.append(self._supervised(self._tick(), "the event loop's ticker"))
@@ -7247,8 +7249,19 @@ class Node:
         stalled = self._stalled_peers()  # observed every beat, so stillness is timed from the first look
         if on_time and not self._without_election:
             self._reap_stalled(stalled)
-            self._take_office_if_stalled(stalled)
             self._wait_for_the_current_office_file()
+
+    async def _watch_office(self) -> None:
+        """An eligible standby looks at the scheduler's heartbeat four times a heartbeat, so that a
+        stalled scheduler is replaced within its stall limit and a fraction of a heartbeat, not two."""
+        assert self._stop is not None
+        while not self._stop.is_set():
+            await asyncio.sleep(self.heartbeat / 4)
+            if self.epoch is None and self.stalled_for() <= self.stall_after:
+                try:
+                    await run_in_thread(lambda: self._take_office_if_stalled(self._stalled_peers()))
+                except Exception as error:  # a busy database: the next look may do
+                    self.say(f"looking at the scheduler's heartbeat failed: {type(error).__name__}: {error}")
 
     def _watch_peers(self) -> None:
         """A thread per live peer waits on its liveness lock: the kernel says when it dies."""
@@ -7441,6 +7454,15 @@ class Node:
         assert self.nf is not None and self._loop is not None and self._stop is not None
         if self.role == "replica" or self.epoch is not None or self._stop.is_set():
             return
+        if not self._office_mutex.acquire(blocking=False):
+            return  # another thread of this node is at it
+        try:
+            self._take_office_from_the_stalled(stalled)
+        finally:
+            self._office_mutex.release()
+
+    def _take_office_from_the_stalled(self, stalled: dict[str, tuple[int, float, float, float]]) -> None:
+        assert self.nf is not None
         epoch, holder = self.nf.store.read(
             lambda conn: conn.execute("SELECT epoch, node FROM election WHERE id = 1").fetchone()
         )
