@@ -308,7 +308,7 @@ def _show_name(name: str, limit: int = 80) -> str:
 # 2. Store: the SQLite file, its lock folder, file modes, schema migrations and write retries.
 # ══════════════════════════════════════════════════════════════════════════════════════════
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 APPLICATION_ID = 0x6E666C77  # "nflw": tells a nodeflow database from any other SQLite file
 
 _MIGRATIONS: dict[int, str] = {
@@ -479,6 +479,21 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX messages_suspects ON messages (available_at) WHERE suspect = 1;
         ALTER TABLE instances ADD COLUMN unwaited INTEGER NOT NULL DEFAULT 0;
         ALTER TABLE nodes ADD COLUMN stall_after REAL;
+    """,
+    9: """
+        CREATE TABLE kept_signals (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            name    TEXT NOT NULL,
+            input   TEXT NOT NULL,
+            sent    REAL NOT NULL,
+            expires REAL NOT NULL,
+            by      TEXT NOT NULL
+        );
+        CREATE INDEX kept_signals_name ON kept_signals (name, id);
+        CREATE INDEX kept_signals_expires ON kept_signals (expires);
+        ALTER TABLE instances ADD COLUMN start_key TEXT;
+        CREATE UNIQUE INDEX instances_start_key ON instances (start_key) WHERE start_key IS NOT NULL;
+        CREATE INDEX instances_ended ON instances (updated) WHERE status IN ('completed', 'faulted', 'cancelled');
     """,
 }
 
@@ -4138,6 +4153,12 @@ INSTANCE_LOCK_WAIT = 5.0  # then a run message goes back in the queue, to try ag
 # rather than crash the cluster's nodes one by one for ever; its message is never a dead letter.
 BURST_DELIVERY_FACTOR = 4
 INSTANCE_ID_MIN_PREFIX = 4
+SIGNAL_KEEP_DEFAULT = 3600.0  # how long a signal that found no waiting instance waits for one (signal --ttl)
+KEPT_SIGNALS_SHOWN = 100  # status lists the oldest kept signals, and counts them all
+START_KEY_MAX_CHARS = 200
+KEEP_INSTANCES_DEFAULT = 7 * 86400.0  # ended instances (completed, cancelled) are removed this long after they ended
+KEEP_FAULTED_DEFAULT = 30 * 86400.0  # a faulted instance waits for an operator (retry or cancel) longer
+PRUNE_BATCH_ROWS = 2000  # rows (journal and instances) one retention transaction removes: a short turn at the writer
 
 _WORKFLOW_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 _ACTIVITY_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,99}")
@@ -4509,7 +4530,12 @@ _ACTIVITY_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "if": {"condition": ("condition", True), "then": ("ref", False), "else": ("ref", False)},
     "timer": {"duration": ("duration", True)},
     "start_at": {"at": ("time", True)},
-    "signal": {"name": ("template", True), "result": ("variable", False)},
+    "signal": {
+        "name": ("template", True),
+        "result": ("variable", False),
+        "timeout": ("duration", False),
+        "on_timeout": ("ref", False),
+    },
     "call": {"function": ("function", True), "result": ("variable", False), "retry": ("retry", False)},
     "fail": {"message": ("template", True)},
     "work": {"duration": ("work", True), "kind": ("work-kind", False)},
@@ -4642,6 +4668,9 @@ def _check_activity(check: _Checker, activity_id: str, value: Any) -> BlueprintA
     if kind == "fail" and "next" in value:
         check.fail(f"{place}.next", "a fail activity ends its instance; remove next")
         ok = False
+    if "on_timeout" in value and "timeout" not in value:
+        check.fail(f"{place}.on_timeout", "goes with timeout: how long the wait lasts before it goes there")
+        ok = False
     if kind == "call" and "retry" not in value:
         spec["retry"] = (CALL_ATTEMPTS, CALL_RETRY_DELAY)
     return BlueprintActivity(activity_id, kind, following, spec) if ok else None
@@ -4651,7 +4680,7 @@ def _exits(activity: Any) -> list[tuple[str, str]]:
     """(field, target activity id) for each way out of an activity as written (its JSON object)."""
     if not isinstance(activity, dict):
         return []
-    fields = ("next", "then", "else") if activity.get("type") == "if" else ("next",)
+    fields = ("next", "then", "else") if activity.get("type") == "if" else ("next", "on_timeout")
     return [(field, activity[field]) for field in fields if isinstance(activity.get(field), str)]
 
 
@@ -4946,26 +4975,43 @@ class Instance:
     updated: float
     ended: float | None
     journal: tuple[JournalEntry, ...] = ()
+    key: str | None = None  # the key it was started with (start --key): no second instance has it
 
 
 @dataclass(frozen=True)
 class SignalOutcome:
     resumed: tuple[str, ...]  # instances that were waiting for the signal
     started: tuple[str, ...]  # definitions a signal trigger starts (one instance each, queued)
+    kept_until: float | None = None  # it resumed and started nothing: kept for the next instance to wait, until then
+
+    @property
+    def kept(self) -> bool:
+        return self.kept_until is not None
+
+
+@dataclass(frozen=True)
+class KeptSignal:
+    """A signal that found no instance waiting for it: the next instance to wait for its name takes it."""
+
+    id: int
+    name: str
+    sent: float
+    expires: float
+    by: str
 
 
 _INSTANCE_COLUMNS = (
     "id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt, "
-    "started_by, created, updated, ended"
+    "started_by, created, updated, ended, start_key"
 )
 
 
 def _instance_from_row(row: tuple[Any, ...], journal: tuple[JournalEntry, ...] = ()) -> Instance:
     (instance_id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt,
-     started_by, created, updated, ended) = row  # fmt: skip
+     started_by, created, updated, ended, key) = row  # fmt: skip
     return Instance(
         instance_id, definition, version, status, position, json.loads(variables), waiting_for, wake_at, error,
-        attempt, started_by, created, updated, ended, journal,
+        attempt, started_by, created, updated, ended, journal, key,
     )  # fmt: skip
 
 
@@ -4987,8 +5033,23 @@ def _latest_version(conn: sqlite3.Connection, definition: str) -> int:
     return int(version)
 
 
-def _create_instance(conn: sqlite3.Connection, definition: str, version: int | None, variables: str, by: str) -> str:
-    """Insert a new instance and the message that runs its first burst; returns its id."""
+def _create_instance(
+    conn: sqlite3.Connection, definition: str, version: int | None, variables: str, by: str, key: str | None = None
+) -> str:
+    """Insert a new instance and the message that runs its first burst; returns its id.
+
+    With a ``key`` already used, the instance that has it: the key's row is looked up inside the
+    write transaction, which every start takes in turn, so two starts of one key never both insert
+    (the unique index would refuse the second anyway)."""
+    if key is not None:
+        found = conn.execute("SELECT id, definition FROM instances WHERE start_key = ?", (key,)).fetchone()
+        if found is not None:
+            if found[1] != definition:
+                raise InvalidInput(
+                    f"key {_show_name(key)} started instance {found[0]} of workflow {_show_name(found[1])} already; "
+                    "a key names one instance: choose another key"
+                )
+            return str(found[0])
     if version is None:
         version = _latest_version(conn, definition)
     now = time.time()
@@ -4998,12 +5059,14 @@ def _create_instance(conn: sqlite3.Connection, definition: str, version: int | N
         instance = f"{int(now * 1000):011x}{secrets.randbits(20):05x}"
         try:
             conn.execute(
-                "INSERT INTO instances (id, definition, version, status, variables, started_by, created, updated) "
-                "VALUES (?, ?, ?, 'running', ?, ?, ?, ?)",
-                (instance, definition, version, variables, by, now, now),
+                "INSERT INTO instances (id, definition, version, status, variables, started_by, created, updated, "
+                "start_key) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
+                (instance, definition, version, variables, by, now, now, key),
             )
             break
         except sqlite3.IntegrityError:  # another start in the same millisecond drew the same bits
+            if key is not None and conn.execute("SELECT 1 FROM instances WHERE start_key = ?", (key,)).fetchone():
+                raise  # never: the key was looked up in this transaction
             continue
     _run_message(conn, instance, 0, now, now)
     return instance
@@ -5028,6 +5091,60 @@ def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
             if found:
                 raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
     raise NotFound(f"no instance {_show_name(text)}; list them with: instances")
+
+
+def check_start_key(key: object) -> str | None:
+    if key is None:
+        return None
+    if not isinstance(key, str) or not 1 <= len(key) <= START_KEY_MAX_CHARS or not key.isprintable():
+        shown = _show_name(key) if isinstance(key, str) else type(key).__name__
+        raise InvalidInput(f"a start key is printable text of 1 to {START_KEY_MAX_CHARS} characters, not {shown}")
+    return key
+
+
+def _take_kept_signal(conn: sqlite3.Connection, name: str, now: float) -> tuple[str, float] | None:
+    """The oldest live kept signal of ``name``, removed in this transaction: (its input, when it was sent).
+    Writers take turns, so one kept signal resumes one instance however many reach their waits at once."""
+    row = conn.execute(
+        "DELETE FROM kept_signals WHERE id = (SELECT id FROM kept_signals WHERE name = ? AND expires > ? "
+        "ORDER BY id LIMIT 1) RETURNING input, sent",
+        (name, now),
+    ).fetchone()
+    return None if row is None else (str(row[0]), float(row[1]))
+
+
+def prune_ended_batch(
+    conn: sqlite3.Connection, ended_before: float, faulted_before: float, budget: int = PRUNE_BATCH_ROWS
+) -> tuple[int, int, bool]:
+    """Remove ended instances last changed before the cut-offs, with their journals and fence
+    counters, and expired kept signals: at most ``budget`` rows. Returns (instances removed, kept
+    signals removed, whether more is left). An instance whose journal outlasts the budget loses
+    its oldest steps now and goes in a later batch."""
+    now = time.time()
+    signals = conn.execute(
+        "DELETE FROM kept_signals WHERE id IN (SELECT id FROM kept_signals WHERE expires <= ? LIMIT ?)", (now, budget)
+    ).rowcount
+    left = budget - signals
+    removed = 0
+    candidates = conn.execute(
+        "SELECT id FROM instances WHERE status IN ('completed', 'faulted', 'cancelled') AND updated < :latest "
+        "AND updated < CASE status WHEN 'faulted' THEN :faulted ELSE :ended END ORDER BY updated LIMIT :most",
+        {"latest": max(ended_before, faulted_before), "faulted": faulted_before, "ended": ended_before,
+         "most": max(1, left)},
+    ).fetchall()  # fmt: skip
+    for (instance,) in candidates:
+        if left <= 0:
+            return removed, signals, True
+        left -= conn.execute(
+            "DELETE FROM journal WHERE instance = ? AND step < (SELECT MIN(step) FROM journal WHERE instance = ?) + ?",
+            (instance, instance, left),
+        ).rowcount
+        if conn.execute("SELECT 1 FROM journal WHERE instance = ? LIMIT 1", (instance,)).fetchone():
+            return removed, signals, True
+        conn.execute("DELETE FROM instances WHERE id = ?", (instance,))
+        conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + instance,))
+        removed, left = removed + 1, left - 1
+    return removed, signals, left <= 0 or len(candidates) == max(1, budget - signals)
 
 
 def _check_reason(reason: object) -> str | None:
@@ -5201,31 +5318,44 @@ class Workflows:
     # Instances ------------------------------------------------------------------------------
 
     def _prepare_start(
-        self, workflow_id: str, data: Any
-    ) -> tuple[Callable[[sqlite3.Connection], str], tuple[str, ...]]:
+        self, workflow_id: str, data: Any, key: str | None = None
+    ) -> tuple[Callable[[sqlite3.Connection], tuple[str, bool]], tuple[str, ...]]:
         workflow_id = check_workflow_id(workflow_id, "the workflow id")
+        key = check_start_key(key)
         variables = encode_body(
             {"input": check_instance_input(data)}, self.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH
         )
         version = self.blueprint(workflow_id).version if self._listening() else None
         node = self.node
-        return (
-            lambda conn: _create_instance(conn, workflow_id, version, variables, node),
-            (_ring_topic_for_queue(WORKFLOW_QUEUE),),
-        )
 
-    def start(self, workflow_id: str, data: Any = None) -> str:
-        """Start an instance of the latest version with ``data`` as its input; returns its id."""
-        work, rings = self._prepare_start(workflow_id, data)
+        def start(conn: sqlite3.Connection) -> tuple[str, bool]:
+            used = key is not None and conn.execute("SELECT 1 FROM instances WHERE start_key = ?", (key,)).fetchone()
+            return _create_instance(conn, workflow_id, version, variables, node, key), not used
+
+        return start, (_ring_topic_for_queue(WORKFLOW_QUEUE),)
+
+    def begin(self, workflow_id: str, data: Any = None, key: str | None = None) -> tuple[str, bool]:
+        """Start an instance of the latest version with ``data`` as its input: its id, and whether it
+        is new. With a ``key`` some instance was started with already, that instance, and nothing starts."""
+        work, rings = self._prepare_start(workflow_id, data, key)
         return self.committer.submit(work, rings)
 
-    async def astart(self, workflow_id: str, data: Any = None) -> str:
-        work, rings = self._prepare_start(workflow_id, data)
+    async def abegin(self, workflow_id: str, data: Any = None, key: str | None = None) -> tuple[str, bool]:
+        work, rings = self._prepare_start(workflow_id, data, key)
         return await self.committer.asubmit(work, rings)
 
-    def _signal_work(self, name: str, data: dict[str, Any]) -> Callable[[sqlite3.Connection], SignalOutcome]:
+    def start(self, workflow_id: str, data: Any = None, key: str | None = None) -> str:
+        return self.begin(workflow_id, data, key)[0]
+
+    async def astart(self, workflow_id: str, data: Any = None, key: str | None = None) -> str:
+        return (await self.abegin(workflow_id, data, key))[0]
+
+    def _signal_work(
+        self, name: str, data: dict[str, Any], ttl: float
+    ) -> Callable[[sqlite3.Connection], SignalOutcome]:
         settings = self.store.settings
         resume = encode_body(data, settings.max_body_bytes)
+        node = self.node
 
         def deliver(conn: sqlite3.Connection) -> SignalOutcome:
             now = time.time()
@@ -5233,12 +5363,14 @@ class Workflows:
             for instance, seq in conn.execute(
                 "SELECT id, seq FROM instances WHERE waiting_for = ? ORDER BY created", (name,)
             ).fetchall():
+                # seq moves on: the run message of its timeout (if it has one) is stale from here,
+                # so a signal and a timeout that race resolve one way only.
                 conn.execute(
-                    "UPDATE instances SET status = 'running', waiting_for = NULL, resume = ?, updated = ? "
-                    "WHERE id = ? AND seq = ?",
+                    "UPDATE instances SET status = 'running', waiting_for = NULL, wake_at = NULL, resume = ?, "
+                    "seq = seq + 1, updated = ? WHERE id = ? AND seq = ?",
                     (resume, now, instance, seq),
                 )
-                _run_message(conn, instance, seq, now, now)
+                _run_message(conn, instance, seq + 1, now, now)
                 resumed.append(instance)
             started = []
             for definition, trigger_input in conn.execute(
@@ -5250,21 +5382,49 @@ class Workflows:
                     (WORKFLOW_QUEUE, encode_body(body, settings.max_body_bytes, VARIABLES_MAX_DEPTH), now, now),
                 )
                 started.append(definition)
-            return SignalOutcome(tuple(resumed), tuple(started))
+            conn.execute(  # a few expired ones at a time: the table stays small even with no scheduler
+                "DELETE FROM kept_signals WHERE id IN (SELECT id FROM kept_signals WHERE expires <= ? LIMIT 100)",
+                (now,),
+            )
+            if resumed or started or ttl <= 0:
+                return SignalOutcome(tuple(resumed), tuple(started))
+            conn.execute(
+                "INSERT INTO kept_signals (name, input, sent, expires, by) VALUES (?, ?, ?, ?, ?)",
+                (name, resume, now, now + ttl, node),
+            )
+            return SignalOutcome((), (), now + ttl)
 
         return deliver
 
-    def signal(self, name: str, data: Any = None) -> SignalOutcome:
-        """Resume every instance waiting for signal ``name`` (its ``data`` becomes the signal
-        activity's result) and start the definitions with a signal trigger of that name."""
+    def _prepare_signal(self, name: str, data: Any, ttl: float | str) -> Callable[[sqlite3.Connection], SignalOutcome]:
         name = check_signal_name(name)
-        work = self._signal_work(name, check_instance_input(data, "the signal's input"))
+        seconds = parse_duration(ttl, "the signal's ttl")
+        return self._signal_work(name, check_instance_input(data, "the signal's input"), seconds)
+
+    def signal(self, name: str, data: Any = None, ttl: float | str = SIGNAL_KEEP_DEFAULT) -> SignalOutcome:
+        """Resume every instance waiting for signal ``name`` (its ``data`` becomes the signal
+        activity's result) and start the definitions with a signal trigger of that name. A signal
+        that does neither is kept for ``ttl`` (0: dropped): the next instance to wait for it takes it."""
+        work = self._prepare_signal(name, data, ttl)
         return self.committer.submit(work, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
 
-    async def asignal(self, name: str, data: Any = None) -> SignalOutcome:
-        name = check_signal_name(name)
-        work = self._signal_work(name, check_instance_input(data, "the signal's input"))
+    async def asignal(self, name: str, data: Any = None, ttl: float | str = SIGNAL_KEEP_DEFAULT) -> SignalOutcome:
+        work = self._prepare_signal(name, data, ttl)
         return await self.committer.asubmit(work, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
+
+    def kept_signals(self, limit: int = KEPT_SIGNALS_SHOWN) -> tuple[list[KeptSignal], int]:
+        """The oldest live kept signals (at most ``limit``) and how many there are in all."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[KeptSignal], int]:
+            now = time.time()
+            rows = conn.execute(
+                "SELECT id, name, sent, expires, by FROM kept_signals WHERE expires > ? ORDER BY id LIMIT ?",
+                (now, limit),
+            ).fetchall()
+            total = conn.execute("SELECT COUNT(*) FROM kept_signals WHERE expires > ?", (now,)).fetchone()[0]
+            return [KeptSignal(*row) for row in rows], int(total)
+
+        return self.store.read(read)
 
     def instances(
         self, status: str | None = None, definition: str | None = None, limit: int | None = None
@@ -5342,8 +5502,8 @@ class Workflows:
 
         def retry(conn: sqlite3.Connection) -> None:
             now = time.time()
-            status, seq, bookmark, wake_at = conn.execute(
-                "SELECT status, seq, bookmark, wake_at FROM instances WHERE id = ?", (found,)
+            status, seq, wake_at = conn.execute(
+                "SELECT status, seq, wake_at FROM instances WHERE id = ?", (found,)
             ).fetchone()
             if status == "faulted":
                 conn.execute(
@@ -5356,7 +5516,7 @@ class Workflows:
             queued = conn.execute(
                 f"SELECT 1 FROM messages WHERE queue = ? AND {_RUN_OF_MESSAGE} = ?", (WORKFLOW_QUEUE, found)
             ).fetchone()
-            if queued is None and (status == "running" or (status == "waiting" and bookmark == "timer")):
+            if queued is None and (status == "running" or (status == "waiting" and wake_at is not None)):
                 _run_message(conn, found, seq, max(now, wake_at or now), now)  # its message went dead: a new one
                 return
             raise InvalidInput(
@@ -5410,6 +5570,29 @@ class Workflows:
         found = self.instance(instance_id, journal=False).id
         await self.committer.asubmit(self._cancel_work(found, _check_reason(reason)), (RING_INSTANCES,))
         return self.instance(found)
+
+    def prune(
+        self, older_than: float | str = KEEP_INSTANCES_DEFAULT, faulted_older_than: float | str | None = None
+    ) -> tuple[int, int]:
+        """Remove instances that ended (completed or cancelled) more than ``older_than`` ago, faulted
+        ones more than ``faulted_older_than`` ago (default: the longer of older_than and 30 days),
+        with their journals, and expired kept signals; in small transactions, each a short turn at
+        the writer. Returns (instances removed, kept signals removed)."""
+        ended = parse_duration(older_than, "older_than")
+        faulted = (
+            max(ended, KEEP_FAULTED_DEFAULT)
+            if faulted_older_than is None
+            else parse_duration(faulted_older_than, "faulted_older_than")
+        )
+        instances = signals = 0
+        more = True
+        while more:
+            now = time.time()
+            removed, expired, more = self.committer.submit(
+                functools.partial(prune_ended_batch, ended_before=now - ended, faulted_before=now - faulted)
+            )
+            instances, signals = instances + removed, signals + expired
+        return instances, signals
 
     def _ended_or_pause(self, instance_id: str, deadline: float | None) -> tuple[Instance, float | None]:
         """The instance, and how long to wait for a ring before looking again (None: stop waiting)."""
@@ -5587,6 +5770,7 @@ class _Burst:
         (self.id, self.seq, self.status, self.position, self.stored, self.attempt, self.bookmark,
          self.waiting_for, self.wake_at, resume, self.steps) = row[:11]  # fmt: skip
         self.unwaited: int = row[13] if len(row) > 13 else 0  # steps since its last wait (a timer, a signal)
+        self.timed_out = self.status == "waiting" and self.bookmark == "signal"  # its timeout's message runs it
         self.broken: str | None = None  # why its stored state cannot be read (then it faults, changing nothing)
         self.variables: dict[str, Any] = {}
         self.resume: Any = None
@@ -5682,9 +5866,10 @@ class WorkflowRunner:
 
     @staticmethod
     def _runnable(row: tuple[Any, ...] | None, seq: int) -> bool:
-        # Running with this seq, or waiting on a timer whose message this is; anything else is stale.
+        # Running with this seq, or waiting on a timer (or a signal's timeout) whose message this
+        # is; anything else is stale.
         return (
-            row is not None and row[1] == seq and (row[2] == "running" or (row[2] == "waiting" and row[6] == "timer"))
+            row is not None and row[1] == seq and (row[2] == "running" or (row[2] == "waiting" and row[8] is not None))
         )
 
     async def _run(self, message: Message, instance: str, seq: int) -> None:
@@ -5754,7 +5939,7 @@ class WorkflowRunner:
     @staticmethod
     def _rings(burst: _Burst) -> tuple[str, ...]:
         rings = []
-        if burst.run_again_at is not None:
+        if burst.run_again_at is not None or burst.waiting_for is not None:  # (a kept signal may resume it)
             rings.append(_ring_topic_for_queue(WORKFLOW_QUEUE))
         if burst.status in ENDED_STATUSES:
             rings.append(RING_INSTANCES)
@@ -5771,12 +5956,24 @@ class WorkflowRunner:
 
         def commit(conn: sqlite3.Connection) -> None:
             now = time.time()
+            status, waiting_for, wake_at, resume, run_at = (
+                burst.status, burst.waiting_for, burst.wake_at, None, burst.run_again_at
+            )  # fmt: skip
+            rows = list(journal)
+            if waiting_for is not None:  # a signal sent before it got here may be kept for it
+                kept = _take_kept_signal(conn, waiting_for, now)
+                if kept is not None:
+                    status, waiting_for, wake_at, resume, run_at = "running", None, None, kept[0], now
+                    rows[-1] = (
+                        *rows[-1][:-1],
+                        f"{rows[-1][-1]}: it was sent at {_iso_text(kept[1])} and kept; resumed",
+                    )
             changed = conn.execute(
                 "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
-                "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = NULL, "
+                "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = ?, "
                 "error = ?, updated = ?, ended = ?, unwaited = ? WHERE id = ? AND seq = ? AND fence < ?",
-                (burst.status, burst.position, burst.stored, fence, len(journal), burst.attempt, burst.bookmark,
-                 burst.waiting_for, burst.wake_at, burst.error, now, ended, burst.unwaited, burst.id, burst.seq,
+                (status, burst.position, burst.stored, fence, len(rows), burst.attempt, burst.bookmark,
+                 waiting_for, wake_at, resume, burst.error, now, ended, burst.unwaited, burst.id, burst.seq,
                  fence),
             ).rowcount  # fmt: skip
             if not changed:
@@ -5786,14 +5983,14 @@ class WorkflowRunner:
             conn.executemany(
                 "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                journal,
+                rows,
             )
             if steps > JOURNAL_KEEP_STEPS:  # a long-lived loop: its oldest steps go, the journal stays bounded
                 conn.execute(
                     "DELETE FROM journal WHERE instance = ? AND step < ?", (burst.id, steps - JOURNAL_KEEP_STEPS)
                 )
-            if burst.run_again_at is not None:
-                _run_message(conn, burst.id, burst.seq + 1, burst.run_again_at, now)
+            if run_at is not None:
+                _run_message(conn, burst.id, burst.seq + 1, run_at, now)
             if burst.status == "completed":  # it never runs again: its fence counter can go
                 conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + burst.id,))
 
@@ -5926,6 +6123,13 @@ class WorkflowRunner:
         limit = self.workflows.store.settings.max_body_bytes  # no text a step makes may outgrow the variables
         if burst.bookmark is not None:  # the wait this activity began is over
             kind, burst.bookmark, burst.wake_at = burst.bookmark, None, None
+            if kind == "signal" and burst.timed_out:  # no signal came (one that does now finds it gone)
+                burst.timed_out = False
+                text = f"timed out after {_format_seconds(spec['timeout'])} waiting for signal {burst.waiting_for}"
+                burst.waiting_for = None
+                if spec.get("on_timeout") is None:
+                    raise _Fault(f"{text}; give the activity on_timeout to go on instead")
+                return spec["on_timeout"], f"{text}: on to {spec['on_timeout']}"
             if kind == "signal":
                 received = burst.resume if burst.resume is not None else {}
                 self._write_variables(burst, {spec.get("result") or activity.id: received})
@@ -5972,7 +6176,10 @@ class WorkflowRunner:
             except InvalidInput as error:
                 raise _Fault(str(error)) from None
             burst.status, burst.bookmark, burst.waiting_for = "waiting", "signal", name
-            return None, f"waiting for signal {name}"
+            if spec.get("timeout") is None:
+                return None, f"waiting for signal {name}"
+            burst.wake_at = burst.run_again_at = time.time() + spec["timeout"]
+            return None, f"waiting for signal {name} until {_iso_text(burst.wake_at)}"
         if kind == "call":
             step = burst.steps + len(burst.journal)
             context = CallContext(burst.id, activity.id, step, burst.fence, self.node, step - burst.attempt)
@@ -6182,6 +6389,7 @@ def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
         "created": _iso(instance.created),
         "updated": _iso(instance.updated),
         "ended": _iso(instance.ended),
+        "key": instance.key,
     }
     if full:
         entry["journal_pruned"] = instance.journal[0].step if instance.journal else 0  # the oldest steps, pruned
@@ -6193,6 +6401,13 @@ def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
             for e in instance.journal
         ]  # fmt: skip
     return entry
+
+
+def _signal_entry(outcome: SignalOutcome) -> dict[str, Any]:
+    return {
+        "resumed": list(outcome.resumed), "started": list(outcome.started), "kept": outcome.kept,
+        "kept_until": _iso(outcome.kept_until),
+    }  # fmt: skip
 
 
 def _instance_state(instance: Instance) -> str:
@@ -6469,19 +6684,21 @@ class Cluster:
     def definition(self, workflow_id: str, version: int | None = None) -> dict[str, Any]:
         return self.workflows.definition(workflow_id, version)
 
-    def start(self, workflow_id: str, input: Any = None) -> str:
-        """Start an instance of the latest version of ``workflow_id``; returns its id at once."""
-        return self.workflows.start(workflow_id, input)
+    def start(self, workflow_id: str, input: Any = None, key: str | None = None) -> str:
+        """Start an instance of the latest version of ``workflow_id``; returns its id at once.
+        A ``key`` used before (by any process) returns that instance's id and starts nothing."""
+        return self.workflows.start(workflow_id, input, key)
 
-    async def astart(self, workflow_id: str, input: Any = None) -> str:
-        return await self.workflows.astart(workflow_id, input)
+    async def astart(self, workflow_id: str, input: Any = None, key: str | None = None) -> str:
+        return await self.workflows.astart(workflow_id, input, key)
 
-    def signal(self, name: str, input: Any = None) -> SignalOutcome:
-        """Resume the instances waiting for signal ``name``; start definitions it triggers."""
-        return self.workflows.signal(name, input)
+    def signal(self, name: str, input: Any = None, ttl: float | str = SIGNAL_KEEP_DEFAULT) -> SignalOutcome:
+        """Resume the instances waiting for signal ``name``; start definitions it triggers. If it
+        does neither, it is kept for ``ttl`` (0: dropped) and resumes the next instance to wait for it."""
+        return self.workflows.signal(name, input, ttl)
 
-    async def asignal(self, name: str, input: Any = None) -> SignalOutcome:
-        return await self.workflows.asignal(name, input)
+    async def asignal(self, name: str, input: Any = None, ttl: float | str = SIGNAL_KEEP_DEFAULT) -> SignalOutcome:
+        return await self.workflows.asignal(name, input, ttl)
 
     def instances(
         self, status: str | None = None, definition: str | None = None, limit: int | None = None
@@ -6501,6 +6718,13 @@ class Cluster:
 
     async def acancel(self, instance_id: str, reason: str | None = None) -> Instance:
         return await self.workflows.acancel(instance_id, reason)
+
+    def prune(
+        self, older_than: float | str = KEEP_INSTANCES_DEFAULT, faulted_older_than: float | str | None = None
+    ) -> tuple[int, int]:
+        """Remove ended instances older than ``older_than`` (faulted ones: ``faulted_older_than``,
+        by default 30 days or older_than if longer) and their journals; (instances, kept signals) removed."""
+        return self.workflows.prune(older_than, faulted_older_than)
 
     def wait(self, instance_id: str, timeout: float | str | None = None) -> Instance:
         """Block until the instance completes or faults, or ``timeout`` passes; returns it."""
@@ -6575,6 +6799,17 @@ class Cluster:
             "locks": [_lock_entry(info) for info in self.held()],
             "timers": [_timer_entry(timer) for timer in self.timers(limit=10) if timer.due is not None],
             "instances": self.workflows.counts(),
+            "kept_signals": self._kept_signals_entry(),
+        }
+
+    def _kept_signals_entry(self) -> dict[str, Any]:
+        shown, total = self.workflows.kept_signals()
+        return {
+            "count": total,
+            "oldest": [
+                {"name": kept.name, "sent": _iso(kept.sent), "expires": _iso(kept.expires), "by": kept.by}
+                for kept in shown
+            ],
         }
 
     # Lifecycle ----------------------------------------------------------------------------
@@ -6702,6 +6937,8 @@ class Node:
         http: str | None = None,
         http_token: str | None = None,
         stall_after: float | str | None = None,
+        keep_instances: float | str = KEEP_INSTANCES_DEFAULT,
+        keep_faulted: float | str | None = None,
     ) -> None:
         if role not in ("auto", "replica"):
             raise InvalidInput(f"role must be auto or replica, not {role!r}")
@@ -6724,6 +6961,14 @@ class Node:
                 f"stall_after ({_format_seconds(self.stall_after)}) must be at least twice the heartbeat "
                 f"({_format_seconds(self.heartbeat)}): a node between two beats is not stalled"
             )
+        # Retention, done by the node in office: ended instances older than these are removed.
+        self.keep_instances = parse_duration(keep_instances, "keep_instances")
+        self.keep_faulted = (
+            max(self.keep_instances, KEEP_FAULTED_DEFAULT)
+            if keep_faulted is None
+            else parse_duration(keep_faulted, "keep_faulted")
+        )
+        self.instances_pruned = 0
         self.out = out if out is not None else sys.stderr
         self.handlers = dict(_HANDLERS if handlers is None else handlers)
         for queue in self.handlers:
@@ -7557,6 +7802,49 @@ class Node:
         self._scheduling = self._supervised(self._schedule(epoch), "the scheduler")
 
     async def _schedule(self, epoch: int) -> None:
+        """While in office: fire what is due (and prune the logs), and remove ended instances past
+        their retention, side by side."""
+        retention = asyncio.create_task(self._retain())
+        try:
+            await self._fire_timers(epoch)
+        finally:
+            retention.cancel()
+
+    async def _retain(self) -> None:
+        """Remove ended instances past their retention, batch by batch, while in office. Between
+        batches it pauses four times as long as the batch took, so it holds the writer a fifth of
+        the time at most, and other nodes' work goes on at close to its usual pace."""
+        assert self.nf is not None
+        nf, removed = self.nf, 0
+        while True:
+            began = time.monotonic()
+            try:
+                now = time.time()
+                instances, _, more = await nf.committer.asubmit(
+                    functools.partial(
+                        prune_ended_batch,
+                        ended_before=now - self.keep_instances,
+                        faulted_before=now - self.keep_faulted,
+                    )
+                )
+            except Exception as error:  # a busy database, a full disk: the next round may do better
+                self.say(
+                    f"removing ended instances failed: {describe_failure(error)}; trying again in "
+                    f"{_format_seconds(PRUNE_INTERVAL)}"
+                )
+                await asyncio.sleep(PRUNE_INTERVAL)
+                continue
+            removed += instances
+            self.instances_pruned += instances
+            if more:
+                await asyncio.sleep(max(0.01, 4 * (time.monotonic() - began)))
+                continue
+            if removed:
+                self.say(f"removed {removed} instance(s) ended more than {_format_seconds(self.keep_instances)} ago")
+                removed = 0
+            await asyncio.sleep(PRUNE_INTERVAL)
+
+    async def _fire_timers(self, epoch: int) -> None:
         """Fire what is due, sleep until the next due time or a ring, and again, while in office."""
         assert self.nf is not None and self._stop is not None
         nf = self.nf
@@ -8601,21 +8889,24 @@ class HttpServer:
             return 200, _instance_entry(await self._off_loop(functools.partial(nf.retry, rest[0])))
         if route == "instances":
             body = _object_body(request, '{"definition": ID, "input": {...}}')
-            unknown = sorted(set(body) - {"definition", "input"})
+            unknown = sorted(set(body) - {"definition", "input", "key"})
             if unknown or not isinstance(body.get("definition"), str):
                 raise HTTPError(
-                    400, 'send {"definition": ID, "input": {...}}' + (f"; unknown {unknown[0]!r}" if unknown else "")
+                    400,
+                    'send {"definition": ID, "input": {...}, "key": TEXT (optional)}'
+                    + (f"; unknown {unknown[0]!r}" if unknown else ""),
                 )
             try:
-                instance_id = await nf.astart(body["definition"], body.get("input"))
+                instance_id, new = await nf.workflows.abegin(body["definition"], body.get("input"), body.get("key"))
             except NotFound as error:  # named in the body, not the path: a bad request, not a missing page
                 raise HTTPError(400, str(error)) from None
-            return 201, _instance_entry(await self._off_loop(functools.partial(nf.instance, instance_id)))
-        body = _object_body(request, '{"input": {...}}')
-        if set(body) - {"input"}:
-            raise HTTPError(400, 'send {"input": {...}}')
-        outcome = await nf.asignal(rest[0], body.get("input"))
-        return 200, {"resumed": list(outcome.resumed), "started": list(outcome.started)}
+            entry = _instance_entry(await self._off_loop(functools.partial(nf.instance, instance_id)))
+            return (201 if new else 200), {**entry, "new": new}
+        body = _object_body(request, '{"input": {...}, "ttl": DURATION (optional)}')
+        if set(body) - {"input", "ttl"}:
+            raise HTTPError(400, 'send {"input": {...}, "ttl": DURATION (optional)}')
+        outcome = await nf.asignal(rest[0], body.get("input"), body.get("ttl", SIGNAL_KEEP_DEFAULT))
+        return 200, _signal_entry(outcome)
 
     def _read_route(self, nf: Cluster, route: str, rest: list[str], request: _Request) -> Any:
         """A GET route's answer, read in an HTTP thread."""
@@ -8885,6 +9176,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         http=args.http,
         http_token=args.http_token or os.environ.get("NODEFLOW_HTTP_TOKEN"),
         stall_after=args.stall_after,
+        keep_instances=args.keep_instances,
+        keep_faulted=args.keep_faulted,
     )
     interrupts = 0
 
@@ -9333,8 +9626,11 @@ def cmd_start(args: argparse.Namespace) -> int:
     workflow_id = check_workflow_id(args.definition, "the workflow id")
     data = check_instance_input(_json_argument(args.input, "--input"), "--input")
     timeout = _check_wait_timeout(args.timeout)
+    key = check_start_key(args.key)
     with Cluster(args.db, create=False) as nf:
-        instance_id = nf.start(workflow_id, data)
+        instance_id, new = nf.workflows.begin(workflow_id, data, key)
+        if not new:
+            print(f"nodeflow: key {_show_name(args.key)} started {instance_id} already; no new one", file=sys.stderr)
         if not args.wait:
             print(json.dumps({"id": instance_id}) if args.json else instance_id, flush=True)
             return 0
@@ -9360,13 +9656,18 @@ def cmd_start(args: argparse.Namespace) -> int:
 def cmd_signal(args: argparse.Namespace) -> int:
     name = check_signal_name(args.name)
     data = check_instance_input(_json_argument(args.input, "--input"), "--input")
+    ttl = parse_duration(args.ttl, "--ttl")
     with Cluster(args.db, create=False) as nf:
-        outcome = nf.signal(name, data)
+        outcome = nf.signal(name, data, ttl)
     if args.json:
-        print(json.dumps({"resumed": list(outcome.resumed), "started": list(outcome.started)}))
+        print(json.dumps(_signal_entry(outcome)))
+    elif outcome.kept_until is not None:
+        print(f"signal {_show_name(name)}: no instance waits for it; kept until {_iso_text(outcome.kept_until)} "
+              "for the next one that does")  # fmt: skip
     else:
         print(f"signal {_show_name(name)}: resumed {len(outcome.resumed)} instance(s)"
-              + (f", started {', '.join(outcome.started)}" if outcome.started else ""))  # fmt: skip
+              + (f", started {', '.join(outcome.started)}" if outcome.started else "")
+              + ("" if outcome.resumed or outcome.started else " (dropped: --ttl 0)"))  # fmt: skip
     return 0
 
 
@@ -9414,6 +9715,20 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         print(json.dumps(_instance_entry(instance)))
     else:
         print(f"instance {instance.id} cancelled at {instance.position or 'its start'}")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    older_than = parse_duration(args.older_than, "--older-than")
+    faulted = (
+        None if args.faulted_older_than is None else parse_duration(args.faulted_older_than, "--faulted-older-than")
+    )
+    with Cluster(args.db, create=False) as nf:
+        instances, signals = nf.prune(older_than, faulted)
+    if args.json:
+        print(json.dumps({"instances": instances, "kept_signals": signals}))
+    else:
+        print(f"removed {instances} ended instance(s) and their journals, {signals} expired kept signal(s)")
     return 0
 
 
@@ -9756,6 +10071,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="this node is stalled when its heartbeat stands still this long (default 5s, or 3 heartbeats if "
         "longer): its peers then take its leases, workflow bursts and office",
     )
+    serve.add_argument(
+        "--keep-instances",
+        default="7d",
+        help="while scheduling, remove completed and cancelled instances (and their journals) this long after",
+    )
+    serve.add_argument(
+        "--keep-faulted",
+        default=None,
+        help="remove faulted instances this long after they faulted (default 30d, or --keep-instances if longer)",
+    )
     serve.add_argument("--app", default=None, help="module (or .py file) whose @nodeflow.handler functions to run")
     serve.add_argument("--http", default=None, help="serve the dashboard, JSON API and /metrics at HOST:PORT")
     serve.add_argument(
@@ -9829,11 +10154,18 @@ def build_parser() -> argparse.ArgumentParser:
     start.add_argument("--wait", action="store_true", help="wait for the end; exit 0 completed, 1 faulted")
     start.add_argument("--timeout", default=None, help="with --wait: give up waiting after this long")
     start.add_argument("--json", action="store_true", help="print the id (or, with --wait, the instance) as JSON")
+    start.add_argument(
+        "--key", default=None, help="start at most one instance with this key: used before, its id is printed"
+    )
     start.set_defaults(run=cmd_start)
 
     signal_verb = verbs.add_parser("signal", help="resume instances waiting for a signal; start those it triggers")
     signal_verb.add_argument("name")
     signal_verb.add_argument("--input", default="{}", help="the signal's data, a JSON object")
+    signal_verb.add_argument(
+        "--ttl", default="1h",
+        help="if it resumes and starts nothing, keep it this long for the next instance to wait for it (0: drop it)",
+    )  # fmt: skip
     signal_verb.add_argument("--json", action="store_true", help="one JSON object")
     signal_verb.set_defaults(run=cmd_signal)
 
@@ -9858,6 +10190,18 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("--reason", default=None, help="why, for its journal")
     cancel.add_argument("--json", action="store_true", help="print the cancelled instance as JSON")
     cancel.set_defaults(run=cmd_cancel)
+
+    prune = verbs.add_parser("prune", help="remove ended instances and their journals now")
+    prune.add_argument(
+        "--older-than", default="7d", help="completed and cancelled instances that ended longer ago than this"
+    )
+    prune.add_argument(
+        "--faulted-older-than",
+        default=None,
+        help="faulted instances that faulted longer ago than this (default 30d, or --older-than if longer)",
+    )
+    prune.add_argument("--json", action="store_true", help="one JSON object")
+    prune.set_defaults(run=cmd_prune)
 
     demo = verbs.add_parser("demo", help="teaching scenarios: each piece switched off, then on, with counts")
     demo.add_argument("scenario", choices=sorted(_DEMOS))

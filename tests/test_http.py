@@ -32,6 +32,7 @@ Some tests here expose bugs (named in their docstrings) and fail until they are 
 
 from __future__ import annotations
 
+import datetime
 import http.client
 import json
 import math
@@ -586,12 +587,18 @@ class HttpApi(HttpTestCase):
         waiting = self.wait_for_instance(instance, "waiting")
         self.assertEqual(waiting["waiting_for"], "approve-sig-7")
         outcome = self.post("/api/signals/approve-sig-7", {"input": {"by": "ann"}}, 200)
-        self.assertEqual(outcome, {"resumed": [instance], "started": []})
+        self.assertEqual(outcome, {"resumed": [instance], "started": [], "kept": False, "kept_until": None})
         done = self.wait_for_instance(instance, "completed")
         self.assertEqual(done["variables"]["ask"], {"by": "ann"})
         self.assertEqual(done["journal"][-1]["outcome"], "approved by ann")
-        self.assertEqual(self.post("/api/signals/approve-sig-7", {"input": {}}, 200), {"resumed": [], "started": []})
-        self.assertEqual(self.post("/api/signals/approve-sig-7", {}, 200)["resumed"], [], "input may be left out")
+        dropped = self.post("/api/signals/approve-sig-7", {"input": {}, "ttl": 0}, 200)
+        self.assertEqual(dropped, {"resumed": [], "started": [], "kept": False, "kept_until": None})
+        kept = self.post("/api/signals/approve-sig-7", {}, 200)
+        self.assertEqual((kept["resumed"], kept["kept"]), ([], True), "input may be left out; kept for an hour")
+        kept_until = datetime.datetime.fromisoformat(kept["kept_until"]).timestamp()
+        self.assertAlmostEqual(kept_until - time.time(), 3600, delta=60)
+        self.assertEqual(self.get("/api/status")["kept_signals"]["count"], 1)
+        self.post("/api/signals/approve-sig-7", {"ttl": "soon"}, 400)
 
     def test_retry_resumes_a_faulted_instance(self) -> None:
         instance = self.start("flaky", {"key": "retry-1"})
@@ -850,7 +857,7 @@ class HttpApi(HttpTestCase):
         self.assertEqual((first.status, first.headers["connection"]), (200, "keep-alive"))
         self.assertIn("nodes", first.json())
         self.assertEqual((second.status, second.headers["connection"]), (200, "close"))
-        self.assertEqual(second.json(), {"resumed": [], "started": []})
+        self.assertEqual((second.json()["resumed"], second.json()["started"]), ([], []))
 
     def test_an_http_1_0_request_without_keep_alive_gets_its_connection_closed(self) -> None:
         """BUG: the server keeps every connection alive unless the client sends "Connection:

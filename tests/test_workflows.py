@@ -1135,11 +1135,11 @@ class NodeWorkflowTests(ClusterTestCase):
         self.assertEqual(by_id[no]["waiting_for"], "approve-6")
         self.assertEqual(by_id[yes]["activity"], "ask")
 
-        nobody = json.loads(self.cli("signal", "approve-999", "--json").stdout)
-        self.assertEqual(nobody, {"resumed": [], "started": []})
+        nobody = json.loads(self.cli("signal", "approve-999", "--ttl", "0", "--json").stdout)
+        self.assertEqual(nobody, {"resumed": [], "started": [], "kept": False, "kept_until": None})
         sent = self.cli("signal", "approve-5", "--input", '{"ok": true, "by": "ann"}', "--json")
         self.assertEqual(sent.returncode, 0, sent.stderr)
-        self.assertEqual(json.loads(sent.stdout), {"resumed": [yes], "started": []})
+        self.assertEqual(json.loads(sent.stdout), {"resumed": [yes], "started": [], "kept": False, "kept_until": None})
         done = self.wait_status(yes, "completed", "faulted")
         self.assertEqual(done.status, "completed", done)
         self.assertEqual(done.variables["approval"], {"ok": True, "by": "ann"})
@@ -1170,7 +1170,7 @@ class NodeWorkflowTests(ClusterTestCase):
     def test_signal_trigger_starts_an_instance(self) -> None:
         sent = self.cli("signal", "kick-wf", "--input", '{"n": 3}', "--json")
         self.assertEqual(sent.returncode, 0, sent.stderr)
-        self.assertEqual(json.loads(sent.stdout), {"resumed": [], "started": ["kicked"]})
+        self.assertEqual(json.loads(sent.stdout), {"resumed": [], "started": ["kicked"], "kept": False, "kept_until": None})
         deadline = time.monotonic() + 20
         while not (found := self.nf.instances(definition="kicked", status="completed")):
             if time.monotonic() > deadline:
