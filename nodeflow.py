@@ -492,6 +492,9 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX kept_signals_name ON kept_signals (name, id);
         CREATE INDEX kept_signals_expires ON kept_signals (expires);
         ALTER TABLE instances ADD COLUMN start_key TEXT;
+        ALTER TABLE instances ADD COLUMN parent TEXT;
+        ALTER TABLE instances ADD COLUMN child TEXT;
+        CREATE INDEX instances_parent ON instances (parent) WHERE parent IS NOT NULL;
         CREATE UNIQUE INDEX instances_start_key ON instances (start_key) WHERE start_key IS NOT NULL;
         CREATE INDEX instances_ended ON instances (updated) WHERE status IN ('completed', 'faulted', 'cancelled');
     """,
@@ -4133,7 +4136,7 @@ DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cac
 RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
 INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted", "cancelled")
 ENDED_STATUSES = ("completed", "faulted", "cancelled")  # an instance in these runs no more (a faulted one until retry)
-ACTIVITY_TYPES = ("log", "set", "if", "timer", "start_at", "signal", "call", "fail", "work")
+ACTIVITY_TYPES = ("log", "set", "if", "timer", "start_at", "signal", "call", "fail", "work", "run")
 DEFINITION_MAX_BYTES = 256 * 1024
 DEFINITION_MAX_ACTIVITIES = 1000
 DEFINITION_MAX_TRIGGERS = 32
@@ -4156,6 +4159,7 @@ INSTANCE_ID_MIN_PREFIX = 4
 SIGNAL_KEEP_DEFAULT = 3600.0  # how long a signal that found no waiting instance waits for one (signal --ttl)
 KEPT_SIGNALS_SHOWN = 100  # status lists the oldest kept signals, and counts them all
 START_KEY_MAX_CHARS = 200
+CHILD_MAX_DEPTH = 32  # instances started by run activities, nested: a definition that runs itself stops here
 KEEP_INSTANCES_DEFAULT = 7 * 86400.0  # ended instances (completed, cancelled) are removed this long after they ended
 KEEP_FAULTED_DEFAULT = 30 * 86400.0  # a faulted instance waits for an operator (retry or cancel) longer
 PRUNE_BATCH_ROWS = 2000  # rows (journal and instances) one retention transaction removes: a short turn at the writer
@@ -4539,6 +4543,13 @@ _ACTIVITY_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "call": {"function": ("function", True), "result": ("variable", False), "retry": ("retry", False)},
     "fail": {"message": ("template", True)},
     "work": {"duration": ("work", True), "kind": ("work-kind", False)},
+    "run": {
+        "definition": ("workflow", True),
+        "input": ("values", False),
+        "result": ("variable", False),
+        "timeout": ("duration", False),
+        "on_timeout": ("ref", False),
+    },
 }
 _DEFINITION_FIELDS = ("id", "name", "description", "start", "activities", "triggers", "variables")
 
@@ -4548,6 +4559,12 @@ def _check_activity_field(check: _Checker, kind: str, value: Any, place: str) ->
         return check.template(value, place)
     if kind == "ref":
         return check.text(value, place, 100)
+    if kind == "workflow":
+        try:
+            return check_workflow_id(value, "a workflow id")
+        except InvalidInput as error:
+            check.fail(place, str(error))
+            return None
     if kind == "duration":
         return check.duration(value, place)
     if kind == "work":
@@ -4976,6 +4993,8 @@ class Instance:
     ended: float | None
     journal: tuple[JournalEntry, ...] = ()
     key: str | None = None  # the key it was started with (start --key): no second instance has it
+    parent: str | None = None  # the instance whose run activity started it
+    children: tuple[tuple[str, str, str], ...] = ()  # (id, definition, status) of those its run activities started
 
 
 @dataclass(frozen=True)
@@ -5002,16 +5021,18 @@ class KeptSignal:
 
 _INSTANCE_COLUMNS = (
     "id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt, "
-    "started_by, created, updated, ended, start_key"
+    "started_by, created, updated, ended, start_key, parent"
 )
 
 
-def _instance_from_row(row: tuple[Any, ...], journal: tuple[JournalEntry, ...] = ()) -> Instance:
+def _instance_from_row(
+    row: tuple[Any, ...], journal: tuple[JournalEntry, ...] = (), children: tuple[tuple[str, str, str], ...] = ()
+) -> Instance:
     (instance_id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt,
-     started_by, created, updated, ended, key) = row  # fmt: skip
+     started_by, created, updated, ended, key, parent) = row  # fmt: skip
     return Instance(
         instance_id, definition, version, status, position, json.loads(variables), waiting_for, wake_at, error,
-        attempt, started_by, created, updated, ended, journal, key,
+        attempt, started_by, created, updated, ended, journal, key, parent, children,
     )  # fmt: skip
 
 
@@ -5034,7 +5055,13 @@ def _latest_version(conn: sqlite3.Connection, definition: str) -> int:
 
 
 def _create_instance(
-    conn: sqlite3.Connection, definition: str, version: int | None, variables: str, by: str, key: str | None = None
+    conn: sqlite3.Connection,
+    definition: str,
+    version: int | None,
+    variables: str,
+    by: str,
+    key: str | None = None,
+    parent: str | None = None,
 ) -> str:
     """Insert a new instance and the message that runs its first burst; returns its id.
 
@@ -5060,8 +5087,8 @@ def _create_instance(
         try:
             conn.execute(
                 "INSERT INTO instances (id, definition, version, status, variables, started_by, created, updated, "
-                "start_key) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?)",
-                (instance, definition, version, variables, by, now, now, key),
+                "start_key, parent) VALUES (?, ?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                (instance, definition, version, variables, by, now, now, key, parent),
             )
             break
         except sqlite3.IntegrityError:  # another start in the same millisecond drew the same bits
@@ -5091,6 +5118,71 @@ def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
             if found:
                 raise InvalidInput(f"instance id {text!r} is ambiguous: {', '.join(found[:2])}, ...; give more of it")
     raise NotFound(f"no instance {_show_name(text)}; list them with: instances")
+
+
+def _resume_parent(
+    conn: sqlite3.Connection, child: str, parent: str | None, status: str, variables: str, error: str | None
+) -> bool:
+    """A child instance ended: the parent waiting for it at its run activity goes on (a child that
+    did not complete faults it there). Its seq moves on, so the timeout of its wait is stale."""
+    if parent is None:
+        return False
+    row = conn.execute(
+        "SELECT seq FROM instances WHERE id = ? AND status = 'waiting' AND bookmark = 'child' AND child = ?",
+        (parent, child),
+    ).fetchone()
+    if row is None:  # it stopped waiting (timed out, cancelled): nothing waits for this end
+        return False
+    now = time.time()
+    outcome = json.dumps({"child": child, "status": status, "error": error})
+    resume = f'{outcome[:-1]}, "variables": {variables}}}'  # the child's variables as stored, not parsed again
+    conn.execute(
+        "UPDATE instances SET status = 'running', wake_at = NULL, resume = ?, seq = seq + 1, updated = ? WHERE id = ?",
+        (resume, now, parent),
+    )
+    _run_message(conn, parent, int(row[0]) + 1, now, now)
+    return True
+
+
+def _cancel_instances(conn: sqlite3.Connection, instance: str, reason: str | None, node: str) -> list[str]:
+    """Cancel ``instance`` and every instance its run activities started that has not ended, nested:
+    each one's status becomes cancelled, its seq moves on (a burst under way commits nothing), its
+    queued runs go. A parent waiting for ``instance`` faults at its run activity. Returns the ids."""
+    cancelled: list[str] = []
+    pending: list[tuple[str, str | None]] = [(instance, reason)]
+    while pending:
+        current, why = pending.pop()
+        row = conn.execute(
+            "SELECT status, position, steps, fence, parent, variables FROM instances WHERE id = ?", (current,)
+        ).fetchone()
+        if row is None or row[0] in ("completed", "cancelled"):
+            continue
+        status, position, steps, fence, parent, variables = row
+        now = time.time()
+        conn.execute(
+            "UPDATE instances SET status = 'cancelled', seq = seq + 1, steps = steps + 1, bookmark = NULL, "
+            "waiting_for = NULL, wake_at = NULL, resume = NULL, error = NULL, child = NULL, updated = ?, ended = ? "
+            "WHERE id = ?",
+            (now, now, current),
+        )
+        conn.execute(
+            "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
+            "VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?, ?)",
+            (current, steps, position or "(start)", node, fence, now, now,
+             f"cancelled{': ' + why if why else ''} (was {status})"),
+        )  # fmt: skip
+        conn.execute(  # its waiting timer and queued runs: never needed now (one in a node's hands is acked)
+            f"DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL AND {_RUN_OF_MESSAGE} = ?",
+            (WORKFLOW_QUEUE, current),
+        )
+        conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + current,))
+        cancelled.append(current)
+        _resume_parent(conn, current, parent, "cancelled", variables, why)
+        for (child,) in conn.execute(
+            "SELECT id FROM instances WHERE parent = ? AND status NOT IN ('completed', 'cancelled')", (current,)
+        ).fetchall():
+            pending.append((child, f"its parent {current} was cancelled"))
+    return cancelled
 
 
 def check_start_key(key: object) -> str | None:
@@ -5154,6 +5246,10 @@ def _check_reason(reason: object) -> str | None:
         shown = _show_name(reason) if isinstance(reason, str) else type(reason).__name__
         raise InvalidInput(f"a reason is printable text of at most 1000 characters, not {shown}")
     return reason
+
+
+# A cancel ends instances (callers waiting for an end look again) and may resume a parent (a run message).
+_CANCEL_RINGS = (RING_INSTANCES, _ring_topic_for_queue(WORKFLOW_QUEUE))
 
 
 class Workflows:
@@ -5489,7 +5585,14 @@ class Workflows:
                         (found,),
                     )
                 )
-            return _instance_from_row(row, entries)
+            children = tuple(
+                (str(child), str(definition), str(status))
+                for child, definition, status in conn.execute(
+                    "SELECT id, definition, status FROM instances WHERE parent = ? ORDER BY created, id LIMIT 1000",
+                    (found,),
+                )
+            )
+            return _instance_from_row(row, entries, children)
 
         return self.store.read(read)
 
@@ -5526,35 +5629,16 @@ class Workflows:
         self.committer.submit(retry, (_ring_topic_for_queue(WORKFLOW_QUEUE),))
         return self.instance(found, journal=False)
 
-    def _cancel_work(self, instance: str, reason: str | None) -> Callable[[sqlite3.Connection], None]:
+    def _cancel_work(self, instance: str, reason: str | None) -> Callable[[sqlite3.Connection], list[str]]:
         node = self.node
 
-        def cancel(conn: sqlite3.Connection) -> None:
-            now = time.time()
-            status, position, steps, fence = conn.execute(
-                "SELECT status, position, steps, fence FROM instances WHERE id = ?", (instance,)
-            ).fetchone()
+        def cancel(conn: sqlite3.Connection) -> list[str]:
+            status = conn.execute("SELECT status FROM instances WHERE id = ?", (instance,)).fetchone()[0]
             if status in ("completed", "cancelled"):
                 raise InvalidInput(
                     f"instance {instance} is {status} already; only one that has not ended can be cancelled"
                 )
-            # seq moves on: a burst under way now, and every run message of it queued, is stale from here.
-            conn.execute(
-                "UPDATE instances SET status = 'cancelled', seq = seq + 1, steps = steps + 1, bookmark = NULL, "
-                "waiting_for = NULL, wake_at = NULL, resume = NULL, error = NULL, updated = ?, ended = ? WHERE id = ?",
-                (now, now, instance),
-            )
-            conn.execute(
-                "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
-                "VALUES (?, ?, ?, 'cancel', ?, ?, ?, ?, ?)",
-                (instance, steps, position or "(start)", node, fence, now, now,
-                 f"cancelled{': ' + reason if reason else ''} (was {status})"),
-            )  # fmt: skip
-            conn.execute(  # its waiting timer and queued runs: never needed now (one in a node's hands is acked)
-                f"DELETE FROM messages WHERE queue = ? AND lease_owner IS NULL AND {_RUN_OF_MESSAGE} = ?",
-                (WORKFLOW_QUEUE, instance),
-            )
-            conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + instance,))
+            return _cancel_instances(conn, instance, reason, node)
 
         return cancel
 
@@ -5563,12 +5647,12 @@ class Workflows:
         its queued runs are dropped and a burst under way commits nothing. The journal records who
         cancelled it and why."""
         found = self.instance(instance_id, journal=False).id
-        self.committer.submit(self._cancel_work(found, _check_reason(reason)), (RING_INSTANCES,))
+        self.committer.submit(self._cancel_work(found, _check_reason(reason)), _CANCEL_RINGS)
         return self.instance(found)
 
     async def acancel(self, instance_id: str, reason: str | None = None) -> Instance:
         found = self.instance(instance_id, journal=False).id
-        await self.committer.asubmit(self._cancel_work(found, _check_reason(reason)), (RING_INSTANCES,))
+        await self.committer.asubmit(self._cancel_work(found, _check_reason(reason)), _CANCEL_RINGS)
         return self.instance(found)
 
     def prune(
@@ -5770,7 +5854,12 @@ class _Burst:
         (self.id, self.seq, self.status, self.position, self.stored, self.attempt, self.bookmark,
          self.waiting_for, self.wake_at, resume, self.steps) = row[:11]  # fmt: skip
         self.unwaited: int = row[13] if len(row) > 13 else 0  # steps since its last wait (a timer, a signal)
-        self.timed_out = self.status == "waiting" and self.bookmark == "signal"  # its timeout's message runs it
+        # Still waiting for a signal or a child, yet run: the message of its wait's timeout runs it.
+        self.timed_out = self.status == "waiting" and self.bookmark in ("signal", "child")
+        self.parent: str | None = row[14] if len(row) > 14 else None  # whose run activity started it
+        self.child: str | None = row[15] if len(row) > 15 else None  # the instance its run activity waits for
+        self.start_child: tuple[str, int, str] | None = None  # (definition, version, variables): the commit starts it
+        self.cancel_child: str | None = None  # a child it stopped waiting for: the commit cancels it
         self.broken: str | None = None  # why its stored state cannot be read (then it faults, changing nothing)
         self.variables: dict[str, Any] = {}
         self.resume: Any = None
@@ -5858,7 +5947,7 @@ class WorkflowRunner:
         row: tuple[Any, ...] | None = self.workflows.store.read(
             lambda conn: conn.execute(
                 "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
-                "definition, version, unwaited FROM instances WHERE id = ?",
+                "definition, version, unwaited, parent, child FROM instances WHERE id = ?",
                 (instance,),
             ).fetchone()
         )
@@ -5939,7 +6028,12 @@ class WorkflowRunner:
     @staticmethod
     def _rings(burst: _Burst) -> tuple[str, ...]:
         rings = []
-        if burst.run_again_at is not None or burst.waiting_for is not None:  # (a kept signal may resume it)
+        if (
+            burst.run_again_at is not None
+            or burst.waiting_for is not None  # a kept signal may resume it
+            or burst.start_child is not None
+            or (burst.parent is not None and burst.status in ENDED_STATUSES)  # its parent goes on
+        ):
             rings.append(_ring_topic_for_queue(WORKFLOW_QUEUE))
         if burst.status in ENDED_STATUSES:
             rings.append(RING_INSTANCES)
@@ -5960,6 +6054,12 @@ class WorkflowRunner:
                 burst.status, burst.waiting_for, burst.wake_at, None, burst.run_again_at
             )  # fmt: skip
             rows = list(journal)
+            child = burst.child
+            if burst.start_child is not None:
+                definition, version, variables = burst.start_child
+                by = f"{node} (run by {burst.id} at {burst.position})"
+                child = _create_instance(conn, definition, version, variables, by, parent=burst.id)
+                rows[-1] = (*rows[-1][:-1], f"{rows[-1][-1]}: instance {child}")
             if waiting_for is not None:  # a signal sent before it got here may be kept for it
                 kept = _take_kept_signal(conn, waiting_for, now)
                 if kept is not None:
@@ -5971,9 +6071,9 @@ class WorkflowRunner:
             changed = conn.execute(
                 "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
                 "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = ?, "
-                "error = ?, updated = ?, ended = ?, unwaited = ? WHERE id = ? AND seq = ? AND fence < ?",
+                "error = ?, updated = ?, ended = ?, unwaited = ?, child = ? WHERE id = ? AND seq = ? AND fence < ?",
                 (status, burst.position, burst.stored, fence, len(rows), burst.attempt, burst.bookmark,
-                 waiting_for, wake_at, resume, burst.error, now, ended, burst.unwaited, burst.id, burst.seq,
+                 waiting_for, wake_at, resume, burst.error, now, ended, burst.unwaited, child, burst.id, burst.seq,
                  fence),
             ).rowcount  # fmt: skip
             if not changed:
@@ -5991,6 +6091,10 @@ class WorkflowRunner:
                 )
             if run_at is not None:
                 _run_message(conn, burst.id, burst.seq + 1, run_at, now)
+            if burst.cancel_child is not None:  # after our own row: its end then finds no parent waiting for it
+                _cancel_instances(conn, burst.cancel_child, f"its parent {burst.id} stopped waiting for it", node)
+            if burst.status in ("completed", "faulted"):
+                _resume_parent(conn, burst.id, burst.parent, burst.status, burst.stored, burst.error)
             if burst.status == "completed":  # it never runs again: its fence counter can go
                 conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + burst.id,))
 
@@ -6130,6 +6234,8 @@ class WorkflowRunner:
                 if spec.get("on_timeout") is None:
                     raise _Fault(f"{text}; give the activity on_timeout to go on instead")
                 return spec["on_timeout"], f"{text}: on to {spec['on_timeout']}"
+            if kind == "child":
+                return self._child_ended(burst, activity)
             if kind == "signal":
                 received = burst.resume if burst.resume is not None else {}
                 self._write_variables(burst, {spec.get("result") or activity.id: received})
@@ -6186,6 +6292,8 @@ class WorkflowRunner:
             result = await self._call(spec["function"], variables, context)
             self._write_variables(burst, {spec.get("result") or activity.id: result})
             return activity.next, f"called {spec['function']}"
+        if kind == "run":
+            return await self._start_child(burst, activity)
         if kind == "fail":
             text = spec["message"].render(variables, limit)
             burst.status, burst.error = "faulted", text
@@ -6202,6 +6310,67 @@ class WorkflowRunner:
                 await asyncio.sleep(seconds)
             return activity.next, f"worked {_format_seconds(seconds)} ({spec.get('kind') or 'io'})"
         raise _Fault(f"unknown activity type {kind!r}")
+
+    async def _start_child(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
+        """A run activity: the child instance is made by the commit that begins this wait, so a burst
+        that never commits starts no child."""
+        spec, settings = activity.spec, self.workflows.store.settings
+        definition = spec["definition"]
+        try:
+            blueprint = self.workflows.blueprint(definition)
+        except StoreError:
+            raise
+        except NodeflowError as error:
+            raise _Fault(f"cannot run workflow {definition}: {error}") from None
+        depth = await run_in_thread(self._depth, burst.id)
+        if depth >= CHILD_MAX_DEPTH:
+            raise _Fault(f"instances run by run activities nest {depth} deep here; the most is {CHILD_MAX_DEPTH}")
+        given = {
+            name: value.value(burst.variables, settings.max_body_bytes) if isinstance(value, Template) else value
+            for name, value in (spec.get("input") or {}).items()
+        }
+        try:
+            variables = encode_body({"input": given}, settings.max_body_bytes, VARIABLES_MAX_DEPTH)
+        except InvalidInput as error:
+            raise _Fault(f"the input of the {definition} instance to run: {error}") from None
+        burst.status, burst.bookmark = "waiting", "child"
+        burst.start_child = (definition, blueprint.version, variables)
+        if spec.get("timeout") is None:
+            return None, f"started {definition} v{blueprint.version}"
+        burst.wake_at = burst.run_again_at = time.time() + spec["timeout"]
+        return None, f"started {definition} v{blueprint.version}, waiting until {_iso_text(burst.wake_at)}"
+
+    def _depth(self, instance: str) -> int:
+        """How many parents above ``instance`` (a parent never changes, so this read needs no lock)."""
+
+        def read(conn: sqlite3.Connection) -> int:
+            depth, current = 0, instance
+            while depth <= CHILD_MAX_DEPTH:
+                row = conn.execute("SELECT parent FROM instances WHERE id = ?", (current,)).fetchone()
+                if row is None or row[0] is None:
+                    return depth
+                depth, current = depth + 1, row[0]
+            return depth
+
+        return self.workflows.store.read(read)
+
+    def _child_ended(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
+        """The wait of a run activity is over: its child ended, or the wait timed out."""
+        spec, child = activity.spec, burst.child
+        burst.child = None
+        if burst.timed_out:
+            burst.timed_out, burst.cancel_child = False, child
+            text = f"timed out after {_format_seconds(spec['timeout'])} waiting for instance {child}, now cancelled"
+            if spec.get("on_timeout") is None:
+                raise _Fault(f"{text}; give the activity on_timeout to go on instead")
+            return spec["on_timeout"], f"{text}: on to {spec['on_timeout']}"
+        ended = burst.resume if isinstance(burst.resume, dict) else {}
+        status = ended.get("status")
+        if status != "completed":
+            why = f": {ended['error']}" if ended.get("error") else ""
+            raise _Fault(f"instance {child} ({spec['definition']}) it ran was {status}{why}")
+        self._write_variables(burst, {spec.get("result") or activity.id: ended.get("variables")})
+        return activity.next, f"instance {child} completed"
 
     async def _call(self, name: str, variables: dict[str, Any], context: CallContext) -> Any:
         function = self.functions.get(name)
@@ -6390,8 +6559,12 @@ def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
         "updated": _iso(instance.updated),
         "ended": _iso(instance.ended),
         "key": instance.key,
+        "parent": instance.parent,
     }
     if full:
+        entry["children"] = [
+            {"id": child, "definition": definition, "status": status} for child, definition, status in instance.children
+        ]
         entry["journal_pruned"] = instance.journal[0].step if instance.journal else 0  # the oldest steps, pruned
         entry["started_by"] = instance.started_by
         entry["variables"] = instance.variables
@@ -6411,6 +6584,13 @@ def _signal_entry(outcome: SignalOutcome) -> dict[str, Any]:
 
 
 def _instance_state(instance: Instance) -> str:
+    if (
+        instance.status == "waiting"
+        and instance.position is not None
+        and not instance.waiting_for
+        and (instance.children and instance.children[-1][2] not in ENDED_STATUSES)
+    ):
+        return f"waiting for instance {instance.children[-1][0]}"
     if instance.status == "waiting":
         return (
             f"waiting for signal {instance.waiting_for}"
@@ -9694,6 +9874,12 @@ def cmd_show(args: argparse.Namespace) -> int:
     print(f"instance {instance.id}: {instance.definition} v{instance.version}, {_instance_state(instance)}")
     print(f"started {_iso(instance.created)} by {instance.started_by}; updated {_iso(instance.updated)}"
           + (f"; ended {_iso(instance.ended)}" if instance.ended else ""))  # fmt: skip
+    if instance.key is not None:
+        print(f"key {_show_name(instance.key)}")
+    if instance.parent is not None:
+        print(f"parent {instance.parent} (its run activity started this one)")
+    for child, definition, status in instance.children:
+        print(f"child {child} {definition} {status}")
     print(f"variables {json.dumps(instance.variables, ensure_ascii=False)}")
     print("journal:" if instance.journal else "journal: no steps yet")
     if instance.journal and instance.journal[0].step > 0:
