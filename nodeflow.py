@@ -8296,6 +8296,9 @@ font-size:12px;margin:4px 0 12px}
 </section>
 <section><h2>Timers</h2><table id="timers"><thead><tr><th>name</th><th>queue</th><th>schedule</th><th>next due</th>
 </tr></thead><tbody></tbody></table><p id="timers-empty" class="empty" hidden>No timers.</p></section>
+<section><h2>Kept signals <span id="kept-count" class="mut"></span></h2><table id="kept"><thead><tr><th>name</th>
+<th>sent</th><th>expires</th></tr></thead><tbody></tbody></table><p id="kept-empty" class="empty" hidden>No signal
+is waiting for an instance to take it.</p></section>
 <section><h2>Controls</h2>
 <form id="start-form"><label>Start an instance of<select id="start-definition"></select></label>
 <label>Input (JSON object)<textarea id="start-input" rows="3" spellcheck="false">{}</textarea></label>
@@ -8311,6 +8314,8 @@ font-size:12px;margin:4px 0 12px}
 <button id="panel-close" type="button" aria-label="Close">&times;</button>
 <h2 id="panel-title">Instance</h2><dl class="kv" id="panel-meta"></dl>
 <p id="panel-err" class="result" data-ok="false"></p>
+<p id="panel-actions"><button id="panel-cancel" type="button" hidden>Cancel instance</button>
+<button id="panel-retry" type="button" hidden>Retry</button></p>
 <h2 style="margin-top:12px">Variables</h2><pre id="panel-vars"></pre>
 <h2>Journal</h2><table id="panel-journal"><thead><tr><th class="num">#</th><th>node</th><th class="num">fence</th>
 <th>activity</th><th>outcome</th><th>time</th></tr></thead><tbody></tbody></table>
@@ -8509,6 +8514,13 @@ function renderStatus(s){
  });
  show($('timers-empty'),!timers.length);
 
+ const kept=s.kept_signals||{},oldest=Array.isArray(kept.oldest)?kept.oldest:[];
+ txt($('kept-count'),kept.count?'('+kept.count+')':'');
+ sync($('kept').tBodies[0],oldest,(x)=>x.name+'|'+x.sent,(x)=>h('tr',{'data-kept': x.name},
+  h('td',{c:'trunc mono',title:x.name,t:x.name}),h('td',{c:'mono',title:x.sent,t:clock(x.sent)}),
+  h('td',{c:'mono',title:x.expires,t:clock(x.expires)})));
+ show($('kept-empty'),!oldest.length);
+
  const c=s.instances||{};
  sync($('instance-counts'),['running','waiting','completed','faulted','cancelled'],(k)=>k,
   (k)=>h('div',{c:'tile','data-status': k},h('b'),k),(e,k)=>txt(e.firstChild,c[k]||0));
@@ -8622,7 +8634,17 @@ function renderPanel(i){
  if(i.error) kv.push(['error',i.error,'bad']);
  kv.push(['created',clock(i.created)],['updated',clock(i.updated)]);
  if(i.ended) kv.push(['ended',clock(i.ended)]);
+ if(i.key) kv.push(['key',i.key,'mono']);
+ if(i.parent) kv.push(['parent',i.parent,'mono lnk']);
+ (Array.isArray(i.children)?i.children:[]).forEach((ch)=>kv.push(['child',short(ch.id)+' '+ch.definition+' · '+
+   ch.status,'mono']));
  $('panel-meta').replaceChildren(...kv.flatMap(([k,v,c])=>[h('dt',{t:k}),h('dd',{c:c,t:v})]));
+ const up=$('panel-meta').querySelector('dd.lnk');
+ if(up) up.onclick=()=>openPanel(i.parent);
+ const cb=$('panel-cancel');
+ show(cb,i.status!=='completed'&&i.status!=='cancelled');
+ show($('panel-retry'),i.status==='faulted');
+ if(cb.dataset.armed&&cb.dataset.armed!==i.id) disarm();
  txt($('panel-vars'),JSON.stringify(i.variables==null?{}:i.variables,null,2),1);
  sync($('panel-journal').tBodies[0],Array.isArray(i.journal)?i.journal:[],(j)=>j.step+':'+j.fence+':'+j.started,
    (j)=>{
@@ -8682,12 +8704,35 @@ form('signal-form','Could not send: ',async (input)=>{
  if(!name) throw new Error('give the signal a name.');
  const r=await api('/api/signals/'+encodeURIComponent(name),'POST',{input});
  const rs=r.resumed||[],sd=r.started||[];
+ if(r.kept) return ['Signal '+name+': no instance waits for it; kept until '+clock(r.kept_until)+
+   ' for the next one that does'];
  return ['Signal '+name+': resumed '+rs.length+', started '+sd.length+(rs.length?' ('+rs.map(short).join(', ')+
    ')':'')];
 });
 
 $('start-definition').onfocus=()=>{if(Date.now()-defsAt>3000) loadDefs();};
 $('panel-close').onclick=closePanel;
+// Cancel asks twice (a second click within 5 s) rather than through a blocking confirm dialog.
+function disarm(){const b=$('panel-cancel'); delete b.dataset.armed; txt(b,'Cancel instance');}
+async function act(id,path,body,what){
+ try {await api('/api/instances/'+encodeURIComponent(id)+path,'POST',body); txt($('panel-err'),'');}
+ catch(e){txt($('panel-err'),'Could not '+what+': '+e.message);}
+ pollNow();
+}
+$('panel-cancel').onclick=async ()=>{
+ const b=$('panel-cancel'),id=sel;
+ if(!id) return;
+ if(b.dataset.armed!==id){b.dataset.armed=id; txt(b,'Click again to cancel '+short(id)); setTimeout(()=>{
+  if(b.dataset.armed===id) disarm();},5000); return;}
+ disarm(); b.disabled=true;
+ try {await act(id,'/cancel',{reason:'cancelled from the dashboard'},'cancel');} finally {b.disabled=false;}
+};
+$('panel-retry').onclick=async ()=>{
+ const b=$('panel-retry'),id=sel;
+ if(!id) return;
+ b.disabled=true;
+ try {await act(id,'/retry',{},'retry');} finally {b.disabled=false;}
+};
 document.addEventListener('keydown',(e)=>{if(e.key==='Escape'&&sel) closePanel();});
 document.addEventListener('visibilitychange',
   ()=>{if(document.hidden){clearTimeout(timer); timer=null;} else pollNow();});
