@@ -4688,6 +4688,9 @@ def _check_activity(check: _Checker, activity_id: str, value: Any) -> BlueprintA
     if "on_timeout" in value and "timeout" not in value:
         check.fail(f"{place}.on_timeout", "goes with timeout: how long the wait lasts before it goes there")
         ok = False
+    if spec.get("timeout") == 0:  # it would end every wait at once: a loop through it would never rest
+        check.fail(f"{place}.timeout", "must be more than zero, such as 30s or 2d")
+        ok = False
     if kind == "call" and "retry" not in value:
         spec["retry"] = (CALL_ATTEMPTS, CALL_RETRY_DELAY)
     return BlueprintActivity(activity_id, kind, following, spec) if ok else None
