@@ -1,6 +1,6 @@
 """A corpus of bad input: every way in (CLI, HTTP, definitions, database files, the library) refuses it cleanly.
 
-315 inputs in all (the test at the end counts the tables), each checked for three things:
+336 inputs in all (the test at the end counts the tables), each checked for three things:
 (a) a clear message that names what was wrong (a fragment of it is asserted, never just "non-empty"):
     on the CLI one line on stderr starting with "nodeflow: " (``define`` prints one such line per
     problem and a summary line), nothing on stdout, and no Python traceback anywhere; over HTTP a
@@ -13,8 +13,8 @@
 
 What the tables cover:
 - CLI_CASES: every verb (status, serve, cluster, schedule add/list/remove, lock, send, receive,
-  dead-letters list/retry/purge, define, definitions, start, signal, instances, show, retry, cancel,
-  demo) with bad options and values: durations ("5x", "-1s", "1e999", a century and more), JSON
+  dead-letters list/retry/purge, define, definitions, start (--key), signal (--ttl), instances, show,
+  retry, cancel, prune, demo) with bad options and values: durations ("5x", "-1s", "1e999", a century and more), JSON
   (values nested more than 64 deep among them), queue, lock, timer, signal
   and node names, --at times, cron expressions and zones, --priority, --http addresses, --http
   beyond loopback without a token, --concurrency, unknown definitions, instances and timers. Each
@@ -22,7 +22,8 @@ What the tables cover:
   letter), all in parallel; all fail before a daemon would start.
 - DEFINITION_CASES: every field of a workflow definition (missing id/start/activities, bad types,
   unknown activity types and fields, dangling next/then/else, unreachable activities, repeated
-  keys, bad durations, cron triggers and zones, templates, condition operators, too-long names,
+  keys, bad durations, cron triggers and zones, templates, condition operators, timeouts and
+  on_timeout, run activities, too-long names,
   too large, not JSON, not UTF-8, ...), each through ``define FILE`` and through POST /api/definitions.
 - HTTP_CASES: every route of one ``serve --http`` node (/, /metrics, /api/status, /api/definitions,
   /api/definitions/ID, /api/instances, /api/instances/ID, /api/instances/ID/retry,
@@ -350,6 +351,8 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli("serve", "--http", "0.0.0.0:0", says="can be reached from other machines: give --http-token"),
         cli("serve", "--http", "[::]:0", "--http-token", "", says="give --http-token"),
         cli("serve", "--role", "boss", says="invalid choice: 'boss'"),
+        cli("serve", "--keep-instances", "forever", says="keep_instances: 'forever' is not a duration"),
+        cli("serve", "--keep-faulted=-1d", says="keep_faulted: '-1d' is not a duration"),
         cli("serve", "--grace", "5x", says="grace: '5x' is not a duration"),
         cli("serve", "--heartbeat", "0", says="heartbeat must be more than zero"),
         cli("serve", "--lease=-1s", says="lease: '-1s' is not a duration"),
@@ -449,6 +452,9 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli("start", "greet", "--input", "{bad", says="--input is not valid JSON"),
         cli("start", "greet", "--input", '{"x": NaN}', says="Out of range float"),
         cli("start", "greet", "--wait", "--timeout", "5x", says="--timeout: '5x' is not a duration"),
+        cli("start", "greet", "--key", "", says="a start key is printable text of 1 to 200 characters"),
+        cli("start", "greet", "--key", "k" * 201, says="a start key is printable text of 1 to 200 characters"),
+        cli("start", "greet", "--key", "a\nb", says="a start key is printable text"),
     ],
     "signal": [
         cli("signal", "", says="a signal name is printable text of 1 to 200 bytes"),
@@ -457,6 +463,16 @@ CLI_CASES: dict[str, list[Cli]] = {
         cli("signal", "go", "--input", "[1]", says="--input must be a JSON object"),
         cli("signal", "go", "--input", '{"a": ' + "[" * 500 + "]" * 500 + "}", says="--input nests lists and objects"),
         cli("signal", "go", "--input", "{bad", says="--input is not valid JSON"),
+        cli("signal", "go", "--ttl", "soon", says="--ttl: 'soon' is not a duration"),
+        cli("signal", "go", "--ttl=-1s", says="--ttl: '-1s' is not a duration"),
+        cli("signal", "go", "--ttl", "101y", says="--ttl: '101y' is not a duration"),
+        cli("signal", "go", "--ttl", "36600000d", says="longer than 100 years"),
+    ],
+    "prune": [
+        cli("prune", "--older-than", "a week", says="--older-than: 'a week' is not a duration"),
+        cli("prune", "--older-than=-1d", says="--older-than: '-1d' is not a duration"),
+        cli("prune", "--faulted-older-than", "x", says="--faulted-older-than: 'x' is not a duration"),
+        cli("prune", "extra", says="unrecognized arguments: extra"),
     ],
     "instances": [
         cli("instances", "--status", "sleeping", says="invalid choice: 'sleeping'"),
@@ -552,9 +568,7 @@ DEFINITION_CASES: dict[str, Definition] = {
     "a timer of 99999999999d": definition(
         b_is({"type": "timer", "duration": "99999999999d"}), "'99999999999d' is longer than 100 years"
     ),
-    "a bidi override in an id": definition(
-        changed((("start",), "a\u202eb")), 'start: no activity named "a\\u202eb"'
-    ),
+    "a bidi override in an id": definition(changed((("start",), "a\u202eb")), 'start: no activity named "a\\u202eb"'),
     "too large": definition(changed((("description",), "x" * 300_000)), "bytes of JSON; the most is 262144"),
     "id missing": definition(changed((("id",), DROP)), "id: is missing: give the workflow an id"),
     "id not text": definition(changed((("id",), 5)), "id: the id is 1 to 100 letters"),
@@ -688,6 +702,31 @@ DEFINITION_CASES: dict[str, Definition] = {
     "33 triggers": definition(
         changed((("triggers",), [{"type": "signal", "name": f"s{i}"} for i in range(33)])),
         "triggers: 33 triggers; the most is 32",
+    ),
+    # Waits that end, and child instances
+    "on_timeout alone": definition(
+        b_is({"type": "signal", "name": "go", "on_timeout": "a"}), "activities.b.on_timeout: goes with timeout"
+    ),
+    "a zero timeout": definition(
+        b_is({"type": "signal", "name": "go", "timeout": "0s", "on_timeout": "a"}),
+        "activities.b.timeout: must be more than zero",
+    ),
+    "a timeout not a duration": definition(
+        b_is({"type": "signal", "name": "go", "timeout": "soon"}), "activities.b.timeout: 'soon' is not a duration"
+    ),
+    "on_timeout nowhere": definition(
+        b_is({"type": "signal", "name": "go", "timeout": "1m", "on_timeout": "zz"}),
+        'activities.b.on_timeout: no activity named "zz"',
+    ),
+    "run without definition": definition(b_is({"type": "run"}), "activities.b.definition: is missing"),
+    "run a bad id": definition(
+        b_is({"type": "run", "definition": "a b"}), "definition: a workflow id is 1 to 100 letters"
+    ),
+    "run input a list": definition(
+        b_is({"type": "run", "definition": "w", "input": [1]}), "activities.b.input: must be an object of variables"
+    ),
+    "run a timeout of zero": definition(
+        b_is({"type": "run", "definition": "w", "timeout": 0}), "activities.b.timeout: must be more than zero"
     ),
 }
 
@@ -931,6 +970,9 @@ class CliCases(ClusterTestCase):
     def test_cancel(self) -> None:
         self.check_verb("cancel")
 
+    def test_prune(self) -> None:
+        self.check_verb("prune")
+
     def test_demo(self) -> None:
         self.check_verb("demo")
 
@@ -940,7 +982,7 @@ class CliCases(ClusterTestCase):
     def test_every_verb_has_cases(self) -> None:
         verbs = {
             "status", "serve", "cluster", "schedule", "lock", "send", "receive", "dead-letters", "define",
-            "definitions", "start", "signal", "instances", "show", "retry", "cancel", "demo",
+            "definitions", "start", "signal", "instances", "show", "retry", "cancel", "prune", "demo",
         }  # fmt: skip
         self.assertEqual(verbs, {case.args[0] for cases in CLI_CASES.values() for case in cases if case.args} - {
             "frobnicate"})  # fmt: skip
@@ -1127,7 +1169,9 @@ HTTP_CASES: dict[str, list[Request]] = {
     "/api/instances": [
         req("GET", "/api/instances?limit=abc", says="?limit= takes a whole number from 1, not 'abc'"),
         req(
-            "POST", "/api/instances", {"definition": "greet", "input": {"a": json.loads("[" * 300 + "]" * 300)}},
+            "POST",
+            "/api/instances",
+            {"definition": "greet", "input": {"a": json.loads("[" * 300 + "]" * 300)}},
             says="input nests lists and objects more than 64 deep",
         ),
         req("GET", "/api/instances?limit=0", says="?limit= takes a whole number"),
@@ -1139,7 +1183,12 @@ HTTP_CASES: dict[str, list[Request]] = {
         req("DELETE", "/api/instances", status=405, says="takes GET or POST, not DELETE"),
         req("POST", "/api/instances", b"{", says="the body is not JSON"),
         req("POST", "/api/instances", [], says='send a JSON object: {"definition": ID'),
-        req("POST", "/api/instances", {"definition": 5}, says='send {"definition": ID, "input": {...}, "key": TEXT (optional)}'),
+        req(
+            "POST",
+            "/api/instances",
+            {"definition": 5},
+            says='send {"definition": ID, "input": {...}, "key": TEXT (optional)}',
+        ),
         req("POST", "/api/instances", {"input": {}}, says='send {"definition": ID'),
         req("POST", "/api/instances", {"definition": "greet", "extra": 1}, says="unknown 'extra'"),
         req("POST", "/api/instances", {"definition": "nope"}, says="no workflow definition 'nope'"),
@@ -1198,7 +1247,12 @@ HTTP_CASES: dict[str, list[Request]] = {
         req("POST", "/api/signals/a%0Ab", {}, says="a signal name is printable text"),
         req("POST", "/api/signals/" + "s" * 201, {}, says="printable text of 1 to 200 bytes"),
         req("POST", "/api/signals/go", {"input": 5}, says="input must be a JSON object"),
-        req("POST", "/api/signals/go", {"input": {}, "extra": 1}, says='send {"input": {...}, "ttl": DURATION (optional)}'),
+        req(
+            "POST",
+            "/api/signals/go",
+            {"input": {}, "extra": 1},
+            says='send {"input": {...}, "ttl": DURATION (optional)}',
+        ),
         req("POST", "/api/signals/go", b"[", says="the body is not JSON"),
         req("POST", "/api/signals/go", [1], says='send a JSON object: {"input": {...}, "ttl": DURATION (optional)}'),
         req("POST", "/api/signals/go", {"input": {}}, status=415, says="not 'text/plain'", Content_Type="text/plain"),

@@ -1170,7 +1170,9 @@ class NodeWorkflowTests(ClusterTestCase):
     def test_signal_trigger_starts_an_instance(self) -> None:
         sent = self.cli("signal", "kick-wf", "--input", '{"n": 3}', "--json")
         self.assertEqual(sent.returncode, 0, sent.stderr)
-        self.assertEqual(json.loads(sent.stdout), {"resumed": [], "started": ["kicked"], "kept": False, "kept_until": None})
+        self.assertEqual(
+            json.loads(sent.stdout), {"resumed": [], "started": ["kicked"], "kept": False, "kept_until": None}
+        )
         deadline = time.monotonic() + 20
         while not (found := self.nf.instances(definition="kicked", status="completed")):
             if time.monotonic() > deadline:
