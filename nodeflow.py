@@ -14,7 +14,8 @@ Architecture in a few lines:
   - Membership: a node's liveness lock says it is alive; its heartbeat, timed by each peer, says it
     stalled, and then its leases, instance locks and scheduler office are taken from it.
   - Election: one node holds ``scheduler.lock`` and the current epoch; only it fires timers.
-  - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks.
+  - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks;
+    signals kept for the next waiter, waits that time out, child instances, retention of ended ones.
   - Node: the asyncio daemon of ``serve``; user code runs in threads of its own, never the node's.
   - The handle returned by ``connect()`` is the Python API; ``main()`` is the command line.
 """
@@ -494,6 +495,7 @@ _MIGRATIONS: dict[int, str] = {
         ALTER TABLE instances ADD COLUMN start_key TEXT;
         ALTER TABLE instances ADD COLUMN parent TEXT;
         ALTER TABLE instances ADD COLUMN child TEXT;
+        ALTER TABLE instances ADD COLUMN wake_message INTEGER;
         CREATE INDEX instances_parent ON instances (parent) WHERE parent IS NOT NULL;
         CREATE UNIQUE INDEX instances_start_key ON instances (start_key) WHERE start_key IS NOT NULL;
         CREATE INDEX instances_ended ON instances (updated) WHERE status IN ('completed', 'faulted', 'cancelled');
@@ -5043,10 +5045,20 @@ def _instance_from_row(
 _RUN_OF_MESSAGE = "CASE WHEN json_valid(body) THEN json_extract(body, '$.run') END"
 
 
-def _run_message(conn: sqlite3.Connection, instance: str, seq: int, at: float, now: float) -> None:
-    conn.execute(
+def _run_message(conn: sqlite3.Connection, instance: str, seq: int, at: float, now: float) -> int:
+    cursor = conn.execute(
         "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
         (WORKFLOW_QUEUE, json.dumps({"run": instance, "seq": seq}), at, now),
+    )
+    return int(cursor.lastrowid or 0)
+
+
+def _drop_wake_message(conn: sqlite3.Connection, instance: str) -> None:
+    """A wait that had a timeout ended otherwise: its queued timeout would only be acked as stale
+    when due (days later, say), counted in the queue's depth meanwhile; it goes now."""
+    conn.execute(
+        "DELETE FROM messages WHERE id = (SELECT wake_message FROM instances WHERE id = ?) AND lease_owner IS NULL",
+        (instance,),
     )
 
 
@@ -5137,6 +5149,7 @@ def _resume_parent(
     if row is None:  # it stopped waiting (timed out, cancelled): nothing waits for this end
         return False
     now = time.time()
+    _drop_wake_message(conn, parent)
     outcome = json.dumps({"child": child, "status": status, "error": error})
     resume = f'{outcome[:-1]}, "variables": {variables}}}'  # the child's variables as stored, not parsed again
     conn.execute(
@@ -5464,6 +5477,7 @@ class Workflows:
             ).fetchall():
                 # seq moves on: the run message of its timeout (if it has one) is stale from here,
                 # so a signal and a timeout that race resolve one way only.
+                _drop_wake_message(conn, instance)
                 conn.execute(
                     "UPDATE instances SET status = 'running', waiting_for = NULL, wake_at = NULL, resume = ?, "
                     "seq = seq + 1, updated = ? WHERE id = ? AND seq = ?",
@@ -6093,7 +6107,9 @@ class WorkflowRunner:
                     "DELETE FROM journal WHERE instance = ? AND step < ?", (burst.id, steps - JOURNAL_KEEP_STEPS)
                 )
             if run_at is not None:
-                _run_message(conn, burst.id, burst.seq + 1, run_at, now)
+                message = _run_message(conn, burst.id, burst.seq + 1, run_at, now)
+                if wake_at is not None:  # a timeout that a signal or a child's end may make needless
+                    conn.execute("UPDATE instances SET wake_message = ? WHERE id = ?", (message, burst.id))
             if burst.cancel_child is not None:  # after our own row: its end then finds no parent waiting for it
                 _cancel_instances(conn, burst.cancel_child, f"its parent {burst.id} stopped waiting for it", node)
             if burst.status in ("completed", "faulted"):
@@ -9379,6 +9395,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("instances: " + ", ".join(f"{count} {status}" for status, count in instances.items()))
     for timer in report["timers"]:
         print(f"timer {_show_name(timer['name'])}: next {timer['next']} -> queue {_show_name(timer['queue'])}")
+    kept = report["kept_signals"]
+    for signal_kept in kept["oldest"][:10]:
+        print(
+            f"kept signal {_show_name(signal_kept['name'])}: sent {signal_kept['sent']}, until {signal_kept['expires']}"
+        )
+    if kept["count"] > min(10, len(kept["oldest"])):
+        print(f"kept signals: {kept['count']} in all (status --json lists the oldest {KEPT_SIGNALS_SHOWN})")
     if not report["locks"]:
         print("locks: none held")
     for lock in report["locks"]:

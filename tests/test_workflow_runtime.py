@@ -513,6 +513,19 @@ class SignalTimeouts(RuntimeTestCase):
         self.assertRegex(outcomes[0], rf"^waiting for signal t-b until {ISO_TIME}$")
         self.assertEqual(outcomes[1:], ["signal received", "set way"])
 
+        # A long timeout ended by a signal: its queued timeout goes with the signal's commit, rather
+        # than sitting in the queue (and its depth) for an hour to be acked as stale.
+        self.nf.define(timed("hour", "1h"))
+        patient = self.nf.start("hour", {"name": "t-e"})
+        self.settle(lambda: self.statuses([patient])["waiting"] == 1, 30, "the hour instance waiting")
+        runs_of = (
+            "SELECT COUNT(*) FROM messages WHERE queue = ? AND json_extract(body, '$.run') = ? AND available_at > ?"
+        )
+        self.assertEqual(self.count(runs_of, nodeflow.WORKFLOW_QUEUE, patient, time.time() + 600), 1, "its timeout")
+        self.assertEqual(self.nf.signal("t-e", {"n": 3}).resumed, (patient,))
+        self.assertEqual(self.count(runs_of, nodeflow.WORKFLOW_QUEUE, patient, time.time() + 600), 0, "dropped")
+        self.assertEqual(self.nf.wait(patient, 30).status, "completed")
+
         # No on_timeout: it faults, saying so; retry waits again (and times out again).
         self.assertEqual(self.nf.wait(strict, 30).status, "faulted")
         faulted = self.nf.instance(strict)
