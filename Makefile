@@ -34,12 +34,14 @@ bench: $(DEV)
 	$(VENV)/bin/python bench/bench_bus.py
 	$(VENV)/bin/python bench/bench_serve.py
 	$(VENV)/bin/python bench/bench_workflows.py
+	$(VENV)/bin/python bench/bench_retention.py
 
 bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py --quick
 	$(VENV)/bin/python bench/bench_bus.py --quick
 	$(VENV)/bin/python bench/bench_serve.py --quick
 	$(VENV)/bin/python bench/bench_workflows.py --quick
+	$(VENV)/bin/python bench/bench_retention.py --quick
 
 run:
 	$(PYTHON) examples/counter.py

@@ -237,6 +237,7 @@ class Nodes:
     folder: str
     count: int
     template: str | None = None  # a database file to start from (copied), else a fresh one
+    extra: tuple[str, ...] = ()  # more `serve` options for every node
     db: str = ""
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     logs: dict[str, str] = field(default_factory=dict)
@@ -257,7 +258,7 @@ class Nodes:
             with open(self.logs[node], "wb") as err:
                 self.procs[node] = subprocess.Popen(
                     [sys.executable, str(REPO / "nodeflow.py"), "--db", self.db, "serve", "--node-id", node,
-                     "--concurrency", str(CONCURRENCY)],
+                     "--concurrency", str(CONCURRENCY), *self.extra],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=err,
@@ -321,11 +322,13 @@ class Bench:
         self.load_seen: list[float] = []
 
     @contextlib.contextmanager
-    def cluster(self, name: str, count: int, template: str | None = None) -> Iterator[tuple[Nodes, nodeflow.Cluster]]:
+    def cluster(
+        self, name: str, count: int, template: str | None = None, extra: tuple[str, ...] = ()
+    ) -> Iterator[tuple[Nodes, nodeflow.Cluster]]:
         """A started cluster and a client handle on it; stopped and its folder removed on the way out."""
         self.clusters += 1
         self.load_seen.append(os.getloadavg()[0])
-        nodes = Nodes(os.path.join(self.folder, f"{self.clusters:02d}-{name}"), count, template)
+        nodes = Nodes(os.path.join(self.folder, f"{self.clusters:02d}-{name}"), count, template, extra)
         nf: nodeflow.Cluster | None = None
         try:
             nodes.start()

@@ -49,10 +49,12 @@ class Row:
 
 def format_number(value: float, unit: str) -> str:
     """Rates and sizes as whole numbers with thousands separators, ratios to 2 places, the rest to 3."""
-    if unit in ("ops/s", "msg/s", "kB"):
+    if unit in ("ops/s", "msg/s", "kB", "inst", "pages"):
         return f"{value:,.0f}"
     if unit in ("x", "share"):
         return f"{value:.2f}"
+    if unit == "s":
+        return f"{value:.1f}"
     return f"{value:.3f}"
 
 
