@@ -60,7 +60,7 @@ import urllib.parse
 import weakref
 import zoneinfo
 from collections.abc import Awaitable, Callable, Generator, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar, overload
 
@@ -499,6 +499,27 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX instances_parent ON instances (parent) WHERE parent IS NOT NULL;
         CREATE UNIQUE INDEX instances_start_key ON instances (start_key) WHERE start_key IS NOT NULL;
         CREATE INDEX instances_ended ON instances (updated) WHERE status IN ('completed', 'faulted', 'cancelled');
+        ALTER TABLE instances ADD COLUMN forked TEXT;
+        ALTER TABLE instances ADD COLUMN call_first INTEGER;
+        ALTER TABLE journal ADD COLUMN branch TEXT;
+        CREATE TABLE branches (
+            instance    TEXT NOT NULL,
+            name        TEXT NOT NULL,
+            fork        TEXT NOT NULL,
+            position    TEXT,
+            bookmark    TEXT,
+            waiting_for TEXT,
+            wake_at     REAL,
+            resume      TEXT,
+            attempt     INTEGER NOT NULL DEFAULT 0,
+            child       TEXT,
+            locals      TEXT NOT NULL,
+            forked      TEXT,
+            call_first  INTEGER,
+            PRIMARY KEY (instance, name)
+        ) WITHOUT ROWID;
+        CREATE INDEX branches_waiting ON branches (waiting_for) WHERE waiting_for IS NOT NULL;
+        CREATE INDEX branches_child ON branches (child) WHERE child IS NOT NULL;
     """,
 }
 
@@ -4138,7 +4159,20 @@ DEFINITIONS_TOKEN = "definitions"  # the change token every define triggers: cac
 RING_INSTANCES = "w"  # an instance completed or faulted: callers waiting for its end look again
 INSTANCE_STATUSES = ("running", "waiting", "completed", "faulted", "cancelled")
 ENDED_STATUSES = ("completed", "faulted", "cancelled")  # an instance in these runs no more (a faulted one until retry)
-ACTIVITY_TYPES = ("log", "set", "if", "timer", "start_at", "signal", "call", "fail", "work", "run")
+ACTIVITY_TYPES = (
+    "log",
+    "set",
+    "if",
+    "timer",
+    "start_at",
+    "signal",
+    "call",
+    "fail",
+    "work",
+    "run",
+    "parallel",
+    "for_each",
+)
 DEFINITION_MAX_BYTES = 256 * 1024
 DEFINITION_MAX_ACTIVITIES = 1000
 DEFINITION_MAX_TRIGGERS = 32
@@ -4162,6 +4196,9 @@ SIGNAL_KEEP_DEFAULT = 3600.0  # how long a signal that found no waiting instance
 KEPT_SIGNALS_SHOWN = 100  # status lists the oldest kept signals, and counts them all
 START_KEY_MAX_CHARS = 200
 CHILD_MAX_DEPTH = 32  # instances started by run activities, nested: a definition that runs itself stops here
+PARALLEL_MAX_BRANCHES = 100  # branches one parallel activity names
+FOR_EACH_MAX_ITEMS = 1000  # items one for_each activity goes through (a bigger list: split it, or run children)
+INSTANCE_MAX_BRANCHES = 1000  # branches of one instance at once, nested ones too: a burst runs them all
 KEEP_INSTANCES_DEFAULT = 7 * 86400.0  # ended instances (completed, cancelled) are removed this long after they ended
 KEEP_FAULTED_DEFAULT = 30 * 86400.0  # a faulted instance waits for an operator (retry or cancel) longer
 PRUNE_BATCH_ROWS = 2000  # rows (journal and instances) one retention transaction removes: a short turn at the writer
@@ -4185,6 +4222,10 @@ class InvalidDefinition(InvalidInput):
 
 class _Fault(Exception):
     """An activity failed in a way a retry cannot mend (a missing variable, a bad comparison)."""
+
+
+class _Failed(_Fault):
+    """A fail activity: the definition faults its instance on purpose."""
 
 
 class _CallFailed(Exception):
@@ -4545,6 +4586,13 @@ _ACTIVITY_FIELDS: dict[str, dict[str, tuple[str, bool]]] = {
     "call": {"function": ("function", True), "result": ("variable", False), "retry": ("retry", False)},
     "fail": {"message": ("template", True)},
     "work": {"duration": ("work", True), "kind": ("work-kind", False)},
+    "parallel": {"branches": ("branches", True), "join": ("join", False)},
+    "for_each": {
+        "items": ("template", True),
+        "as": ("variable", True),
+        "body": ("ref", True),
+        "parallel": ("bool", False),
+    },
     "run": {
         "definition": ("workflow", True),
         "input": ("values", False),
@@ -4571,6 +4619,24 @@ def _check_activity_field(check: _Checker, kind: str, value: Any, place: str) ->
         return check.duration(value, place)
     if kind == "work":
         return check.duration(value, place, WORK_MAX_SECONDS)
+    if kind == "branches":
+        if not isinstance(value, list) or not 1 <= len(value) <= PARALLEL_MAX_BRANCHES:
+            check.fail(place, f'must be a list of 1 to {PARALLEL_MAX_BRANCHES} activity ids, such as ["pack", "bill"]')
+            return None
+        if not all(isinstance(item, str) for item in value) or len(set(value)) != len(value):
+            check.fail(place, "must name each branch's first activity once, as text")
+            return None
+        return tuple(value)
+    if kind == "join":
+        if value not in ("all", "any"):
+            check.fail(place, f'must be "all" (every branch ends) or "any" (the first one), not {_quoted(value)}')
+            return None
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            check.fail(place, f"must be true or false, not {_quoted(value)}")
+            return None
+        return value
     if kind == "work-kind":
         if value not in ("io", "cpu"):
             check.fail(place, f'must be "io" (waits) or "cpu" (computes), not {_quoted(value)}')
@@ -4702,8 +4768,11 @@ def _exits(activity: Any) -> list[tuple[str, str]]:
     """(field, target activity id) for each way out of an activity as written (its JSON object)."""
     if not isinstance(activity, dict):
         return []
-    fields = ("next", "then", "else") if activity.get("type") == "if" else ("next", "on_timeout")
-    return [(field, activity[field]) for field in fields if isinstance(activity.get(field), str)]
+    fields = ("next", "then", "else") if activity.get("type") == "if" else ("next", "on_timeout", "body")
+    exits = [(field, activity[field]) for field in fields if isinstance(activity.get(field), str)]
+    if activity.get("type") == "parallel" and isinstance(activity.get("branches"), list):
+        exits += [(f"branches[{i}]", start) for i, start in enumerate(activity["branches"]) if isinstance(start, str)]
+    return exits
 
 
 class _JSONObject(dict[str, Any]):
@@ -4978,6 +5047,7 @@ class JournalEntry:
     started: float
     ended: float
     outcome: str
+    branch: str | None = None  # the branch of a parallel or for_each it ran on (None: the main path)
 
 
 @dataclass(frozen=True)
@@ -5000,6 +5070,7 @@ class Instance:
     key: str | None = None  # the key it was started with (start --key): no second instance has it
     parent: str | None = None  # the instance whose run activity started it
     children: tuple[tuple[str, str, str], ...] = ()  # (id, definition, status) of those its run activities started
+    branches: tuple[tuple[str, str | None, str | None, float | None], ...] = ()  # (name, activity, signal, wake)
 
 
 @dataclass(frozen=True)
@@ -5051,6 +5122,19 @@ def _run_message(conn: sqlite3.Connection, instance: str, seq: int, at: float, n
         (WORKFLOW_QUEUE, json.dumps({"run": instance, "seq": seq}), at, now),
     )
     return int(cursor.lastrowid or 0)
+
+
+def _wake_instance(conn: sqlite3.Connection, instance: str, now: float) -> None:
+    """Something it waited for came (a signal, a child's end): it runs again, at a new seq (so the
+    run message of a timeout racing this is stale), unless it is faulted: then a retry runs it."""
+    _drop_wake_message(conn, instance)
+    row = conn.execute(
+        "UPDATE instances SET status = CASE status WHEN 'faulted' THEN 'faulted' ELSE 'running' END, seq = seq + 1, "
+        "updated = ? WHERE id = ? RETURNING seq, status",
+        (now, instance),
+    ).fetchone()
+    if row is not None and row[1] != "faulted":
+        _run_message(conn, instance, int(row[0]), now, now)
 
 
 def _drop_wake_message(conn: sqlite3.Connection, instance: str) -> None:
@@ -5142,21 +5226,24 @@ def _resume_parent(
     did not complete faults it there). Its seq moves on, so the timeout of its wait is stale."""
     if parent is None:
         return False
-    row = conn.execute(
-        "SELECT seq FROM instances WHERE id = ? AND status = 'waiting' AND bookmark = 'child' AND child = ?",
-        (parent, child),
-    ).fetchone()
-    if row is None:  # it stopped waiting (timed out, cancelled): nothing waits for this end
-        return False
-    now = time.time()
-    _drop_wake_message(conn, parent)
     outcome = json.dumps({"child": child, "status": status, "error": error})
     resume = f'{outcome[:-1]}, "variables": {variables}}}'  # the child's variables as stored, not parsed again
-    conn.execute(
-        "UPDATE instances SET status = 'running', wake_at = NULL, resume = ?, seq = seq + 1, updated = ? WHERE id = ?",
-        (resume, now, parent),
+    # Its main path, or one of its branches, waits for this child (none: it stopped waiting, timed
+    # out or cancelled, and nothing waits for this end).
+    waits = (
+        conn.execute(
+            "UPDATE instances SET wake_at = NULL, resume = ? WHERE id = ? AND bookmark = 'child' AND child = ? "
+            "AND status NOT IN ('completed', 'cancelled')",
+            (resume, parent, child),
+        ).rowcount
+        or conn.execute(
+            "UPDATE branches SET wake_at = NULL, resume = ? WHERE instance = ? AND bookmark = 'child' AND child = ?",
+            (resume, parent, child),
+        ).rowcount
     )
-    _run_message(conn, parent, int(row[0]) + 1, now, now)
+    if not waits:
+        return False
+    _wake_instance(conn, parent, time.time())
     return True
 
 
@@ -5192,6 +5279,7 @@ def _cancel_instances(conn: sqlite3.Connection, instance: str, reason: str | Non
             (WORKFLOW_QUEUE, current),
         )
         conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + current,))
+        conn.execute("DELETE FROM branches WHERE instance = ?", (current,))  # their waits end with them
         cancelled.append(current)
         _resume_parent(conn, current, parent, "cancelled", variables, why)
         for (child,) in conn.execute(
@@ -5471,20 +5559,29 @@ class Workflows:
 
         def deliver(conn: sqlite3.Connection) -> SignalOutcome:
             now = time.time()
-            resumed = []
-            for instance, seq in conn.execute(
-                "SELECT id, seq FROM instances WHERE waiting_for = ? ORDER BY created", (name,)
+            resumed: list[str] = []
+            for (instance,) in conn.execute(
+                "SELECT id FROM instances WHERE waiting_for = ? ORDER BY created", (name,)
             ).fetchall():
+                conn.execute(
+                    "UPDATE instances SET waiting_for = NULL, wake_at = NULL, resume = ? WHERE id = ?",
+                    (resume, instance),
+                )
+                resumed.append(instance)
+            for instance, branch in conn.execute(
+                "SELECT instance, name FROM branches WHERE waiting_for = ? ORDER BY instance, name", (name,)
+            ).fetchall():
+                conn.execute(
+                    "UPDATE branches SET waiting_for = NULL, wake_at = NULL, resume = ? "
+                    "WHERE instance = ? AND name = ?",
+                    (resume, instance, branch),
+                )
+                if instance not in resumed:
+                    resumed.append(instance)
+            for instance in resumed:
                 # seq moves on: the run message of its timeout (if it has one) is stale from here,
                 # so a signal and a timeout that race resolve one way only.
-                _drop_wake_message(conn, instance)
-                conn.execute(
-                    "UPDATE instances SET status = 'running', waiting_for = NULL, wake_at = NULL, resume = ?, "
-                    "seq = seq + 1, updated = ? WHERE id = ? AND seq = ?",
-                    (resume, now, instance, seq),
-                )
-                _run_message(conn, instance, seq + 1, now, now)
-                resumed.append(instance)
+                _wake_instance(conn, instance, now)
             started = []
             for definition, trigger_input in conn.execute(
                 "SELECT definition, input FROM signal_triggers WHERE name = ? ORDER BY definition, position", (name,)
@@ -5597,7 +5694,7 @@ class Workflows:
                 entries = tuple(
                     JournalEntry(*entry)
                     for entry in conn.execute(
-                        "SELECT step, activity, type, node, fence, started, ended, outcome FROM journal "
+                        "SELECT step, activity, type, node, fence, started, ended, outcome, branch FROM journal "
                         "WHERE instance = ? ORDER BY step",
                         (found,),
                     )
@@ -5609,7 +5706,14 @@ class Workflows:
                     (found,),
                 )
             )
-            return _instance_from_row(row, entries, children)
+            branches = tuple(
+                conn.execute(
+                    "SELECT name, position, waiting_for, wake_at FROM branches WHERE instance = ? ORDER BY name "
+                    "LIMIT 1000",
+                    (found,),
+                ).fetchall()
+            )
+            return replace(_instance_from_row(row, entries, children), branches=branches)
 
         return self.store.read(read)
 
@@ -5622,22 +5726,26 @@ class Workflows:
 
         def retry(conn: sqlite3.Connection) -> None:
             now = time.time()
-            status, seq, wake_at = conn.execute(
-                "SELECT status, seq, wake_at FROM instances WHERE id = ?", (found,)
-            ).fetchone()
+            status, seq = conn.execute("SELECT status, seq FROM instances WHERE id = ?", (found,)).fetchone()
             if status == "faulted":
                 conn.execute(
                     "UPDATE instances SET status = 'running', seq = seq + 1, attempt = 0, error = NULL, unwaited = 0, "
                     "updated = ? WHERE id = ?",
                     (now, found),
                 )
+                conn.execute("UPDATE branches SET attempt = 0 WHERE instance = ?", (found,))
                 _run_message(conn, found, seq + 1, now, now)
                 return
             queued = conn.execute(
                 f"SELECT 1 FROM messages WHERE queue = ? AND {_RUN_OF_MESSAGE} = ?", (WORKFLOW_QUEUE, found)
             ).fetchone()
-            if queued is None and (status == "running" or (status == "waiting" and wake_at is not None)):
-                _run_message(conn, found, seq, max(now, wake_at or now), now)  # its message went dead: a new one
+            wake = conn.execute(
+                "SELECT MIN(wake_at) FROM (SELECT wake_at FROM instances WHERE id = :id "
+                "UNION ALL SELECT wake_at FROM branches WHERE instance = :id)",
+                {"id": found},
+            ).fetchone()[0]
+            if queued is None and (status == "running" or (status == "waiting" and wake is not None)):
+                _run_message(conn, found, seq, max(now, wake or now), now)  # its message went dead: a new one
                 return
             raise InvalidInput(
                 f"instance {found} is {status}; only a faulted instance (or one whose message died) can be retried"
@@ -5859,41 +5967,129 @@ class _StaleInstance(NodeflowError):
 _UNSET = object()  # a variable that did not exist before a step set it
 
 
+class _Thread:
+    """One path through an instance's activities: its main path (name ""), or a branch that a
+    parallel or for_each activity forked (a row of ``branches``). Each waits on its own: a timer, a
+    signal, a child instance, a call's next try, or the branches it forked; a burst runs every
+    path that can go on, one after the other, under the one instance lock."""
+
+    def __init__(
+        self,
+        name: str,
+        fork: str | None,
+        position: str | None,
+        bookmark: str | None = None,
+        waiting_for: str | None = None,
+        wake_at: float | None = None,
+        resume: Any = None,
+        attempt: int = 0,
+        child: str | None = None,
+        locals_: dict[str, Any] | None = None,
+        forked: dict[str, Any] | None = None,
+        call_first: int | None = None,
+    ) -> None:
+        self.name, self.fork, self.position, self.bookmark = name, fork, position, bookmark
+        self.waiting_for, self.wake_at, self.resume, self.attempt = waiting_for, wake_at, resume, attempt
+        self.child, self.locals, self.forked = child, dict(locals_ or {}), forked
+        self.call_first = call_first  # the journal step of the first try of the call it is at: its key
+        self.ended = False  # its chain ran out (a branch) or the instance completed (the main path)
+        self.removed = False  # a branch that ended or was cancelled: its row goes
+        self.start_child: tuple[str, int, str] | None = None  # (definition, version, variables): the commit starts it
+        self.child_row: int | None = None  # the journal step that says so, to which the commit adds the child's id
+        self.began_signal_wait: int | None = None  # the journal step of a signal wait begun now (a kept one may end it)
+        self.loaded: tuple[Any, ...] | None = None  # its row as read, to write it back only when it changed
+
+    def due(self, now: float) -> bool:
+        return self.wake_at is not None and self.wake_at <= now + 0.001
+
+    def runnable(self, now: float) -> bool:
+        """Whether its next step can run now."""
+        if self.ended or self.removed:
+            return False
+        if self.bookmark is None:
+            return True
+        if self.bookmark == "fork":
+            return False  # its branches resume it when they join
+        if self.bookmark in ("signal", "child"):
+            return self.resume is not None or self.due(now)  # it came, or the wait timed out
+        return self.due(now)  # a timer, or a call's next try
+
+    def row(self) -> tuple[Any, ...]:
+        """Its branches row, less the instance."""
+        return (
+            self.name, self.fork or "", self.position, self.bookmark, self.waiting_for, self.wake_at,
+            None if self.resume is None else json.dumps(self.resume), self.attempt, self.child,
+            json.dumps(self.locals), None if self.forked is None else json.dumps(self.forked), self.call_first,
+        )  # fmt: skip
+
+
+_BRANCH_COLUMNS = (
+    "name, fork, position, bookmark, waiting_for, wake_at, resume, attempt, child, locals, forked, call_first"
+)
+
+
 class _Burst:
     """The state of an instance as one burst of steps changes it, committed all at once.
 
     ``stored`` is the variables' JSON as they will be committed: every step that writes variables
     checks the new ones (size, depth) at once and stores them, or is undone and faults the instance
-    at that step, so the journal and the variables committed never disagree.
+    at that step, so the journal and the variables committed never disagree. Branches see the
+    variables too, with their own (``locals``: a for_each item) over them.
     """
 
-    def __init__(self, row: tuple[Any, ...], blueprint: Blueprint) -> None:
-        (self.id, self.seq, self.status, self.position, self.stored, self.attempt, self.bookmark,
-         self.waiting_for, self.wake_at, resume, self.steps) = row[:11]  # fmt: skip
+    def __init__(self, row: tuple[Any, ...], blueprint: Blueprint, branches: Iterable[tuple[Any, ...]] = ()) -> None:
+        (self.id, self.seq, self.status, position, self.stored, attempt, bookmark, waiting_for, wake_at, resume,
+         self.steps) = row[:11]  # fmt: skip
         self.unwaited: int = row[13] if len(row) > 13 else 0  # steps since its last wait (a timer, a signal)
-        # Still waiting for a signal or a child, yet run: the message of its wait's timeout runs it.
-        self.timed_out = self.status == "waiting" and self.bookmark in ("signal", "child")
         self.parent: str | None = row[14] if len(row) > 14 else None  # whose run activity started it
-        self.child: str | None = row[15] if len(row) > 15 else None  # the instance its run activity waits for
-        self.start_child: tuple[str, int, str] | None = None  # (definition, version, variables): the commit starts it
-        self.cancel_child: str | None = None  # a child it stopped waiting for: the commit cancels it
+        child: str | None = row[15] if len(row) > 15 else None
+        forked: str | None = row[16] if len(row) > 16 else None
+        call_first: int | None = row[17] if len(row) > 17 else None
         self.broken: str | None = None  # why its stored state cannot be read (then it faults, changing nothing)
         self.variables: dict[str, Any] = {}
-        self.resume: Any = None
-        self.first = self.position is None  # the first burst: the definition's variables, then the input over them
+        self.first = position is None  # the first burst: the definition's variables, then the input over them
+        self.main = _Thread("", None, position, bookmark, waiting_for, wake_at, None, attempt, child,
+                            call_first=call_first)  # fmt: skip
+        self.threads = [self.main]
         try:
             self.variables = json.loads(self.stored)
-            self.resume = None if resume is None else json.loads(resume)
-        except (ValueError, RecursionError) as error:
-            self.broken = f"its stored variables or signal input cannot be read ({type(error).__name__}: {error})"
+            self.main.resume = None if resume is None else json.loads(resume)
+            self.main.forked = None if forked is None else json.loads(forked)
+            for branch in branches:
+                thread = _Thread(
+                    branch[0], branch[1], branch[2], branch[3], branch[4], branch[5],
+                    None if branch[6] is None else json.loads(branch[6]), branch[7], branch[8], json.loads(branch[9]),
+                    None if branch[10] is None else json.loads(branch[10]), branch[11],
+                )  # fmt: skip
+                thread.loaded = thread.row()
+                self.threads.append(thread)
+        except (ValueError, RecursionError, IndexError, TypeError) as error:
+            self.broken = f"its stored state cannot be read ({type(error).__name__}: {error})"
         if self.first:
             self.variables = {**json.loads(json.dumps(blueprint.variables)), **self.variables}
-            self.position = blueprint.start
+            self.main.position = blueprint.start
         self.error: str | None = None
-        self.journal: list[tuple[Any, ...]] = []
+        self.journal: list[tuple[Any, ...]] = []  # (step, activity, type, started, ended, outcome, branch)
+        self.next_step: int = self.steps  # steps are numbered as they begin: branches' steps may end in another order
+        self.budget = BURST_MAX_STEPS
         self.run_again_at: float | None = None  # when to send the next run message (None: no message)
+        self.cancel_children: list[str] = []  # children nothing waits for now: the commit cancels them
         self.definition = blueprint.id
         self.fence = 0  # the instance lock's fence for this burst
+
+    @property
+    def position(self) -> str | None:
+        return self.main.position
+
+    def thread(self, name: str) -> _Thread:
+        return next(thread for thread in self.threads if thread.name == name and not thread.removed)
+
+    def view(self, thread: _Thread) -> dict[str, Any]:
+        """The variables as ``thread``'s steps read them."""
+        return {**self.variables, **thread.locals} if thread.locals else self.variables
+
+    def live_branches(self) -> list[_Thread]:
+        return [thread for thread in self.threads[1:] if not thread.removed]
 
 
 class WorkflowRunner:
@@ -5964,19 +6160,25 @@ class WorkflowRunner:
         row: tuple[Any, ...] | None = self.workflows.store.read(
             lambda conn: conn.execute(
                 "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
-                "definition, version, unwaited, parent, child FROM instances WHERE id = ?",
+                "definition, version, unwaited, parent, child, forked, call_first FROM instances WHERE id = ?",
                 (instance,),
             ).fetchone()
         )
         return row
 
+    def _branches(self, instance: str) -> list[tuple[Any, ...]]:
+        rows: list[tuple[Any, ...]] = self.workflows.store.read(
+            lambda conn: conn.execute(
+                f"SELECT {_BRANCH_COLUMNS} FROM branches WHERE instance = ? ORDER BY name", (instance,)
+            ).fetchall()
+        )
+        return rows
+
     @staticmethod
     def _runnable(row: tuple[Any, ...] | None, seq: int) -> bool:
-        # Running with this seq, or waiting on a timer (or a signal's timeout) whose message this
-        # is; anything else is stale.
-        return (
-            row is not None and row[1] == seq and (row[2] == "running" or (row[2] == "waiting" and row[8] is not None))
-        )
+        # Running or waiting with this seq: the burst runs whatever of it can go on (a timer or a
+        # timeout due, a signal come); anything else is stale.
+        return row is not None and row[1] == seq and row[2] in ("running", "waiting")
 
     async def _run(self, message: Message, instance: str, seq: int) -> None:
         if not self._runnable(self._read(instance), seq):
@@ -6047,8 +6249,7 @@ class WorkflowRunner:
         rings = []
         if (
             burst.run_again_at is not None
-            or burst.waiting_for is not None  # a kept signal may resume it
-            or burst.start_child is not None
+            or any(thread.began_signal_wait is not None or thread.start_child for thread in burst.threads)
             or (burst.parent is not None and burst.status in ENDED_STATUSES)  # its parent goes on
         ):
             rings.append(_ring_topic_for_queue(WORKFLOW_QUEUE))
@@ -6060,62 +6261,90 @@ class WorkflowRunner:
         node = self.node
         ended = time.time() if burst.status == "completed" else None
         journal = [
-            (burst.id, burst.steps + index, *entry[:2], node, fence, *entry[2:])
-            for index, entry in enumerate(burst.journal)
+            (burst.id, step, activity, kind, node, fence, started, ended, outcome, branch)
+            for step, activity, kind, started, ended, outcome, branch in sorted(burst.journal)
         ]
+        index_of = {row[1]: index for index, row in enumerate(journal)}
         steps = burst.steps + len(journal)
 
         def commit(conn: sqlite3.Connection) -> None:
+            # Work on copies: a busy database runs this again from the start.
             now = time.time()
-            status, waiting_for, wake_at, resume, run_at = (
-                burst.status, burst.waiting_for, burst.wake_at, None, burst.run_again_at
-            )  # fmt: skip
+            status, run_at = burst.status, burst.run_again_at
             rows = list(journal)
-            child = burst.child
-            if burst.start_child is not None:
-                definition, version, variables = burst.start_child
-                by = f"{node} (run by {burst.id} at {burst.position})"
-                child = _create_instance(conn, definition, version, variables, by, parent=burst.id)
-                rows[-1] = (*rows[-1][:-1], f"{rows[-1][-1]}: instance {child}")
-            if waiting_for is not None:  # a signal sent before it got here may be kept for it
-                kept = _take_kept_signal(conn, waiting_for, now)
-                if kept is not None:
-                    status, waiting_for, wake_at, resume, run_at = "running", None, None, kept[0], now
-                    rows[-1] = (
-                        *rows[-1][:-1],
-                        f"{rows[-1][-1]}: it was sent at {_iso_text(kept[1])} and kept; resumed",
-                    )
+            live = [thread for thread in burst.threads if not thread.removed]
+            state = {id(t): (t.child, t.waiting_for, t.wake_at, t.resume) for t in live}
+            for thread in live:
+                child, waiting_for, wake_at, resume = state[id(thread)]
+                if thread.start_child is not None:
+                    definition, version, variables = thread.start_child
+                    by = f"{node} (run by {burst.id} at {thread.position})"
+                    child = _create_instance(conn, definition, version, variables, by, parent=burst.id)
+                    if thread.child_row in index_of:
+                        at = index_of[thread.child_row]
+                        rows[at] = (*rows[at][:-2], f"{rows[at][-2]}: instance {child}", rows[at][-1])
+                if waiting_for is not None and thread.began_signal_wait in index_of and status != "faulted":
+                    kept = _take_kept_signal(conn, waiting_for, now)  # sent before it got here
+                    if kept is not None:
+                        waiting_for, wake_at, resume = None, None, json.loads(kept[0])
+                        status, run_at = "running", now
+                        at = index_of[thread.began_signal_wait]
+                        said = f"{rows[at][-2]}: it was sent at {_iso_text(kept[1])} and kept; resumed"
+                        rows[at] = (*rows[at][:-2], said, rows[at][-1])
+                state[id(thread)] = (child, waiting_for, wake_at, resume)
+            main = burst.main
+            child, waiting_for, wake_at, resume = state[id(main)]
             changed = conn.execute(
                 "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
                 "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = ?, "
-                "error = ?, updated = ?, ended = ?, unwaited = ?, child = ? WHERE id = ? AND seq = ? AND fence < ?",
-                (status, burst.position, burst.stored, fence, len(rows), burst.attempt, burst.bookmark,
-                 waiting_for, wake_at, resume, burst.error, now, ended, burst.unwaited, child, burst.id, burst.seq,
-                 fence),
+                "error = ?, updated = ?, ended = ?, unwaited = ?, child = ?, forked = ?, call_first = ? "
+                "WHERE id = ? AND seq = ? AND fence < ?",
+                (status, main.position, burst.stored, fence, len(rows), main.attempt, main.bookmark,
+                 waiting_for, wake_at, None if resume is None else json.dumps(resume), burst.error, now, ended,
+                 burst.unwaited, child, None if main.forked is None else json.dumps(main.forked), main.call_first,
+                 burst.id, burst.seq, fence),
             ).rowcount  # fmt: skip
             if not changed:
                 raise _StaleInstance(
                     f"burst of fence {fence} not committed: the instance moved past seq {burst.seq} meanwhile"
                 )
+            live_names = {thread.name for thread in live if thread is not main}
+            gone = {thread.name for thread in burst.threads[1:] if thread.removed} - live_names
+            conn.executemany("DELETE FROM branches WHERE instance = ? AND name = ?", [(burst.id, n) for n in gone])
+            writes = []
+            for thread in live:
+                if thread is main:
+                    continue
+                child, waiting_for, wake_at, resume = state[id(thread)]
+                saved = list(thread.row())
+                saved[4], saved[5], saved[8] = waiting_for, wake_at, child
+                saved[6] = None if resume is None else json.dumps(resume)
+                if tuple(saved) != thread.loaded:
+                    writes.append((burst.id, *saved))
             conn.executemany(
-                "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"INSERT OR REPLACE INTO branches (instance, {_BRANCH_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                writes,
+            )
+            conn.executemany(
+                "INSERT INTO journal (instance, step, activity, type, node, fence, started, ended, outcome, branch) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
             if steps > JOURNAL_KEEP_STEPS:  # a long-lived loop: its oldest steps go, the journal stays bounded
                 conn.execute(
                     "DELETE FROM journal WHERE instance = ? AND step < ?", (burst.id, steps - JOURNAL_KEEP_STEPS)
                 )
-            if run_at is not None:
+            if run_at is not None and status not in ENDED_STATUSES:
                 message = _run_message(conn, burst.id, burst.seq + 1, run_at, now)
-                if wake_at is not None:  # a timeout that a signal or a child's end may make needless
+                if run_at > now:  # a timer or timeout that a signal or a child's end may make needless
                     conn.execute("UPDATE instances SET wake_message = ? WHERE id = ?", (message, burst.id))
-            if burst.cancel_child is not None:  # after our own row: its end then finds no parent waiting for it
-                _cancel_instances(conn, burst.cancel_child, f"its parent {burst.id} stopped waiting for it", node)
-            if burst.status in ("completed", "faulted"):
-                _resume_parent(conn, burst.id, burst.parent, burst.status, burst.stored, burst.error)
-            if burst.status == "completed":  # it never runs again: its fence counter can go
+            for child_id in burst.cancel_children:  # after our own rows: its end then finds nothing waiting
+                _cancel_instances(conn, child_id, f"its parent {burst.id} stopped waiting for it", node)
+            if status in ("completed", "faulted"):
+                _resume_parent(conn, burst.id, burst.parent, status, burst.stored, burst.error)
+            if status == "completed":  # it never runs again: its fence counter and branches can go
                 conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + burst.id,))
+                conn.execute("DELETE FROM branches WHERE instance = ?", (burst.id,))
 
         return commit
 
@@ -6123,16 +6352,17 @@ class WorkflowRunner:
 
     async def _burst(self, row: tuple[Any, ...], fence: int, deliveries: int = 1) -> _Burst:
         definition, version = row[11:13]
+        branches = self._branches(row[0])
         try:
             blueprint = self.workflows.blueprint(definition, version)
         except StoreError:
             raise  # the database is busy, say: the run message comes back for another try
         except Exception as error:  # gone, or stored by an older nodeflow in a form no node can read now
-            burst = _Burst(row, _EMPTY_BLUEPRINT)
+            burst = _Burst(row, _EMPTY_BLUEPRINT, branches)
             burst.status, burst.error = "faulted", f"cannot load workflow {definition} v{version}: {error}"
-            burst.position = row[3]  # where it was: a retry after the definition is mended starts there
+            burst.main.position = row[3]  # where it was: a retry after the definition is mended starts there
             return burst
-        burst = _Burst(row, blueprint)
+        burst = _Burst(row, blueprint, branches)
         burst.status, burst.fence = "running", fence
         limit = BURST_DELIVERY_FACTOR * self.workflows.store.settings.max_deliveries
         if burst.broken is None and burst.first:
@@ -6145,64 +6375,177 @@ class WorkflowRunner:
         if burst.broken is not None:
             self._fault_before(burst, blueprint, burst.broken)
             if burst.first and burst.stored == row[4]:
-                burst.position = None  # its start was never stored: a retry begins it afresh
+                burst.main.position = None  # its start was never stored: a retry begins it afresh
             return burst
-        for _ in range(BURST_MAX_STEPS):
-            activity = blueprint.activities.get(burst.position or "")
+        while burst.status == "running" and burst.budget > 0:
+            ready = [thread for thread in burst.threads if thread.runnable(time.time())]
+            if not ready:
+                break
+            # Side by side: one branch's wait (io work, a call) overlaps the others' steps.
+            await asyncio.gather(*(self._run_thread(burst, blueprint, thread) for thread in ready))
+        if burst.status == "running":
+            self._settle(burst)
+        return burst
+
+    @staticmethod
+    def _settle(burst: _Burst) -> None:
+        """After its steps: when the instance runs next, and whether it is waiting meanwhile."""
+        now = time.time()
+        live = [thread for thread in burst.threads if not thread.removed and not thread.ended]
+        if any(thread.runnable(now) for thread in live):
+            burst.run_again_at = now  # a long run of steps: let other instances have a turn
+            return
+        wakes = [thread.wake_at for thread in live if thread.wake_at is not None]
+        burst.run_again_at = min(wakes) if wakes else None
+        retrying = any(thread.bookmark == "retry" for thread in live)
+        burst.status = "running" if retrying else "waiting"
+
+    async def _run_thread(self, burst: _Burst, blueprint: Blueprint, thread: _Thread) -> None:
+        """Run ``thread``'s steps until it waits, ends or faults, or the burst's budget of steps is spent."""
+        while burst.budget > 0 and burst.status == "running" and thread.runnable(time.time()):
+            activity = blueprint.activities.get(thread.position or "")
             if activity is None:
-                burst.status, burst.error = (
-                    "faulted",
-                    f"no activity {burst.position!r} in {blueprint.id} v{blueprint.version}",
+                self._fault(
+                    burst, thread, None, f"no activity {thread.position!r} in {blueprint.id} v{blueprint.version}"
                 )
-                return burst
+                return
+            burst.budget -= 1
+            step, started = self._reserve(burst), time.time()
             if burst.unwaited >= BUSY_LOOP_MAX_STEPS:  # the steps of this burst so far stand, journaled
-                burst.status = "faulted"
-                burst.error = (
+                self._fault(
+                    burst, thread, (activity, step, started),
                     f"it ran {burst.unwaited} steps without a wait (a timer or a signal): a loop with no way out? "
-                    "Fix the definition and retry it, or cancel it"
-                )
-                now = time.time()
-                burst.journal.append((activity.id, activity.type, now, now, f"faulted: {burst.error}"))
-                return burst
-            started = time.time()
+                    "Fix the definition and retry it, or cancel it",
+                )  # fmt: skip
+                return
             try:
-                following, outcome = await self._step(burst, activity)
+                following, outcome = await self._step(burst, thread, activity, step)
             except _Fault as error:
-                burst.status, burst.error = "faulted", str(error)
-                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {error}"[:2000]))
-                return burst
+                said = f"{'failed' if isinstance(error, _Failed) else 'faulted'}: {error}"
+                self._fault(burst, thread, (activity, step, started), str(error), said)
+                return
             except _CallFailed as error:
                 attempts, delay = activity.spec["retry"]
-                burst.attempt += 1
+                thread.attempt += 1
                 burst.unwaited += 1
-                text = str(error)
-                if burst.attempt < attempts:
-                    wait = min(3600.0, delay * 2 ** (burst.attempt - 1))
-                    burst.run_again_at = time.time() + wait
-                    outcome = f"error (try {burst.attempt} of {attempts}; next in {_format_seconds(wait)}): {error}"
-                    burst.error = text
+                if thread.attempt < attempts:
+                    wait = min(3600.0, delay * 2 ** (thread.attempt - 1))
+                    thread.bookmark, thread.wake_at = "retry", time.time() + wait
+                    outcome = f"error (try {thread.attempt} of {attempts}; next in {_format_seconds(wait)}): {error}"
+                    burst.error = str(error)
+                    self._journal(burst, thread, activity, step, started, outcome)
                 else:
-                    burst.status, burst.error = "faulted", text
-                    outcome = f"faulted after {attempts} tries: {error}"
-                burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
-                return burst
+                    self._fault(
+                        burst, thread, (activity, step, started), str(error), f"faulted after {attempts} tries: {error}"
+                    )
+                return
             except Exception as error:  # a bug of ours, or a value nothing foresaw: this instance faults, not the node
                 log.exception("instance %s: activity %s failed", burst.id, activity.id)
-                text = f"activity {activity.id} failed unexpectedly: {type(error).__name__}: {error}"
-                burst.status, burst.error = "faulted", text[:2000]
-                burst.journal.append((activity.id, activity.type, started, time.time(), f"faulted: {text}"[:2000]))
-                return burst
-            burst.journal.append((activity.id, activity.type, started, time.time(), outcome[:2000]))
-            burst.unwaited = 0 if burst.status == "waiting" else burst.unwaited + 1
-            if burst.status == "waiting" or burst.status == "faulted":
-                return burst
-            burst.attempt, burst.error = 0, None
+                self._fault(
+                    burst, thread, (activity, step, started),
+                    f"activity {activity.id} failed unexpectedly: {type(error).__name__}: {error}",
+                )  # fmt: skip
+                return
+            self._journal(burst, thread, activity, step, started, outcome)
+            if thread.start_child is not None and thread.child_row is None:
+                thread.child_row = step
+            if thread.bookmark == "signal" and thread.waiting_for is not None and thread.began_signal_wait is None:
+                thread.began_signal_wait = step
+            burst.unwaited = 0 if thread.bookmark in ("timer", "signal", "child") else burst.unwaited + 1
+            if burst.status != "running" or thread.bookmark is not None:
+                return
+            thread.attempt, thread.call_first = 0, None
+            if burst.error is not None and not any(other.bookmark == "retry" for other in burst.threads):
+                burst.error = None
             if following is None:
-                burst.status, burst.position = "completed", None
-                return burst
-            burst.position = following
-        burst.run_again_at = time.time()  # a long run of steps: let other instances have a turn
-        return burst
+                self._end_thread(burst, blueprint, thread)
+                return
+            thread.position = following
+
+    @staticmethod
+    def _reserve(burst: _Burst) -> int:
+        step = burst.next_step
+        burst.next_step += 1
+        return step
+
+    @staticmethod
+    def _journal(
+        burst: _Burst, thread: _Thread, activity: BlueprintActivity, step: int, started: float, outcome: str
+    ) -> None:
+        burst.journal.append(
+            (step, activity.id, activity.type, started, time.time(), outcome[:2000], thread.name or None)
+        )
+
+    def _fault(
+        self,
+        burst: _Burst,
+        thread: _Thread,
+        at: tuple[BlueprintActivity, int, float] | None,
+        error: str,
+        outcome: str | None = None,
+    ) -> None:
+        """The instance faults at ``thread``'s activity (a branch's, named in the error); a retry runs it
+        again. ``at``: the activity, its step and when it began, for the journal."""
+        burst.status = "faulted"
+        burst.error = (error if not thread.name else f"branch {thread.name} at {thread.position}: {error}")[:2000]
+        if at is not None:
+            activity, step, started = at
+            self._journal(burst, thread, activity, step, started, outcome or f"faulted: {error}")
+
+    def _end_thread(self, burst: _Burst, blueprint: Blueprint, thread: _Thread) -> None:
+        """``thread``'s chain ran out: the main path completes the instance; a branch joins its fork."""
+        thread.ended, thread.position = True, None
+        if thread is burst.main:
+            burst.status = "completed"
+            for branch in burst.live_branches():  # a chain that ran back into the main path: nothing waits now
+                self._remove_branch(burst, branch)
+            return
+        thread.removed = True
+        forker = burst.thread(thread.fork or "")
+        self._join(burst, blueprint, forker, thread)
+
+    def _join(self, burst: _Burst, blueprint: Blueprint, forker: _Thread, ended: _Thread) -> None:
+        state = forker.forked or {}
+        siblings = [branch for branch in burst.live_branches() if branch.fork == forker.name]
+        if state.get("join") == "any":
+            for branch in siblings:
+                self._remove_branch(burst, branch)
+            said = f"joined: branch {ended.name} ended first" + (f"; {len(siblings)} cancelled" if siblings else "")
+        elif state.get("items") is not None and state["next_item"] < len(state["items"]):
+            index = state["next_item"]
+            state["next_item"] = index + 1
+            self._fork_branch(burst, forker, state["body"], index, {state["as"]: state["items"][index]})
+            return
+        elif siblings:
+            return
+        else:
+            said = f"joined: all {state.get('count', 0)} branch(es) ended"
+        activity = blueprint.activities[forker.position or ""]
+        forker.bookmark, forker.forked = None, None
+        self._journal(burst, forker, activity, self._reserve(burst), time.time(), said)
+        if activity.next is None:
+            self._end_thread(burst, blueprint, forker)
+        else:
+            forker.position = activity.next
+
+    def _remove_branch(self, burst: _Burst, branch: _Thread) -> None:
+        """A branch nothing waits for now (join any, the instance completed): gone with its wait, its
+        child instance cancelled, and the branches it forked with it."""
+        branch.removed = True
+        if branch.child is not None:
+            burst.cancel_children.append(branch.child)
+        for nested in burst.live_branches():
+            if nested.fork == branch.name:
+                self._remove_branch(burst, nested)
+
+    @staticmethod
+    def _fork_branch(burst: _Burst, forker: _Thread, start: str, index: int, locals_: dict[str, Any]) -> None:
+        activity = (forker.forked or {}).get("activity", "fork")
+        name = f"{forker.name + '/' if forker.name else ''}{activity}/{index}"
+        for stale in burst.threads[1:]:  # a fork run again in a loop reuses its branches' names
+            if stale.name == name:
+                stale.removed = True
+        burst.threads.append(_Thread(name, forker.name, start, locals_={**forker.locals, **locals_}))
 
     @staticmethod
     def _fault_before(burst: _Burst, blueprint: Blueprint, error: str) -> _Burst:
@@ -6211,7 +6554,8 @@ class WorkflowRunner:
         burst.journal.clear()
         activity = blueprint.activities.get(burst.position or "")
         if activity is not None:
-            burst.journal.append((activity.id, activity.type, time.time(), time.time(), f"faulted: {error}"[:2000]))
+            now = time.time()
+            burst.journal.append((burst.steps, activity.id, activity.type, now, now, f"faulted: {error}"[:2000], None))
         return burst
 
     def _store_variables(self, burst: _Burst, undo: dict[str, Any] | None = None) -> str | None:
@@ -6231,39 +6575,54 @@ class WorkflowRunner:
                     burst.variables[name] = value
             return f"variables: {error}"
 
-    def _write_variables(self, burst: _Burst, values: dict[str, Any]) -> None:
+    def _write_variables(self, burst: _Burst, values: dict[str, Any], thread: _Thread | None = None) -> None:
         """Set variables for a step, checked at once: a _Fault (with the step undone) when they could
-        not be stored."""
+        not be stored. A branch's own variable (its for_each item) is written where it lives."""
+        if thread is not None and thread.locals:
+            own = {name: value for name, value in values.items() if name in thread.locals}
+            if own:
+                try:
+                    encode_body({**thread.locals, **own}, self.workflows.store.settings.max_body_bytes,
+                                VARIABLES_MAX_DEPTH)  # fmt: skip
+                except InvalidInput as error:
+                    raise _Fault(f"variables: {error}") from None
+                thread.locals.update(own)
+                values = {name: value for name, value in values.items() if name not in own}
         undo = {name: burst.variables.get(name, _UNSET) for name in values}
         burst.variables.update(values)
         problem = self._store_variables(burst, undo)
         if problem is not None:
             raise _Fault(problem)
 
-    async def _step(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
-        """Run one activity; returns where to go next and the journal's outcome."""
-        spec, variables = activity.spec, burst.variables
+    async def _step(
+        self, burst: _Burst, thread: _Thread, activity: BlueprintActivity, step: int
+    ) -> tuple[str | None, str]:
+        """Run one activity of ``thread``; returns where it goes next and the journal's outcome."""
+        spec, variables = activity.spec, burst.view(thread)
         limit = self.workflows.store.settings.max_body_bytes  # no text a step makes may outgrow the variables
-        if burst.bookmark is not None:  # the wait this activity began is over
-            kind, burst.bookmark, burst.wake_at = burst.bookmark, None, None
-            if kind == "signal" and burst.timed_out:  # no signal came (one that does now finds it gone)
-                burst.timed_out = False
-                text = f"timed out after {_format_seconds(spec['timeout'])} waiting for signal {burst.waiting_for}"
-                burst.waiting_for = None
+        if thread.bookmark == "retry":  # a call's next try: the activity runs again
+            thread.bookmark, thread.wake_at = None, None
+        elif thread.bookmark is not None:  # the wait this activity began is over
+            kind, thread.bookmark, thread.wake_at = thread.bookmark, None, None
+            received, thread.resume = thread.resume, None
+            if kind == "child":
+                return self._child_ended(burst, thread, activity, received)
+            if kind == "signal" and received is None:  # no signal came (one that does now finds it gone)
+                text = f"timed out after {_format_seconds(spec['timeout'])} waiting for signal {thread.waiting_for}"
+                thread.waiting_for = None
                 if spec.get("on_timeout") is None:
                     raise _Fault(f"{text}; give the activity on_timeout to go on instead")
                 return spec["on_timeout"], f"{text}: on to {spec['on_timeout']}"
-            if kind == "child":
-                return self._child_ended(burst, activity)
             if kind == "signal":
-                received = burst.resume if burst.resume is not None else {}
-                self._write_variables(burst, {spec.get("result") or activity.id: received})
+                thread.waiting_for = None
+                self._write_variables(burst, {spec.get("result") or activity.id: received}, thread)
                 return activity.next, "signal received"
             return activity.next, "timer elapsed"
         kind = activity.type
         if kind == "log":
             text = spec["message"].render(variables, limit)
-            self.say(f"{burst.definition} {burst.id} {activity.id}: {text[:2000]}")
+            where = f" ({thread.name})" if thread.name else ""
+            self.say(f"{burst.definition} {burst.id} {activity.id}{where}: {text[:2000]}")
             return activity.next, text
         if kind == "set":
             values: dict[str, Any] = {}
@@ -6275,7 +6634,7 @@ class WorkflowRunner:
                 if isinstance(current, bool) or not isinstance(current, (int, float)):
                     raise _Fault(f"cannot add {amount} to {name}: it is {_json_kind(current)}")
                 view[name] = values[name] = current + amount
-            self._write_variables(burst, values)
+            self._write_variables(burst, values, thread)
             return activity.next, "set " + ", ".join([*(spec.get("values") or {}), *(spec.get("add") or {})])
         if kind == "if":
             holds = evaluate_condition(spec["condition"], variables)
@@ -6292,7 +6651,7 @@ class WorkflowRunner:
                     raise _Fault(str(error)) from None
             if due <= time.time():
                 return activity.next, "due already"
-            burst.status, burst.bookmark, burst.wake_at, burst.run_again_at = "waiting", "timer", due, due
+            thread.bookmark, thread.wake_at = "timer", due
             return None, f"waiting until {_iso_text(due)}"
         if kind == "signal":
             name = spec["name"].render(variables, limit)
@@ -6300,23 +6659,27 @@ class WorkflowRunner:
                 check_signal_name(name)
             except InvalidInput as error:
                 raise _Fault(str(error)) from None
-            burst.status, burst.bookmark, burst.waiting_for = "waiting", "signal", name
+            thread.bookmark, thread.waiting_for, thread.resume = "signal", name, None
+            thread.began_signal_wait = None
             if spec.get("timeout") is None:
                 return None, f"waiting for signal {name}"
-            burst.wake_at = burst.run_again_at = time.time() + spec["timeout"]
-            return None, f"waiting for signal {name} until {_iso_text(burst.wake_at)}"
+            thread.wake_at = time.time() + spec["timeout"]
+            return None, f"waiting for signal {name} until {_iso_text(thread.wake_at)}"
         if kind == "call":
-            step = burst.steps + len(burst.journal)
-            context = CallContext(burst.id, activity.id, step, burst.fence, self.node, step - burst.attempt)
+            # Its key stays the step of its first try, over every try and burst (the steps between the
+            # tries of a branch's call are other branches', so the key cannot be worked out from them).
+            if thread.attempt == 0 or thread.call_first is None:
+                thread.call_first = step
+            context = CallContext(burst.id, activity.id, step, burst.fence, self.node, thread.call_first)
             result = await self._call(spec["function"], variables, context)
-            self._write_variables(burst, {spec.get("result") or activity.id: result})
+            self._write_variables(burst, {spec.get("result") or activity.id: result}, thread)
             return activity.next, f"called {spec['function']}"
         if kind == "run":
-            return await self._start_child(burst, activity)
+            return await self._start_child(burst, thread, activity)
+        if kind in ("parallel", "for_each"):
+            return self._fork(burst, thread, activity, variables, limit)
         if kind == "fail":
-            text = spec["message"].render(variables, limit)
-            burst.status, burst.error = "faulted", text
-            return None, f"failed: {text}"
+            raise _Failed(spec["message"].render(variables, limit))
         if kind == "work":
             seconds = spec["duration"]
             if spec.get("kind") == "cpu":
@@ -6330,7 +6693,45 @@ class WorkflowRunner:
             return activity.next, f"worked {_format_seconds(seconds)} ({spec.get('kind') or 'io'})"
         raise _Fault(f"unknown activity type {kind!r}")
 
-    async def _start_child(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
+    def _fork(
+        self, burst: _Burst, thread: _Thread, activity: BlueprintActivity, variables: dict[str, Any], limit: int
+    ) -> tuple[str | None, str]:
+        """A parallel or for_each activity: ``thread`` waits at it for the branches it forks."""
+        spec = activity.spec
+        live = len(burst.live_branches())
+        if activity.type == "parallel":
+            starts, join = spec["branches"], spec.get("join") or "all"
+            if live + len(starts) > INSTANCE_MAX_BRANCHES:
+                raise _Fault(f"{live + len(starts)} branches at once; an instance has {INSTANCE_MAX_BRANCHES} at most")
+            thread.bookmark = "fork"
+            thread.forked = {"activity": activity.id, "join": join, "count": len(starts)}
+            for index, start in enumerate(starts):
+                self._fork_branch(burst, thread, start, index, {})
+            return None, f"forked {len(starts)} branch(es): {', '.join(starts)} (join {join})"
+        items = spec["items"].value(variables, limit)
+        if not isinstance(items, list):
+            raise _Fault(f"items must be a list, and {spec['items']!r} is {_json_kind(items)}")
+        if len(items) > FOR_EACH_MAX_ITEMS:
+            raise _Fault(f"{len(items)} items; a for_each goes through {FOR_EACH_MAX_ITEMS} at most")
+        if not items:
+            return activity.next, "no items"
+        name, body, parallel = spec["as"], spec["body"], bool(spec.get("parallel"))
+        if live + (len(items) if parallel else 1) > INSTANCE_MAX_BRANCHES:
+            raise _Fault(f"more than {INSTANCE_MAX_BRANCHES} branches at once, the most an instance has")
+        thread.bookmark = "fork"
+        if parallel:
+            thread.forked = {"activity": activity.id, "join": "all", "count": len(items)}
+            for index, item in enumerate(items):
+                self._fork_branch(burst, thread, body, index, {name: item})
+            return None, f"{len(items)} item(s), in parallel"
+        thread.forked = {
+            "activity": activity.id, "join": "all", "count": len(items), "items": items, "next_item": 1,
+            "as": name, "body": body,
+        }  # fmt: skip
+        self._fork_branch(burst, thread, body, 0, {name: items[0]})
+        return None, f"{len(items)} item(s), in turn"
+
+    async def _start_child(self, burst: _Burst, thread: _Thread, activity: BlueprintActivity) -> tuple[str | None, str]:
         """A run activity: the child instance is made by the commit that begins this wait, so a burst
         that never commits starts no child."""
         spec, settings = activity.spec, self.workflows.store.settings
@@ -6344,20 +6745,21 @@ class WorkflowRunner:
         depth = await run_in_thread(self._depth, burst.id)
         if depth >= CHILD_MAX_DEPTH:
             raise _Fault(f"instances run by run activities nest {depth} deep here; the most is {CHILD_MAX_DEPTH}")
+        view = burst.view(thread)
         given = {
-            name: value.value(burst.variables, settings.max_body_bytes) if isinstance(value, Template) else value
+            name: value.value(view, settings.max_body_bytes) if isinstance(value, Template) else value
             for name, value in (spec.get("input") or {}).items()
         }
         try:
             variables = encode_body({"input": given}, settings.max_body_bytes, VARIABLES_MAX_DEPTH)
         except InvalidInput as error:
             raise _Fault(f"the input of the {definition} instance to run: {error}") from None
-        burst.status, burst.bookmark = "waiting", "child"
-        burst.start_child = (definition, blueprint.version, variables)
+        thread.bookmark, thread.resume, thread.child_row = "child", None, None
+        thread.start_child = (definition, blueprint.version, variables)
         if spec.get("timeout") is None:
             return None, f"started {definition} v{blueprint.version}"
-        burst.wake_at = burst.run_again_at = time.time() + spec["timeout"]
-        return None, f"started {definition} v{blueprint.version}, waiting until {_iso_text(burst.wake_at)}"
+        thread.wake_at = time.time() + spec["timeout"]
+        return None, f"started {definition} v{blueprint.version}, waiting until {_iso_text(thread.wake_at)}"
 
     def _depth(self, instance: str) -> int:
         """How many parents above ``instance`` (a parent never changes, so this read needs no lock)."""
@@ -6373,22 +6775,25 @@ class WorkflowRunner:
 
         return self.workflows.store.read(read)
 
-    def _child_ended(self, burst: _Burst, activity: BlueprintActivity) -> tuple[str | None, str]:
-        """The wait of a run activity is over: its child ended, or the wait timed out."""
-        spec, child = activity.spec, burst.child
-        burst.child = None
-        if burst.timed_out:
-            burst.timed_out, burst.cancel_child = False, child
+    def _child_ended(
+        self, burst: _Burst, thread: _Thread, activity: BlueprintActivity, ended: Any
+    ) -> tuple[str | None, str]:
+        """The wait of a run activity is over: its child ended (``ended`` says how), or the wait timed out."""
+        spec, child = activity.spec, thread.child
+        thread.child = None
+        if ended is None:  # timed out: the child is cancelled by the commit
+            if child is not None:
+                burst.cancel_children.append(child)
             text = f"timed out after {_format_seconds(spec['timeout'])} waiting for instance {child}, now cancelled"
             if spec.get("on_timeout") is None:
                 raise _Fault(f"{text}; give the activity on_timeout to go on instead")
             return spec["on_timeout"], f"{text}: on to {spec['on_timeout']}"
-        ended = burst.resume if isinstance(burst.resume, dict) else {}
+        ended = ended if isinstance(ended, dict) else {}
         status = ended.get("status")
         if status != "completed":
             why = f": {ended['error']}" if ended.get("error") else ""
             raise _Fault(f"instance {child} ({spec['definition']}) it ran was {status}{why}")
-        self._write_variables(burst, {spec.get("result") or activity.id: ended.get("variables")})
+        self._write_variables(burst, {spec.get("result") or activity.id: ended.get("variables")}, thread)
         return activity.next, f"instance {child} completed"
 
     async def _call(self, name: str, variables: dict[str, Any], context: CallContext) -> Any:
@@ -6589,9 +6994,13 @@ def _instance_entry(instance: Instance, full: bool = False) -> dict[str, Any]:
         entry["variables"] = instance.variables
         entry["journal"] = [
             {"step": e.step, "activity": e.activity, "type": e.type, "node": e.node, "fence": e.fence,
-             "started": _iso(e.started), "ended": _iso(e.ended), "outcome": e.outcome}
+             "started": _iso(e.started), "ended": _iso(e.ended), "outcome": e.outcome, "branch": e.branch}
             for e in instance.journal
         ]  # fmt: skip
+        entry["branches"] = [
+            {"branch": name, "activity": position, "waiting_for": waiting_for, "wake_at": _iso(wake_at)}
+            for name, position, waiting_for, wake_at in instance.branches
+        ]
     return entry
 
 
@@ -6603,6 +7012,8 @@ def _signal_entry(outcome: SignalOutcome) -> dict[str, Any]:
 
 
 def _instance_state(instance: Instance) -> str:
+    if instance.status == "waiting" and not instance.waiting_for and instance.wake_at is None and instance.branches:
+        return f"waiting at {instance.position} for {len(instance.branches)} branch(es)"
     if (
         instance.status == "waiting"
         and instance.position is not None
@@ -9951,6 +10362,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"parent {instance.parent} (its run activity started this one)")
     for child, definition, status in instance.children:
         print(f"child {child} {definition} {status}")
+    for name, position, waiting_for, wake_at in instance.branches:
+        waits = f": waiting for signal {waiting_for}" if waiting_for else f": due {_iso(wake_at)}" if wake_at else ""
+        print(f"branch {name} at {position}{waits}")
     print(f"variables {json.dumps(instance.variables, ensure_ascii=False)}")
     print("journal:" if instance.journal else "journal: no steps yet")
     if instance.journal and instance.journal[0].step > 0:
@@ -9959,8 +10373,9 @@ def cmd_show(args: argparse.Namespace) -> int:
     for entry in instance.journal:
         took = _format_seconds(entry.ended - entry.started)
         clock = datetime.datetime.fromtimestamp(entry.started).strftime("%H:%M:%S.%f")[:-3]
-        print(f"  {entry.step:>3} {clock} {entry.node} fence {entry.fence} {entry.activity} ({entry.type}, {took}): "
-              f"{entry.outcome}")  # fmt: skip
+        where = f"[{entry.branch}] " if entry.branch else ""
+        print(f"  {entry.step:>3} {clock} {entry.node} fence {entry.fence} {where}{entry.activity} "
+              f"({entry.type}, {took}): {entry.outcome}")  # fmt: skip
     return 0
 
 
