@@ -5199,13 +5199,17 @@ def _create_instance(
 
 
 def _resolve_instance(conn: sqlite3.Connection, text: str) -> str:
-    """An instance id from its full id, or a unique prefix or suffix of at least four characters.
+    """An instance id from its full id, the key it was started with, or a unique prefix or suffix of
+    at least four characters.
 
     Ids begin with their start time, so instances started together share a prefix; the end of
     an id (its random part) is the quicker thing to type.
     """
     if conn.execute("SELECT 1 FROM instances WHERE id = ?", (text,)).fetchone():
         return text
+    keyed = conn.execute("SELECT id FROM instances WHERE start_key = ?", (text,)).fetchone()
+    if keyed is not None:  # the key it was started with (start --key)
+        return str(keyed[0])
     if len(text) >= INSTANCE_ID_MIN_PREFIX and re.fullmatch(r"[0-9a-f]+", text):
         for query in (
             "SELECT id FROM instances WHERE id > :text AND id < :text || 'g' ORDER BY id LIMIT 3",
