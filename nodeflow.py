@@ -5343,6 +5343,7 @@ def prune_ended_batch(
             return removed, signals, True
         conn.execute("DELETE FROM instances WHERE id = ?", (instance,))
         conn.execute("DELETE FROM lock_fences WHERE name = ?", (INSTANCE_LOCK_PREFIX + instance,))
+        conn.execute("DELETE FROM branches WHERE instance = ?", (instance,))  # a faulted one's waiting branches
         removed, left = removed + 1, left - 1
     return removed, signals, left <= 0 or len(candidates) == max(1, budget - signals)
 
