@@ -5071,6 +5071,7 @@ class Instance:
     parent: str | None = None  # the instance whose run activity started it
     children: tuple[tuple[str, str, str], ...] = ()  # (id, definition, status) of those its run activities started
     branches: tuple[tuple[str, str | None, str | None, float | None], ...] = ()  # (name, activity, signal, wake)
+    child: str | None = None  # the instance its main path's run activity waits for
 
 
 @dataclass(frozen=True)
@@ -5097,7 +5098,7 @@ class KeptSignal:
 
 _INSTANCE_COLUMNS = (
     "id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt, "
-    "started_by, created, updated, ended, start_key, parent"
+    "started_by, created, updated, ended, start_key, parent, child"
 )
 
 
@@ -5105,10 +5106,10 @@ def _instance_from_row(
     row: tuple[Any, ...], journal: tuple[JournalEntry, ...] = (), children: tuple[tuple[str, str, str], ...] = ()
 ) -> Instance:
     (instance_id, definition, version, status, position, variables, waiting_for, wake_at, error, attempt,
-     started_by, created, updated, ended, key, parent) = row  # fmt: skip
+     started_by, created, updated, ended, key, parent, child) = row  # fmt: skip
     return Instance(
         instance_id, definition, version, status, position, json.loads(variables), waiting_for, wake_at, error,
-        attempt, started_by, created, updated, ended, journal, key, parent, children,
+        attempt, started_by, created, updated, ended, journal, key, parent, children, child=child,
     )  # fmt: skip
 
 
@@ -5704,10 +5705,11 @@ class Workflows:
                         (found,),
                     )
                 )
-            children = tuple(
+            children = tuple(  # the newest 1,000: the one it waits for among them
                 (str(child), str(definition), str(status))
-                for child, definition, status in conn.execute(
-                    "SELECT id, definition, status FROM instances WHERE parent = ? ORDER BY created, id LIMIT 1000",
+                for child, definition, status, _ in conn.execute(
+                    "SELECT * FROM (SELECT id, definition, status, created FROM instances WHERE parent = ? "
+                    "ORDER BY created DESC, id DESC LIMIT 1000) ORDER BY created, id",
                     (found,),
                 )
             )
@@ -7017,15 +7019,10 @@ def _signal_entry(outcome: SignalOutcome) -> dict[str, Any]:
 
 
 def _instance_state(instance: Instance) -> str:
-    if instance.status == "waiting" and not instance.waiting_for and instance.wake_at is None and instance.branches:
+    if instance.status == "waiting" and instance.child is None and not instance.waiting_for and instance.branches:
         return f"waiting at {instance.position} for {len(instance.branches)} branch(es)"
-    if (
-        instance.status == "waiting"
-        and instance.position is not None
-        and not instance.waiting_for
-        and (instance.children and instance.children[-1][2] not in ENDED_STATUSES)
-    ):
-        return f"waiting for instance {instance.children[-1][0]}"
+    if instance.status == "waiting" and instance.child is not None:
+        return f"waiting for instance {instance.child}"
     if instance.status == "waiting":
         return (
             f"waiting for signal {instance.waiting_for}"
