@@ -14,8 +14,9 @@ Architecture in a few lines:
   - Membership: a node's liveness lock says it is alive; its heartbeat, timed by each peer, says it
     stalled, and then its leases, instance locks and scheduler office are taken from it.
   - Election: one node holds ``scheduler.lock`` and the current epoch; only it fires timers.
-  - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks;
-    signals kept for the next waiter, waits that time out, child instances, retention of ended ones.
+  - Workflows: versioned definitions, cached blueprints; instances run in bursts under instance locks,
+    each burst every path of the instance that can go on (its main path, parallel and for_each
+    branches); signals kept for the next waiter, waits that time out, child instances, retention.
   - Node: the asyncio daemon of ``serve``; user code runs in threads of its own, never the node's.
   - The handle returned by ``connect()`` is the Python API; ``main()`` is the command line.
 """
