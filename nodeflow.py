@@ -502,6 +502,7 @@ _MIGRATIONS: dict[int, str] = {
         CREATE INDEX instances_ended ON instances (updated) WHERE status IN ('completed', 'faulted', 'cancelled');
         ALTER TABLE instances ADD COLUMN forked TEXT;
         ALTER TABLE instances ADD COLUMN call_first INTEGER;
+        ALTER TABLE instances ADD COLUMN path_steps INTEGER;
         ALTER TABLE journal ADD COLUMN branch TEXT;
         CREATE TABLE branches (
             instance    TEXT NOT NULL,
@@ -517,6 +518,7 @@ _MIGRATIONS: dict[int, str] = {
             locals      TEXT NOT NULL,
             forked      TEXT,
             call_first  INTEGER,
+            path_steps  INTEGER NOT NULL DEFAULT 0,
             PRIMARY KEY (instance, name)
         ) WITHOUT ROWID;
         CREATE INDEX branches_waiting ON branches (waiting_for) WHERE waiting_for IS NOT NULL;
@@ -4996,13 +4998,17 @@ class CallContext:
     step: int  # the journal step this try of the call will be recorded as
     fence: int  # the instance lock's fencing token for this burst
     node: str
-    first_step: int  # the journal step of this call's first try (tries after an error come later)
+    first_step: int  # the step of this call's first try on its path (tries after an error come later)
+    branch: str | None = None  # the branch of a parallel or for_each it runs on (None: the main path)
 
     @property
     def key(self) -> str:
         """An idempotency key: the same for every try of this call, the tries after an error and a
         try run again because its burst was lost (a crash). ``retry`` of a faulted instance gives
-        the call its tries afresh, under a new key."""
+        the call its tries afresh, under a new key. On the main path, ``first_step`` is the journal
+        step of its first try while the instance has no branches; a branch counts its own steps."""
+        if self.branch:
+            return f"{self.instance}:{self.branch}:{self.first_step}"
         return f"{self.instance}:{self.first_step}"
 
 
@@ -5995,11 +6001,13 @@ class _Thread:
         locals_: dict[str, Any] | None = None,
         forked: dict[str, Any] | None = None,
         call_first: int | None = None,
+        path_steps: int = 0,
     ) -> None:
         self.name, self.fork, self.position, self.bookmark = name, fork, position, bookmark
         self.waiting_for, self.wake_at, self.resume, self.attempt = waiting_for, wake_at, resume, attempt
         self.child, self.locals, self.forked = child, dict(locals_ or {}), forked
-        self.call_first = call_first  # the journal step of the first try of the call it is at: its key
+        self.call_first = call_first  # the path step of the first try of the call it is at: its key
+        self.path_steps = path_steps  # steps this path has begun: a lost burst run again numbers them alike
         self.ended = False  # its chain ran out (a branch) or the instance completed (the main path)
         self.removed = False  # a branch that ended or was cancelled: its row goes
         self.start_child: tuple[str, int, str] | None = None  # (definition, version, variables): the commit starts it
@@ -6028,11 +6036,13 @@ class _Thread:
             self.name, self.fork or "", self.position, self.bookmark, self.waiting_for, self.wake_at,
             None if self.resume is None else json.dumps(self.resume), self.attempt, self.child,
             json.dumps(self.locals), None if self.forked is None else json.dumps(self.forked), self.call_first,
+            self.path_steps,
         )  # fmt: skip
 
 
 _BRANCH_COLUMNS = (
-    "name, fork, position, bookmark, waiting_for, wake_at, resume, attempt, child, locals, forked, call_first"
+    "name, fork, position, bookmark, waiting_for, wake_at, resume, attempt, child, locals, forked, call_first, "
+    "path_steps"
 )
 
 
@@ -6053,11 +6063,13 @@ class _Burst:
         child: str | None = row[15] if len(row) > 15 else None
         forked: str | None = row[16] if len(row) > 16 else None
         call_first: int | None = row[17] if len(row) > 17 else None
+        path_steps: int | None = row[18] if len(row) > 18 else None
         self.broken: str | None = None  # why its stored state cannot be read (then it faults, changing nothing)
         self.variables: dict[str, Any] = {}
         self.first = position is None  # the first burst: the definition's variables, then the input over them
+        main_steps = self.steps if path_steps is None else path_steps  # (None: stored before paths counted)
         self.main = _Thread("", None, position, bookmark, waiting_for, wake_at, None, attempt, child,
-                            call_first=call_first)  # fmt: skip
+                            call_first=call_first, path_steps=main_steps)  # fmt: skip
         self.threads = [self.main]
         try:
             self.variables = json.loads(self.stored)
@@ -6067,7 +6079,7 @@ class _Burst:
                 thread = _Thread(
                     branch[0], branch[1], branch[2], branch[3], branch[4], branch[5],
                     None if branch[6] is None else json.loads(branch[6]), branch[7], branch[8], json.loads(branch[9]),
-                    None if branch[10] is None else json.loads(branch[10]), branch[11],
+                    None if branch[10] is None else json.loads(branch[10]), branch[11], branch[12],
                 )  # fmt: skip
                 thread.loaded = thread.row()
                 self.threads.append(thread)
@@ -6089,8 +6101,8 @@ class _Burst:
     def position(self) -> str | None:
         return self.main.position
 
-    def thread(self, name: str) -> _Thread:
-        return next(thread for thread in self.threads if thread.name == name and not thread.removed)
+    def thread(self, name: str) -> _Thread | None:
+        return next((thread for thread in self.threads if thread.name == name and not thread.removed), None)
 
     def view(self, thread: _Thread) -> dict[str, Any]:
         """The variables as ``thread``'s steps read them."""
@@ -6168,7 +6180,8 @@ class WorkflowRunner:
         row: tuple[Any, ...] | None = self.workflows.store.read(
             lambda conn: conn.execute(
                 "SELECT id, seq, status, position, variables, attempt, bookmark, waiting_for, wake_at, resume, steps, "
-                "definition, version, unwaited, parent, child, forked, call_first FROM instances WHERE id = ?",
+                "definition, version, unwaited, parent, child, forked, call_first, path_steps FROM instances "
+                "WHERE id = ?",
                 (instance,),
             ).fetchone()
         )
@@ -6305,12 +6318,12 @@ class WorkflowRunner:
             changed = conn.execute(
                 "UPDATE instances SET status = ?, position = ?, variables = ?, seq = seq + 1, fence = ?, "
                 "steps = steps + ?, attempt = ?, bookmark = ?, waiting_for = ?, wake_at = ?, resume = ?, "
-                "error = ?, updated = ?, ended = ?, unwaited = ?, child = ?, forked = ?, call_first = ? "
-                "WHERE id = ? AND seq = ? AND fence < ?",
+                "error = ?, updated = ?, ended = ?, unwaited = ?, child = ?, forked = ?, call_first = ?, "
+                "path_steps = ? WHERE id = ? AND seq = ? AND fence < ?",
                 (status, main.position, burst.stored, fence, len(rows), main.attempt, main.bookmark,
                  waiting_for, wake_at, None if resume is None else json.dumps(resume), burst.error, now, ended,
                  burst.unwaited, child, None if main.forked is None else json.dumps(main.forked), main.call_first,
-                 burst.id, burst.seq, fence),
+                 main.path_steps, burst.id, burst.seq, fence),
             ).rowcount  # fmt: skip
             if not changed:
                 raise _StaleInstance(
@@ -6330,7 +6343,7 @@ class WorkflowRunner:
                 if tuple(saved) != thread.loaded:
                     writes.append((burst.id, *saved))
             conn.executemany(
-                f"INSERT OR REPLACE INTO branches (instance, {_BRANCH_COLUMNS}) VALUES ({', '.join('?' * 13)})",
+                f"INSERT OR REPLACE INTO branches (instance, {_BRANCH_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 writes,
             )
             conn.executemany(
@@ -6389,8 +6402,14 @@ class WorkflowRunner:
             ready = [thread for thread in burst.threads if thread.runnable(time.time())]
             if not ready:
                 break
-            # Side by side: one branch's wait (io work, a call) overlaps the others' steps.
-            await asyncio.gather(*(self._run_thread(burst, blueprint, thread) for thread in ready))
+            # Side by side: one branch's wait (io work, a call) overlaps the others' steps. Each runs to
+            # its end before an error of another is raised: none goes on changing a burst given up.
+            outcomes = await asyncio.gather(
+                *(self._run_thread(burst, blueprint, thread) for thread in ready), return_exceptions=True
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome
         if burst.status == "running":
             self._settle(burst)
         return burst
@@ -6419,6 +6438,7 @@ class WorkflowRunner:
                 return
             burst.budget -= 1
             step, started = self._reserve(burst), time.time()
+            path_step, thread.path_steps = thread.path_steps, thread.path_steps + 1
             if burst.unwaited >= BUSY_LOOP_MAX_STEPS:  # the steps of this burst so far stand, journaled
                 self._fault(
                     burst, thread, (activity, step, started),
@@ -6427,7 +6447,7 @@ class WorkflowRunner:
                 )  # fmt: skip
                 return
             try:
-                following, outcome = await self._step(burst, thread, activity, step)
+                following, outcome = await self._step(burst, thread, activity, (step, path_step))
             except _Fault as error:
                 said = f"{'failed' if isinstance(error, _Failed) else 'faulted'}: {error}"
                 self._fault(burst, thread, (activity, step, started), str(error), said)
@@ -6460,10 +6480,15 @@ class WorkflowRunner:
             if thread.bookmark == "signal" and thread.waiting_for is not None and thread.began_signal_wait is None:
                 thread.began_signal_wait = step
             burst.unwaited = 0 if thread.bookmark in ("timer", "signal", "child") else burst.unwaited + 1
-            if burst.status != "running" or thread.bookmark is not None:
-                return
+            if thread.removed or thread.bookmark is not None:
+                return  # removed while its step ran (a join any): the step stands, the branch goes no further
+            # It moves on even when a sibling faulted meanwhile: a retry must not run this step again.
             thread.attempt, thread.call_first = 0, None
-            if burst.error is not None and not any(other.bookmark == "retry" for other in burst.threads):
+            if (
+                burst.status == "running"
+                and burst.error is not None
+                and not any(other.bookmark == "retry" for other in burst.threads)
+            ):
                 burst.error = None
             if following is None:
                 self._end_thread(burst, blueprint, thread)
@@ -6502,6 +6527,8 @@ class WorkflowRunner:
 
     def _end_thread(self, burst: _Burst, blueprint: Blueprint, thread: _Thread) -> None:
         """``thread``'s chain ran out: the main path completes the instance; a branch joins its fork."""
+        if thread is burst.main and burst.status != "running":
+            return  # a sibling faulted meanwhile: it completes once a retry gets it here again
         thread.ended, thread.position = True, None
         if thread is burst.main:
             burst.status = "completed"
@@ -6510,7 +6537,8 @@ class WorkflowRunner:
             return
         thread.removed = True
         forker = burst.thread(thread.fork or "")
-        self._join(burst, blueprint, forker, thread)
+        if forker is not None and forker.forked is not None:  # else its fork was cancelled meanwhile
+            self._join(burst, blueprint, forker, thread)
 
     def _join(self, burst: _Burst, blueprint: Blueprint, forker: _Thread, ended: _Thread) -> None:
         state = forker.forked or {}
@@ -6530,6 +6558,7 @@ class WorkflowRunner:
             said = f"joined: all {state.get('count', 0)} branch(es) ended"
         activity = blueprint.activities[forker.position or ""]
         forker.bookmark, forker.forked = None, None
+        forker.path_steps += 1  # the join is a step of the path that forked
         self._journal(burst, forker, activity, self._reserve(burst), time.time(), said)
         if activity.next is None:
             self._end_thread(burst, blueprint, forker)
@@ -6564,6 +6593,7 @@ class WorkflowRunner:
         if activity is not None:
             now = time.time()
             burst.journal.append((burst.steps, activity.id, activity.type, now, now, f"faulted: {error}"[:2000], None))
+            burst.main.path_steps += 1
         return burst
 
     def _store_variables(self, burst: _Burst, undo: dict[str, Any] | None = None) -> str | None:
@@ -6603,7 +6633,7 @@ class WorkflowRunner:
             raise _Fault(problem)
 
     async def _step(
-        self, burst: _Burst, thread: _Thread, activity: BlueprintActivity, step: int
+        self, burst: _Burst, thread: _Thread, activity: BlueprintActivity, steps: tuple[int, int]
     ) -> tuple[str | None, str]:
         """Run one activity of ``thread``; returns where it goes next and the journal's outcome."""
         spec, variables = activity.spec, burst.view(thread)
@@ -6674,11 +6704,14 @@ class WorkflowRunner:
             thread.wake_at = time.time() + spec["timeout"]
             return None, f"waiting for signal {name} until {_iso_text(thread.wake_at)}"
         if kind == "call":
-            # Its key stays the step of its first try, over every try and burst (the steps between the
-            # tries of a branch's call are other branches', so the key cannot be worked out from them).
+            # Its key stays its path's step of the first try, over every try and every burst that runs
+            # it again (a branch's tries are not consecutive journal steps: others' come between).
+            step, path_step = steps  # its journal step, and its path's
             if thread.attempt == 0 or thread.call_first is None:
-                thread.call_first = step
-            context = CallContext(burst.id, activity.id, step, burst.fence, self.node, thread.call_first)
+                thread.call_first = path_step
+            context = CallContext(
+                burst.id, activity.id, step, burst.fence, self.node, thread.call_first, thread.name or None
+            )
             result = await self._call(spec["function"], variables, context)
             self._write_variables(burst, {spec.get("result") or activity.id: result}, thread)
             return activity.next, f"called {spec['function']}"
