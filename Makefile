@@ -35,6 +35,7 @@ bench: $(DEV)
 	$(VENV)/bin/python bench/bench_serve.py
 	$(VENV)/bin/python bench/bench_workflows.py
 	$(VENV)/bin/python bench/bench_retention.py
+	$(VENV)/bin/python bench/bench_fanout.py
 
 bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_locks.py --quick
@@ -42,6 +43,7 @@ bench-quick: $(DEV)
 	$(VENV)/bin/python bench/bench_serve.py --quick
 	$(VENV)/bin/python bench/bench_workflows.py --quick
 	$(VENV)/bin/python bench/bench_retention.py --quick
+	$(VENV)/bin/python bench/bench_fanout.py --quick
 
 run:
 	$(PYTHON) examples/counter.py
