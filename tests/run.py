@@ -23,6 +23,8 @@ SECONDS = {
     "test_workflows": 34, "test_lock_cli": 25, "test_signals": 20, "test_demo": 19, "test_security": 19,
     "test_store": 17, "test_http": 16, "test_workflow_cluster": 13, "test_bad_input": 11, "test_cluster": 9,
     "test_dashboard": 5, "test_cron": 4, "test_settings": 1, "test_readme": 1,
+    "test_workflow_children": 35, "test_workflow_runtime": 30, "test_workflow_branches": 26,
+    "test_dashboard_actions": 15,
 }  # fmt: skip
 GROUP_TIMEOUT = 900.0  # a group still running after this is killed and counted as failed
 
