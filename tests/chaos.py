@@ -16,6 +16,19 @@ Exit status 0 when no invariant is violated, 1 otherwise (the evidence is printe
    seconds, queue messages (some failing on purpose, some until they are dead letters), one-shot and
    cron timers, and ``lock`` commands whose holders record their fence and times. Everything it does
    is recorded in ``chaos_sent``; every effect the nodes have is recorded by chaos_app.py.
+   The workflow features, seeded too (about 1.5 instances a second more): *kept signals* (signals
+   with a token in their input, sent before any instance waits for their name, then 1-5 chaos-kept
+   instances at once that wait for it: as many, fewer, or more racing for them; now and then first
+   one with a ttl of 1 s that must expire unused, and a ``prune`` racing the waiters); *start keys*
+   (one key from 2-3 threads and 0-2 ``start --key`` processes at once, each with its own input;
+   later starts with an older key, and one with another definition, which must be refused);
+   *child instances* (chaos-parent runs
+   chaos-child -- work, call, timer, a signal answered later -- and takes its variables: mode ok;
+   timed, a run with a timeout that the child's answer beats or not; doom, a child that fails on
+   purpose so the parent faults at its run; cancel, a parent cancelled while its child runs); and
+   *timed waits* (chaos-timed waits 1.5 s for a signal that comes 0.1-3.5 s after the wait is seen:
+   resumed in time, or late and then kept, ttl 10m, or dropped, ttl 0). Each start is recorded,
+   each kept signal and answer with its token and outcome (kinds kept, answer, keyed).
    The hostile mix (``--hostile``, on by default; 0 turns it off), seeded too, in the first half of
    the chaos: poison jobs whose handler ends its process (``os._exit``), instances whose ``call``
    does the same, jobs whose handler blocks its thread for 4-8 s, messages whose async handler
@@ -33,7 +46,20 @@ Exit status 0 when no invariant is violated, 1 otherwise (the evidence is printe
 5. The end: SIGCONT and restart everything, stop the workload, answer the signals still awaited,
    wait (bounded) until the cluster has settled, stop the nodes gracefully.
 6. The checker, which reads only the database and the node logs (see ``check``), prints one row per
-   invariant with the count checked and the violations, then each violation's evidence.
+   invariant with the count checked and the violations, then each violation's evidence. Those of
+   the workflow features: each kept signal resumed at most one instance (its token in one instance's
+   signal result at most), one that waited for its name and took it while it was live; one taken is
+   gone from ``kept_signals``, one not taken is still there, and no wait began while one was there
+   without taking it. Each start key started one instance (one row), every start with it got that
+   id, one was told "new" (and its input is the instance's), another definition's was refused.
+   Every child ended before its parent went on (a completed child's variables are its parent's
+   result; a faulted child faulted the parent at its run), or was cancelled in the very commit of
+   its parent's cancel or timeout; a cancelled parent left no child running or waiting. A timed
+   wait (signal or run) ended one way only -- received or timed out, never both, never neither,
+   never early -- and the way is what happened (an answer that resumed it: received, with its
+   token; a timed-out run's child cancelled; an answer committed before the due time found it).
+   The existing checks know the new paths: on_timeout branches, run waits, children cancelled
+   before their first step, and the effects of a burst a cancel cut short.
 7. A summary of the figures (also as JSON with ``--json``: then stdout is the JSON object alone).
 
 ``make chaos`` runs the long version (120 s); tests/test_chaos.py runs a 30-second one with a random
@@ -171,10 +197,18 @@ def definition_a(rev: int) -> dict[str, Any]:
             "hello": {"type": "log", "message": f"hello {{input.n}} (rev {rev})", "next": "prep"},
             "prep": {"type": "set", "values": {"who": "n{input.n}"}, "add": {"count": 1}, "next": "pause"},
             "pause": {"type": "timer", "duration": TIMERS_A[rev % len(TIMERS_A)], "next": "charge"},
-            "charge": {"type": "call", "function": "effect", "retry": {"attempts": 3, "delay": "500ms"},
-                       "next": "check"},
-            "check": {"type": "if", "condition": {"var": "input.doom", "op": "==", "value": True},
-                      "then": "doomed", "else": "go"},
+            "charge": {
+                "type": "call",
+                "function": "effect",
+                "retry": {"attempts": 3, "delay": "500ms"},
+                "next": "check",
+            },
+            "check": {
+                "type": "if",
+                "condition": {"var": "input.doom", "op": "==", "value": True},
+                "then": "doomed",
+                "else": "go",
+            },
             "doomed": {"type": "fail", "message": "doomed {input.n} on purpose"},
             "go": {"type": "signal", "name": "go-{input.n}", "next": "settle"},
             "settle": {"type": "call", "function": "effect", "next": "bye"},
@@ -202,6 +236,134 @@ def definition_b(rev: int) -> dict[str, Any]:
 
 DEFINITIONS: dict[str, Callable[[int], dict[str, Any]]] = {"chaos-a": definition_a, "chaos-b": definition_b}
 
+# The definitions of the workflow features (kept signals, start keys, child instances, timed waits):
+# defined once, at version 1 (the redefines above keep to chaos-a and chaos-b).
+TIMED_TIMEOUT = "1500ms"  # chaos-timed's signal wait: the driver answers 0.1-3.5 s after it sees the wait
+CHILD_TIMEOUT = "8s"  # chaos-parent's timed run: its child's answer comes 0.1-0.6 s or 9-10 s after it waits
+KEPT_TTL = "10m"  # a kept signal of the run outlives it (one with ttl EXPIRING_TTL is meant to expire first)
+EXPIRING_TTL = "1s"
+
+
+def definition_kept() -> dict[str, Any]:
+    """Waits for signal ``input.name``, which the driver sent (and nodeflow kept) before it started this."""
+    return {
+        "id": "chaos-kept",
+        "name": "Chaos kept-signal waiter",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "waiter {input.n} for {input.name}", "next": "wait"},
+            "wait": {"type": "signal", "name": "{input.name}", "result": "got", "next": "bye"},
+            "bye": {"type": "log", "message": "waiter {input.n} resumed"},
+        },
+    }
+
+
+def definition_timed() -> dict[str, Any]:
+    """A signal wait with a timeout that the driver's answer sometimes beats: thanks, or late."""
+    return {
+        "id": "chaos-timed",
+        "name": "Chaos timed wait",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "timed {input.n}", "next": "ask"},
+            "ask": {
+                "type": "signal",
+                "name": "{input.name}",
+                "result": "answer",
+                "timeout": TIMED_TIMEOUT,
+                "on_timeout": "late",
+                "next": "thanks",
+            },
+            "thanks": {"type": "log", "message": "timed {input.n}: answered"},
+            "late": {"type": "log", "message": "timed {input.n}: no answer in time"},
+        },
+    }
+
+
+def definition_keyed() -> dict[str, Any]:
+    """Started with a key, by several threads and processes at once: one instance per key."""
+    return {
+        "id": "chaos-keyed",
+        "name": "Chaos keyed start",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "keyed {input.key} (call {input.call})", "next": "charge"},
+            "charge": {"type": "call", "function": "effect", "next": "bye"},
+            "bye": {"type": "log", "message": "keyed {input.key} done"},
+        },
+    }
+
+
+def definition_parent() -> dict[str, Any]:
+    """Runs a chaos-child and takes its variables (in ``child``); mode timed: a run with a timeout
+    that goes on to ``late`` (its child cancelled); mode doom: the child fails, so the parent faults
+    at its run; mode cancel: the driver cancels it while its child runs (the child is cancelled too)."""
+    given = {"n": "{input.n}", "doom": "{input.doom}", "hold": "{input.hold}", "delay": "{input.delay}"}
+    return {
+        "id": "chaos-parent",
+        "name": "Chaos parent",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "parent {input.n} ({input.mode})", "next": "pick"},
+            "pick": {
+                "type": "if",
+                "condition": {"var": "input.mode", "op": "==", "value": "timed"},
+                "then": "run-timed",
+                "else": "run",
+            },
+            "run": {"type": "run", "definition": "chaos-child", "input": given, "result": "child", "next": "after"},
+            "run-timed": {
+                "type": "run",
+                "definition": "chaos-child",
+                "input": given,
+                "result": "child",
+                "timeout": CHILD_TIMEOUT,
+                "on_timeout": "late",
+                "next": "after",
+            },
+            "after": {"type": "log", "message": "parent {input.n}: {child.done}"},
+            "late": {"type": "log", "message": "parent {input.n} gave up on its child"},
+        },
+    }
+
+
+def definition_child() -> dict[str, Any]:
+    """work, call, timer, then fail (doom) or wait for signal child-N (answered after input.delay
+    seconds; never, with input.hold: its parent is cancelled meanwhile), and set ``done``."""
+    return {
+        "id": "chaos-child",
+        "name": "Chaos child",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "child {input.n}", "next": "work"},
+            "work": {"type": "work", "duration": "150ms", "next": "charge"},
+            "charge": {"type": "call", "function": "effect", "next": "nap"},
+            "nap": {"type": "timer", "duration": "500ms", "next": "check"},
+            "check": {
+                "type": "if",
+                "condition": {"var": "input.doom", "op": "==", "value": True},
+                "then": "doomed",
+                "else": "ask",
+            },
+            "doomed": {"type": "fail", "message": "doomed child {input.n} on purpose"},
+            "ask": {"type": "signal", "name": "child-{input.n}", "result": "answer", "next": "done"},
+            "done": {"type": "set", "values": {"done": "child {input.n} done"}},
+        },
+    }
+
+
+FIXED_DEFINITIONS: dict[str, Callable[[], dict[str, Any]]] = {
+    "chaos-kept": definition_kept,
+    "chaos-timed": definition_timed,
+    "chaos-keyed": definition_keyed,
+    "chaos-child": definition_child,  # before chaos-parent, which runs it
+    "chaos-parent": definition_parent,
+}
+
+
+def child_doom_message(n: Any) -> str:
+    return f"doomed child {n} on purpose"
+
 
 def doom_message(n: Any) -> str:
     return f"doomed {n} on purpose"
@@ -222,6 +384,10 @@ INVARIANTS = (
     ("overlap", "no two steps of an instance overlap in time"),
     ("fences", "fences rise between bursts, steady within one"),
     ("wf-timers", "every workflow timer elapsed once, not early"),
+    ("kept", "each kept signal resumed at most one instance, a waiter of its name"),
+    ("keys", "each start key started one instance; every start with it got its id"),
+    ("children", "every child ended before its parent went on; a parent's result is its child's"),
+    ("timed-waits", "a timed wait ended one way only, the way that happened"),
     ("effects", "every committed call has its effect, once"),
     ("messages", "every queue message acked once or dead-lettered"),
     ("timers", "every one-shot timer fired once, not early"),
@@ -328,8 +494,7 @@ def _check_all(conn: sqlite3.Connection, found: dict[str, Invariant], logs: list
             continue
     story = Story(conn, meta, texts, began)
     received = {
-        row[0]: row
-        for row in conn.execute("SELECT key, queue, message, node, at, count, again FROM chaos_received")
+        row[0]: row for row in conn.execute("SELECT key, queue, message, node, at, count, again FROM chaos_received")
     }
     dead: dict[str, list[tuple[Any, ...]]] = defaultdict(list)  # queue -> dead letters
     for row in conn.execute("SELECT id, queue, body, attempts, died, last_error FROM dead_letters"):
@@ -340,7 +505,7 @@ def _check_all(conn: sqlite3.Connection, found: dict[str, Invariant], logs: list
     ).fetchall()
 
     undecodable = {int(detail["message"]): key for key, _, detail in sent["undecodable"] if "message" in detail}
-    _check_workflows(conn, found, figures, sent, at_of, dead, undecodable)
+    _check_workflows(conn, found, figures, sent, at_of, dead, undecodable, meta)
     _check_messages(found, figures, sent, received, dead, left, undecodable)
     _check_timers(conn, found, figures, sent, received, dead)
     _check_epochs(conn, found, figures, texts)
@@ -358,12 +523,86 @@ def _check_all(conn: sqlite3.Connection, found: dict[str, Invariant], logs: list
         found["crashes"].checked += 1
         if TRACEBACK in text:
             at = text.index(TRACEBACK)
-            found["crashes"].fail(f"{os.path.basename(path)} logged a traceback:\n{text[max(0, at - 300):at + 1500]}")
+            found["crashes"].fail(f"{os.path.basename(path)} logged a traceback:\n{text[max(0, at - 300) : at + 1500]}")
     figures["node logs"] = dict(said)
     return figures
 
 
 # Workflows ------------------------------------------------------------------------------------
+
+# How the journal tells of waits: a signal wait begun (with its due time when it has a timeout, and
+# whether a kept signal ended it at once), a run activity's child started, and how a wait ended.
+WAITING_FOR = re.compile(r"^waiting for signal (.+?)(?: until (\S+?))?(: it was sent at \S+ and kept; resumed)?$")
+RUN_STARTED = re.compile(r"^started (\S+) v(\d+)(?:, waiting until (\S+))?: instance ([0-9a-f]+)$")
+TIMED_OUT = "timed out after "
+KEPT_TOKEN = re.compile(r"^ks\d+\.(?:\d+|x)$")
+
+
+def _meant_end(
+    workflow: str,
+    given: dict[str, Any],
+    status: str,
+    error: str | None,
+    rows: list[tuple[Any, ...]],
+    parent: tuple[Any, ...] | None,
+) -> tuple[str | None, str]:
+    """How an instance was meant to end, by its input (and its parent's): the figure's label when it
+    ended so, else None; and what was meant, for the evidence."""
+    last = rows[-1] if rows else None
+    cancelled = status == "cancelled" and last is not None and last[2] == "cancel"
+    if workflow == "chaos-parent":
+        mode = given.get("mode")
+        if mode == "doom":
+            why = f"it ran was faulted: {child_doom_message(given.get('n'))}"
+            ok = (
+                status == "faulted"
+                and (error or "").endswith(why)
+                and last is not None
+                and last[2] == "run"
+                and (last[7].startswith("faulted: instance "))
+            )
+            return ("faulted on purpose (its child failed)" if ok else None), "faulted at its run (its child failed)"
+        if mode == "cancel":
+            return ("cancelled on purpose (a parent)" if cancelled else None), "cancelled while its child ran"
+        return ("completed" if status == "completed" else None), "completed"
+    if workflow == "chaos-child":
+        if parent is None:
+            return None, "the child of an instance in the database"
+        mode = (_loads(parent[5]) or {}).get("input", {}).get("mode")
+        if mode == "doom":
+            ok = (
+                status == "faulted"
+                and error == child_doom_message(given.get("n"))
+                and last is not None
+                and (last[2] == "fail")
+            )
+            return ("faulted on purpose (a child)" if ok else None), "faulted at its fail step"
+        if mode == "cancel":
+            ok = cancelled and f"its parent {parent[0]} was cancelled" in last[7]  # type: ignore[index]
+            return ("cancelled with its parent (a child)" if ok else None), "cancelled with its parent"
+        if mode == "timed" and cancelled and f"its parent {parent[0]} stopped waiting for it" in last[7]:  # type: ignore[index]
+            return "cancelled: its parent stopped waiting (a child)", "completed, or cancelled by its parent's timeout"
+        return ("completed" if status == "completed" else None), "completed"
+    if workflow in FIXED_DEFINITIONS:
+        return ("completed" if status == "completed" else None), "completed"
+    # chaos-a and chaos-b: the fail branch; a call that ends its process every time (it faults once
+    # its run message has had its deliveries); cancelled on purpose (the hostile mix).
+    doomed, exits, cancels = given.get("doom") is True, given.get("hostile") == "exit", given.get("cancel") is True
+    if doomed and status == "faulted" and error == doom_message(given.get("n")) and last and last[2] == "fail":
+        return "faulted on purpose", ""
+    if (exits and status == "faulted" and (error or "").startswith(BURST_FAULT) and last
+            and last[7].startswith(f"faulted: {BURST_FAULT}")):  # fmt: skip
+        return "faulted on purpose (its call exits)", ""
+    if cancels and cancelled:
+        return "cancelled on purpose", ""
+    if not (doomed or exits or cancels) and status == "completed":
+        return "completed", ""
+    meant = (
+        "faulted at its fail step" if doomed else
+        "faulted with no burst finished (its call exits)" if exits else
+        "cancelled" if cancels else "completed"
+    )  # fmt: skip
+    return None, meant
 
 
 def _check_workflows(
@@ -374,17 +613,21 @@ def _check_workflows(
     at_of: dict[str, float],
     dead: dict[str, list[tuple[Any, ...]]],
     undecodable: dict[int, str],
+    meta: dict[str, Any] | None = None,
 ) -> None:
     definitions = {
         (workflow, version): json.loads(body)
         for workflow, version, body in conn.execute("SELECT id, version, body FROM definitions")
     }
+    columns = _columns(conn, "instances")
+    extra = ", ".join(column if column in columns else "NULL" for column in ("parent", "start_key", "updated", "ended"))
     instances = {
         row[0]: row
         for row in conn.execute(
-            "SELECT id, definition, version, status, error, variables, steps, fence, started_by FROM instances"
+            f"SELECT id, definition, version, status, error, variables, steps, fence, started_by, {extra} "
+            "FROM instances"
         )
-    }
+    }  # rows: (id, definition, version, status, error, variables, steps, fence, started_by, parent, start_key, ...)
     journals: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for instance, *row in conn.execute(
         "SELECT instance, step, activity, type, node, fence, started, ended, outcome FROM journal "
@@ -399,7 +642,7 @@ def _check_workflows(
     statuses: Counter[str] = Counter()
     by_version: Counter[str] = Counter()
     committed_calls: set[str] = set()
-    for instance, (_, workflow, version, status, error, variables, steps, fence, _by) in instances.items():
+    for instance, (_, workflow, version, status, error, variables, steps, fence, _by, parent, *_) in instances.items():
         rows = journals.get(instance, [])
         data = _loads(variables) or {}
         given = data.get("input") if isinstance(data.get("input"), dict) else {}
@@ -409,26 +652,15 @@ def _check_workflows(
         by_version[f"{workflow} v{version}"] += 1
 
         # Completed, or faulted on purpose (the fail branch; a call that ends its process every time,
-        # until the run message has had its deliveries), or cancelled on purpose -- nothing else.
+        # until the run message has had its deliveries; a child that failed on purpose), or cancelled
+        # on purpose (a parent, a child with it) -- nothing else.
         found["instances"].checked += 1
-        doomed, exits, cancels = given.get("doom") is True, given.get("hostile") == "exit", given.get("cancel") is True
-        last = rows[-1] if rows else None
-        if doomed and status == "faulted" and error == doom_message(given.get("n")) and last and last[2] == "fail":
-            statuses["faulted on purpose"] += 1
-        elif (exits and status == "faulted" and (error or "").startswith(BURST_FAULT) and last
-              and last[7].startswith(f"faulted: {BURST_FAULT}")):
-            statuses["faulted on purpose (its call exits)"] += 1
-        elif cancels and status == "cancelled" and last and last[2] == "cancel":
-            statuses["cancelled on purpose"] += 1
-        elif not (doomed or exits or cancels) and status == "completed":
-            statuses["completed"] += 1
+        parent_row = instances.get(parent) if parent is not None else None
+        label, meant = _meant_end(workflow, given, status, error, rows, parent_row)
+        if label is not None:
+            statuses[label] += 1
         else:
             statuses[f"{status} (not meant)"] += 1
-            meant = (
-                "faulted at its fail step" if doomed else
-                "faulted with no burst finished (its call exits)" if exits else
-                "cancelled" if cancels else "completed"
-            )  # fmt: skip
             found["instances"].fail(f"meant to end {meant}: {evidence}")
 
         body = definitions.get((workflow, version))
@@ -456,8 +688,15 @@ def _check_workflows(
                         f"step {step} ({activity})'s effect was recorded for {effect[1:4]}: {evidence}"
                     )
 
-    for key, (_, instance, activity, _step, fence, node, runs, again) in effects.items():
-        if key not in committed_calls:
+    cut_short = 0
+    for key, (_, instance, activity, step, fence, node, runs, again) in effects.items():
+        if key in committed_calls:
+            continue
+        rows = journals.get(instance, [])
+        row = instances.get(instance)
+        if row is not None and row[3] == "cancelled" and rows and rows[-1][2] == "cancel" and step >= rows[-1][0]:
+            cut_short += 1  # its burst was under way when the instance was cancelled: it committed nothing
+        else:
             found["effects"].fail(
                 f"effect {key} ({activity}, first by {node} fence {fence}, {runs} run(s), again {again}) belongs to "
                 f"no committed call step; instance {instance} journal:\n{_rows_text(journals.get(instance, []))}"
@@ -525,11 +764,36 @@ def _check_workflows(
         "effects": len(effects),
         "re-run (at least once, after a lost burst)": len(reruns),
         "extra runs": sum(row[6] - 1 for row in reruns),
+        "of bursts a cancel cut short": cut_short,
     }
     figures["definitions"] = {
         workflow: max(version for (other, version) in definitions if other == workflow)
         for workflow in sorted({workflow for workflow, _ in definitions})
     }
+    ended = float((meta or {}).get("ended") or time.time())
+    _check_features(conn, found, figures, Flows(definitions, instances, journals, sent, ended))
+
+
+def _wait_end(kind: str, began: str, ended: str) -> str | None:
+    """How the row ``ended`` ended the wait that the row ``began`` began at a timer, signal or run
+    activity: elapsed, received, completed (its child) or timed out; None if it is no end of it."""
+    if kind == "timer":
+        return "elapsed" if ended == "timer elapsed" else None
+    if kind == "signal":
+        if ended == "signal received":
+            return "received"
+        return "timed out" if ended.startswith(TIMED_OUT) and " waiting for signal " in ended else None
+    started = RUN_STARTED.match(began)
+    child = started.group(4) if started else None
+    if child is None:
+        return None
+    if ended == f"instance {child} completed":
+        return "completed"
+    return (
+        "timed out"
+        if ended.startswith(TIMED_OUT) and f" waiting for instance {child}, now cancelled" in ended
+        else None
+    )
 
 
 def _check_journal(
@@ -560,8 +824,8 @@ def _check_journal(
         if position in ("(faulted)", "(cancelled)"):
             found["steps"].fail(f"step {step} follows the end of the instance ({position}): {evidence}")
             break
-        if kind == "cancel":
-            if activity != (position or "(start)"):
+        if kind == "cancel":  # "(start)": cancelled before its first burst committed
+            if activity != (position or "(start)") and not (index == 0 and activity == "(start)"):
                 found["steps"].fail(f"step {step} cancels at {activity} where the path stood at {position}: {evidence}")
                 break
             position = "(cancelled)"
@@ -575,16 +839,27 @@ def _check_journal(
             position = "(faulted)"
             index += 1
             continue
-        if kind in ("timer", "signal") and outcome.startswith("waiting"):
+        if (kind in ("timer", "signal") and outcome.startswith("waiting")) or (
+            kind == "run" and outcome.startswith("started ")
+        ):
             resumed = rows[index + 1] if index + 1 < len(rows) else None
             if resumed is not None and (resumed[2] == "cancel" or resumed[7].startswith("faulted: ")):
-                index += 1  # it ended while waiting: the next row says how
+                index += 1  # it ended while waiting (a child that did not complete faults it): the next row says how
                 continue
-            if resumed is None or resumed[1] != activity or resumed[7] not in ("timer elapsed", "signal received"):
+            way = _wait_end(kind, outcome, resumed[7]) if resumed is not None and resumed[1] == activity else None
+            if way is None:
                 found["steps"].fail(f"step {step} waits at {activity}; the next step is not its end: {evidence}")
                 break
+            if way == "timed out" and (
+                spec.get("on_timeout") is None or not resumed[7].endswith(f": on to {spec['on_timeout']}")
+            ):
+                found["steps"].fail(
+                    f"step {step + 1} times out at {activity} to {resumed[7].rsplit(' ', 1)[-1]}, its "
+                    f"on_timeout is {spec.get('on_timeout')}: {evidence}"
+                )
+                break
             index += 2
-            position = spec.get("next")
+            position = spec.get("on_timeout") if way == "timed out" else spec.get("next")
             continue
         if kind == "call" and outcome.startswith("error (try"):
             index += 1  # tried again: the same activity comes next
@@ -603,8 +878,10 @@ def _check_journal(
         if status == "faulted" and position != "(faulted)":
             found["steps"].fail(f"faulted, but not at a fail step: {evidence}")
         if (status == "cancelled") != (position == "(cancelled)"):
-            found["steps"].fail(f"{status}, and the journal {'ends' if position == '(cancelled)' else 'does not end'} "
-                                f"with a cancel: {evidence}")
+            found["steps"].fail(
+                f"{status}, and the journal {'ends' if position == '(cancelled)' else 'does not end'} "
+                f"with a cancel: {evidence}"
+            )
 
     # Steps one after the other, never at once.
     for index, row in enumerate(rows):
@@ -639,8 +916,8 @@ def _check_journal(
         found["wf-timers"].checked += 1
         # An instance that ended past the timer has its end; one that ended at it (faulted while it
         # waited, cancelled) has none.
-        ended_here = bool(rows) and rows[-1][1] == activity and (
-            rows[-1][2] == "cancel" or rows[-1][7].startswith("faulted: ")
+        ended_here = (
+            bool(rows) and rows[-1][1] == activity and (rows[-1][2] == "cancel" or rows[-1][7].startswith("faulted: "))
         )
         ended = status in ("completed", "faulted", "cancelled")
         if len(waits) != 1 or len(ends) > 1 or (ended and len(ends) != (0 if ended_here else 1)):
@@ -656,6 +933,459 @@ def _check_journal(
             found["wf-timers"].fail(
                 f"timer {activity} elapsed {(due - ends[0][5]) * 1000:.1f} ms early (due {due:.3f}): {evidence}"
             )
+
+
+# The workflow features: kept signals, start keys, child instances, timed waits -----------------
+
+
+@dataclasses.dataclass
+class Flows:
+    """What the feature checks read: the definitions, instances and journals, and the driver's records."""
+
+    definitions: dict[tuple[str, int], dict[str, Any]]
+    instances: dict[str, tuple[Any, ...]]
+    journals: dict[str, list[tuple[Any, ...]]]
+    sent: dict[str, list[tuple[str, str, Any]]]
+    ended: float  # when the run ended (its meta), or now
+    variables: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for instance, row in self.instances.items():
+            data = _loads(row[5])
+            self.variables[instance] = data if isinstance(data, dict) else {}
+
+    def body(self, instance: str) -> dict[str, Any]:
+        row = self.instances[instance]
+        return self.definitions.get((row[1], row[2])) or {"activities": {}}
+
+    def spec(self, instance: str, activity: str) -> dict[str, Any]:
+        return self.body(instance)["activities"].get(activity) or {}
+
+    def shown(self, instance: str) -> str:
+        """An instance and its journal, for evidence."""
+        row = self.instances.get(instance)
+        if row is None:
+            return f"instance {instance}: not in the database"
+        given = self.variables[instance].get("input")
+        text = f"instance {instance} ({row[1]} v{row[2]}, input {json.dumps(given)}, {row[3]}"
+        text += f", error {row[4]!r})" if row[4] else ")"
+        return f"{text}; journal:\n{_rows_text(self.journals.get(instance, []))}"
+
+
+def _check_features(
+    conn: sqlite3.Connection,
+    found: dict[str, Invariant],
+    figures: dict[str, Any],
+    flows: Flows,
+) -> None:
+    kept = _table(conn, "SELECT id, name, input, sent, expires, by FROM kept_signals")
+    figures["kept signals"] = _check_kept(found["kept"], flows, kept)
+    figures["start keys"] = _check_keys(found["keys"], flows)
+    figures["children"] = _check_children(found["children"], flows)
+    figures["timed waits"] = _check_timed_waits(found["timed-waits"], flows)
+
+
+def _tokens(flows: Flows) -> dict[str, list[tuple[str, str]]]:
+    """token -> (instance, signal activity) of each instance whose signal result holds that token."""
+    held: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for instance in flows.instances:
+        for activity, spec in flows.body(instance)["activities"].items():
+            if spec.get("type") != "signal":
+                continue
+            value = flows.variables[instance].get(spec.get("result") or activity)
+            if isinstance(value, dict) and isinstance(value.get("token"), str):
+                held[value["token"]].append((instance, activity))
+    return held
+
+
+def _check_kept(check: Invariant, flows: Flows, kept: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """Each signal the driver sent with a token (kind kept: before any waiter of its name existed;
+    kind answer: a timed wait's answer, kept when it came late with a ttl): its token is in at most
+    one instance, one that waited for its name and took it kept (or that the signal resumed), while
+    it was live; one taken is gone from kept_signals; one not taken is still there until it
+    expires; and no instance began to wait for a name while a kept signal of it was there without
+    taking it."""
+    held = _tokens(flows)
+    left: dict[str, tuple[Any, ...]] = {}
+    for row in kept:
+        data = _loads(row[2])
+        if isinstance(data, dict) and isinstance(data.get("token"), str):
+            left[data["token"]] = row
+    waits: dict[str, list[tuple[str, tuple[Any, ...], re.Match[str]]]] = defaultdict(list)
+    for instance, rows in flows.journals.items():
+        for row in rows:
+            if row[2] == "signal" and (match := WAITING_FOR.match(row[7])):
+                waits[match.group(1)].append((instance, row, match))
+    records = {detail.get("token"): (kind, detail) for kind in ("kept", "answer") for _, _, detail in flows.sent[kind]}
+    counts: Counter[str] = Counter()
+    for token, (kind, detail) in records.items():
+        name, resumed, until = detail.get("name"), detail.get("resumed") or [], detail.get("kept_until")
+        if isinstance(until, str):
+            until = _iso_seconds(until)
+        if kind == "answer" and until is None:
+            continue  # resumed its instance, or dropped (ttl 0): the timed waits' question
+        check.checked += 1
+        holders = held.get(token, [])
+        where = (
+            f"signal {name} with token {token} ({kind}, ttl {detail.get('ttl')}, sent {detail.get('began', 0):.3f}.."
+            f"{detail.get('returned', 0):.3f}, resumed {resumed}, kept until {until})"
+        )
+        if kind == "kept" and (resumed or until is None):
+            check.fail(f"{where}: sent before any instance waited for {name}, yet not kept")
+        if len(holders) > 1:
+            check.fail(f"{where} resumed {len(holders)} instances:\n"
+                       + "\n".join(flows.shown(instance) for instance, _ in holders))  # fmt: skip
+        for instance, activity in holders:
+            took = [(row, match) for row in flows.journals.get(instance, [])
+                    if row[1] == activity and (match := WAITING_FOR.match(row[7]))]  # fmt: skip
+            if not took:
+                check.fail(
+                    f"{where}: its token is in instance {instance}, which never waited at {activity}: "
+                    f"{flows.shown(instance)}"
+                )
+                continue
+            row, match = took[0]
+            if match.group(1) != name:
+                check.fail(f"{where} resumed an instance waiting for signal {match.group(1)}: {flows.shown(instance)}")
+            elif instance in resumed:
+                counts["resumed its waiter when sent"] += 1
+            elif not match.group(3):
+                check.fail(
+                    f"{where}: its token is in instance {instance}, whose wait took no kept signal and which "
+                    f"the signal did not resume: {flows.shown(instance)}"
+                )
+            elif until is not None and row[5] >= until:
+                check.fail(f"{where} was taken {row[5] - until:.3f} s after it expired: {flows.shown(instance)}")
+            else:
+                counts["taken by a waiter"] += 1
+        if holders and token in left:
+            check.fail(f"{where} resumed {holders[0][0]}, yet is still in kept_signals: {left[token]}")
+        if not holders and until is not None:
+            if token in left:
+                counts["still kept" if left[token][4] > flows.ended else "expired, not taken"] += 1
+            elif until > flows.ended:
+                check.fail(
+                    f"{where} is neither in an instance nor in kept_signals, and would not expire before "
+                    f"{until:.3f} (the run ended {flows.ended:.3f}): lost"
+                )
+            else:
+                counts["expired, not taken"] += 1
+    for token, holders in held.items():
+        if token not in records and KEPT_TOKEN.match(token):
+            check.fail(
+                f"token {token} is in {[instance for instance, _ in holders]}, but no signal the driver recorded had it"
+            )
+    # A kept signal still there at the end (and live) was there for every wait of its name that
+    # began after it was sent: each of those must have taken one.
+    for token, row in left.items():
+        kind, detail = records.get(token, (None, {}))
+        if kind is None or row[4] <= flows.ended or "returned" not in detail:
+            continue
+        for instance, wait, match in waits.get(row[1], []):
+            check.checked += 1
+            if not match.group(3) and wait[5] > detail["returned"]:
+                check.fail(
+                    f"instance {instance} began to wait for {row[1]} at {wait[5]:.3f} without taking the kept signal "
+                    f"with token {token} (sent {detail['returned']:.3f}, kept until {row[4]:.3f}, still kept): "
+                    f"{flows.shown(instance)}"
+                )
+    return {
+        "sent before their waiters": len(flows.sent["kept"]),
+        "timed-wait answers kept": sum(1 for _, _, detail in flows.sent["answer"] if detail.get("kept_until")),
+        **dict(sorted(counts.items())),
+        "left in kept_signals": len(kept),
+    }
+
+
+def _check_keys(check: Invariant, flows: Flows) -> dict[str, Any]:
+    """Each key the driver started with (from threads and processes at once, again later, and with
+    another definition): one instance has it, every start of chaos-keyed with it got that id, one
+    start at most was told it was new (one exactly, unless a start failed) and its input is the
+    instance's; a start with another definition was refused."""
+    calls: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for _, _, detail in flows.sent["keyed"]:
+        calls[detail["key"]].append(detail)
+    having: dict[str, list[str]] = defaultdict(list)
+    for instance, row in flows.instances.items():
+        if row[10] is not None:
+            having[row[10]].append(instance)
+    counts: Counter[str] = Counter()
+    for key, made in sorted(calls.items()):
+        check.checked += 1
+        owners = having.get(key, [])
+        summary = [(call["call"], call["via"], call.get("instance"), call.get("new"), call.get("refused") is not None)
+                   for call in made]  # fmt: skip
+        where = f"start key {key} (calls: call, via, id, new, refused: {summary})"
+        counts["starts"] += len(made)
+        counts["of which by the command line"] += sum(1 for call in made if call["via"] == "cli")
+        if len(owners) != 1:
+            check.fail(f"{where}: {len(owners)} instances have it: " + "\n".join(map(flows.shown, owners)))
+            continue
+        owner = owners[0]
+        if flows.instances[owner][1] != "chaos-keyed":
+            check.fail(f"{where}: its instance is of {flows.instances[owner][1]}: {flows.shown(owner)}")
+        failed = sum(1 for call in made if "error" in call)
+        news = []
+        for call in made:
+            if "error" in call:
+                continue
+            if call["definition"] != "chaos-keyed":
+                counts["refused (another definition)"] += call.get("refused") is not None
+                if call.get("refused") is None:
+                    check.fail(
+                        f"{where}: the start with {call['definition']} was not refused: it got {call['instance']}"
+                    )
+            elif call.get("instance") != owner:
+                check.fail(
+                    f"{where}: call {call['call']} ({call['via']}) got {call.get('instance')}, the key's instance "
+                    f"is {owner}"
+                )
+            elif call.get("new"):
+                news.append(call)
+        if len(news) > 1 or (not news and not failed):
+            check.fail(f"{where}: {len(news)} starts were told they started it")
+        given = flows.variables[owner].get("input") or {}
+        if len(news) == 1 and given.get("call") != news[0]["call"]:
+            check.fail(
+                f"{where}: call {news[0]['call']} was told it started {owner}, whose input is that of call "
+                f"{given.get('call')}"
+            )
+    for key, owners in having.items():
+        if key not in calls:
+            check.checked += 1
+            check.fail(f"start key {key} is on {owners}, and no start the driver recorded used it")
+    return {"keys": len(calls), **dict(counts), "instances with a key": sum(map(len, having.values()))}
+
+
+def _check_children(check: Invariant, flows: Flows) -> dict[str, Any]:
+    """Each instance a run activity started: its parent's journal started it once (and no run row
+    names a child that is missing); it ended; a child that completed or faulted did so before its
+    parent went on (the parent's result is its variables; a faulted child faulted the parent there);
+    one cancelled with its parent, or by its parent's timeout, was cancelled by that very commit,
+    after the parent's row; and no cancelled parent left a child running or waiting."""
+    children: dict[str, list[str]] = defaultdict(list)
+    for instance, row in flows.instances.items():
+        if row[9] is not None:
+            children[row[9]].append(instance)
+    started: dict[str, tuple[str, int]] = {}  # child -> (parent, index of its run row)
+    counts: Counter[str] = Counter()
+    for parent, rows in flows.journals.items():
+        for index, row in enumerate(rows):
+            match = RUN_STARTED.match(row[7]) if row[2] == "run" else None
+            if match is None:
+                continue
+            child = match.group(4)
+            check.checked += 1
+            if child in started:
+                check.fail(f"instance {child} was started by two run rows: {started[child]} and {(parent, index)}")
+            started[child] = (parent, index)
+            if child not in flows.instances or flows.instances[child][9] != parent:
+                check.fail(
+                    f"{parent}'s step {row[0]} started instance {child}, which is not in the database as its "
+                    f"child: {flows.shown(parent)}"
+                )
+    for parent, kids in sorted(children.items()):
+        for child in kids:
+            check.checked += 1
+            counts["children"] += 1
+            row, rows = flows.instances[child], flows.journals.get(child, [])
+            where = f"child {child} ({row[3]}) of {parent}"
+            if parent not in flows.instances:
+                check.fail(f"{where}: its parent is not in the database: {flows.shown(child)}")
+                continue
+            if started.get(child, (None,))[0] != parent:
+                check.fail(f"{where}: no run row of its parent started it: {flows.shown(parent)}")
+                continue
+            prows = flows.journals[parent]
+            index = started[child][1]
+            after = prows[index + 1] if index + 1 < len(prows) else None
+            last = rows[-1] if rows else None
+            evidence = f"{flows.shown(child)}\n    its parent: {flows.shown(parent)}"
+            if row[3] in ("running", "waiting") or last is None:
+                check.fail(f"{where} is still {row[3]}; its parent is {flows.instances[parent][3]}: {evidence}")
+                continue
+            counts[row[3]] += 1
+            if row[3] in ("completed", "faulted"):
+                end = (f"instance {child} completed" if row[3] == "completed"
+                       else f"faulted: instance {child} ({row[1]}) it ran was faulted")  # fmt: skip
+                if after is None or not after[7].startswith(end):
+                    check.fail(f"{where}: its parent's step after the run is not {end!r}: {evidence}")
+                elif after[5] < last[6] - 0.001:
+                    check.fail(
+                        f"{where} ended at {last[6]:.3f}, after its parent went on at {after[5]:.3f}: {evidence}"
+                    )
+                elif row[3] == "completed":
+                    result = flows.spec(parent, after[1]).get("result") or after[1]
+                    if flows.variables[parent].get(result) != flows.variables[child]:
+                        check.fail(
+                            f"{where}: its parent's {result} is {json.dumps(flows.variables[parent].get(result))}, "
+                            f"the child's variables {json.dumps(flows.variables[child])}: {evidence}"
+                        )
+                continue
+            if last[2] != "cancel":
+                check.fail(f"{where}: its last step is no cancel: {evidence}")
+            elif f"its parent {parent} was cancelled" in last[7]:
+                if after is None or after[2] != "cancel" or flows.instances[parent][3] != "cancelled":
+                    check.fail(
+                        f"{where} says its parent was cancelled; the parent's step after the run: {after}: {evidence}"
+                    )
+                elif last[5] < after[5] - 0.001:
+                    check.fail(
+                        f"{where} was cancelled at {last[5]:.3f}, before its parent at {after[5]:.3f}: {evidence}"
+                    )
+                else:
+                    counts["cancelled with its parent"] += 1
+            elif f"its parent {parent} stopped waiting for it" in last[7]:
+                if (
+                    after is None
+                    or not after[7].startswith(TIMED_OUT)
+                    or f"instance {child}, now cancelled" not in after[7]
+                ):
+                    check.fail(
+                        f"{where} says its parent stopped waiting; the parent's step after the run: {after}: {evidence}"
+                    )
+                elif last[5] < after[5] - 0.001:
+                    check.fail(
+                        f"{where} was cancelled at {last[5]:.3f}, before its parent timed out at {after[5]:.3f}: "
+                        f"{evidence}"
+                    )
+                else:
+                    counts["cancelled by its parent's timeout"] += 1
+            elif after is None or not after[7].startswith(f"faulted: instance {child} ({row[1]}) it ran was cancelled"):
+                check.fail(f"{where} was cancelled, and its parent did not fault at the run: {evidence}")
+    for parent, row in flows.instances.items():
+        if row[3] == "cancelled" and row[1] == "chaos-parent":
+            check.checked += 1
+            busy = [child for child in children.get(parent, []) if flows.instances[child][3] in ("running", "waiting")]
+            if busy:
+                check.fail(f"cancelled parent {parent} left children {busy} running or waiting: {flows.shown(parent)}")
+    modes = Counter((flows.variables[parent].get("input") or {}).get("mode") for parent, row in flows.instances.items()
+                    if row[1] == "chaos-parent")  # fmt: skip
+    return {"parents by mode": dict(sorted((str(mode), count) for mode, count in modes.items())), **dict(counts)}
+
+
+def _check_timed_waits(check: Invariant, flows: Flows) -> dict[str, Any]:
+    """Each wait at a signal or run activity with a timeout ended one way: received (the signal; the
+    child's end), or timed out (not before its due time), never both, never neither (but a cancel
+    there); and the way is what happened: an answer that resumed the instance means received, with
+    its token; timed out means no answer resumed it (a late one was kept or dropped), and its child
+    (a run) was cancelled; an answer sent before the due time to an instance seen waiting found it."""
+    answers = {detail["instance"]: detail for _, _, detail in flows.sent["answer"]}
+    counts: Counter[str] = Counter()
+    for instance, rows in flows.journals.items():
+        if instance not in flows.instances:
+            continue
+        for activity, spec in flows.body(instance)["activities"].items():
+            if spec.get("type") not in ("signal", "run") or spec.get("timeout") is None:
+                continue
+            for index, row in enumerate(rows):
+                if row[1] != activity:
+                    continue
+                if spec["type"] == "signal":
+                    began, due_text = WAITING_FOR.match(row[7]), None
+                    if began is None:
+                        continue
+                    due_text, kept_in = began.group(2), bool(began.group(3))
+                else:
+                    began = RUN_STARTED.match(row[7])
+                    if began is None:
+                        continue
+                    due_text, kept_in = began.group(3), False
+                check.checked += 1
+                _check_timed_wait(check, flows, instance, spec, rows, index, due_text, kept_in, answers, counts)
+    for answer in answers.values():
+        counts[f"answers: {'resumed' if answer['resumed'] else 'kept' if answer['kept_until'] else 'dropped'}"] += 1
+    return dict(sorted(counts.items()))
+
+
+def _check_timed_wait(
+    check: Invariant,
+    flows: Flows,
+    instance: str,
+    spec: dict[str, Any],
+    rows: list[tuple[Any, ...]],
+    index: int,
+    due_text: str | None,
+    kept_in: bool,
+    answers: dict[str, dict[str, Any]],
+    counts: Counter[str],
+) -> None:
+    wait = rows[index]
+    activity, kind = wait[1], spec["type"]
+    due = _iso_seconds(due_text) if due_text else None
+    child = match.group(4) if kind == "run" and (match := RUN_STARTED.match(wait[7])) else None
+    ways: list[tuple[str, tuple[Any, ...]]] = []
+    for row in rows[index + 1 :]:
+        if row[1] != activity:
+            continue
+        if (WAITING_FOR if kind == "signal" else RUN_STARTED).match(row[7]):
+            break  # its next wait there (a loop)
+        text = row[7].removeprefix("faulted: ")
+        if text.startswith(TIMED_OUT):
+            ways.append(("timed out", row))
+        elif (
+            row[7] == "signal received"
+            or row[7] == f"instance {child} completed"
+            or (child and row[7].startswith(f"faulted: instance {child} "))
+        ):
+            ways.append(("received" if kind == "signal" else "its child ended", row))
+    evidence = flows.shown(instance)
+    answer = answers.get(instance) if kind == "signal" else None
+    token = answer["token"] if answer else None
+    result = flows.variables[instance].get(spec.get("result") or activity)
+    got = result.get("token") if isinstance(result, dict) else None
+    if len(ways) > 1:
+        check.fail(
+            f"the wait at {activity} (step {wait[0]}) ended {len(ways)} ways: "
+            f"{[(way, row[0]) for way, row in ways]}: {evidence}"
+        )
+        return
+    if not ways:
+        last = rows[-1]
+        if not (last[1] == activity and last[2] == "cancel" and last[0] > wait[0]):
+            check.fail(
+                f"the wait at {activity} (step {wait[0]}) never ended (neither received nor timed out): {evidence}"
+            )
+        else:
+            counts["cancelled while waiting"] += 1
+        return
+    way, row = ways[0]
+    counts[f"{kind}: {way}{' (a kept signal)' if kept_in else ''}"] += 1
+    if way == "timed out":
+        if due is None:
+            check.fail(f"the wait at {activity} timed out, its start row gives no due time: {evidence}")
+        elif row[5] < due - 0.001:
+            check.fail(
+                f"the wait at {activity} timed out {(due - row[5]) * 1000:.1f} ms early (due {due:.3f}): {evidence}"
+            )
+        if answer is not None and instance in answer["resumed"]:
+            check.fail(f"the answer {answer} resumed {instance}, yet its wait at {activity} timed out: {evidence}")
+        if got is not None:
+            check.fail(f"the wait at {activity} timed out, yet its result holds token {got}: {evidence}")
+        if child is not None and flows.instances.get(child, (None,) * 4)[3] != "cancelled":
+            row_child = flows.instances.get(child)
+            check.fail(
+                f"the run at {activity} timed out, its child {child} is "
+                f"{row_child[3] if row_child else 'missing'}, not cancelled: {evidence}"
+            )
+    elif kind == "signal":
+        if answer is None or got != token:
+            check.fail(f"the wait at {activity} received {result}, not the driver's answer {answer}: {evidence}")
+        elif instance not in answer["resumed"] and not (kept_in and answer["kept_until"]):
+            check.fail(
+                f"the wait at {activity} received the answer {answer}, which neither resumed it nor was kept "
+                f"for it: {evidence}"
+            )
+    elif child is not None:
+        status = (flows.instances.get(child) or (None,) * 4)[3]
+        if status != ("completed" if row[7] == f"instance {child} completed" else "faulted"):
+            check.fail(f"the run at {activity} says {row[7]!r}, its child {child} is {status}: {evidence}")
+    if (answer is not None and not answer["resumed"] and answer.get("seen") is not None and due is not None
+            and answer["returned"] < due - 0.001 and answer["seen"] > wait[6]):  # fmt: skip
+        check.fail(
+            f"the answer {answer}, committed {due - answer['returned']:.3f} s before the due time to an "
+            f"instance seen waiting, resumed nothing: {evidence}"
+        )
 
 
 # Queue messages -------------------------------------------------------------------------------
@@ -759,7 +1489,8 @@ def _check_timers(
         elif fired[0][2] < fired[0][1]:
             check.fail(f"fired {(fired[0][1] - fired[0][2]) * 1000:.1f} ms before it was due: {where}")
         if got is None:
-            check.fail(f"never received{' (a dead letter: ' + repr(dead_timers.get(key)) + ')' if key in dead_timers else ''}: {where}")  # noqa: E501
+            died = f" (a dead letter: {dead_timers.get(key)!r})" if key in dead_timers else ""
+            check.fail(f"never received{died}: {where}")
         elif got[5] != 1:
             check.fail(f"received {got[5]} times: {where}")
         elif fired and got[2] != fired[0][5]:
@@ -874,13 +1605,17 @@ def _check_nodes(conn: sqlite3.Connection, found: dict[str, Invariant], figures:
         position = position if position is not None else cursors.get(node)
         shown[node] = {"cursor": position, "blueprints": _loads(cached)}
         if position is None or position < last_instruction:
-            check.fail(f"node {node} (pid {pid}, {role}, {state}) applied instructions through {position}, "
-                       f"the log goes to {last_instruction}")
+            check.fail(
+                f"node {node} (pid {pid}, {role}, {state}) applied instructions through {position}, "
+                f"the log goes to {last_instruction}"
+            )
         for workflow, version in (_loads(cached) or {}).items():
             check.checked += 1
             if version != latest.get(workflow):
-                check.fail(f"node {node} (pid {pid}, {state}) would start {workflow} v{version}, the latest is "
-                           f"v{latest.get(workflow)}")
+                check.fail(
+                    f"node {node} (pid {pid}, {state}) would start {workflow} v{version}, the latest is "
+                    f"v{latest.get(workflow)}"
+                )
     figures["nodes"] = {"last instruction": last_instruction, "final": shown}
 
 
@@ -898,8 +1633,10 @@ def _check_locks(conn: sqlite3.Connection, found: dict[str, Invariant], figures:
             if later[1] <= earlier[1]:
                 check.fail(f"lock {name}: fence {later[1]} held after fence {earlier[1]}: {earlier} then {later}")
             if later[3] < earlier[4]:
-                check.fail(f"lock {name}: two holders at once for {(earlier[4] - later[3]) * 1000:.1f} ms: "
-                           f"{earlier} and {later}")
+                check.fail(
+                    f"lock {name}: two holders at once for {(earlier[4] - later[3]) * 1000:.1f} ms: "
+                    f"{earlier} and {later}"
+                )
     figures["locks"] = {
         "holds": sum(len(rows) for rows in holds.values()),
         "by holder": dict(Counter(row[2].split()[0] for rows in holds.values() for row in rows)),
@@ -1046,8 +1783,10 @@ class Story:
     def frozen(self, pids: set[int], lo: float, hi: float) -> dict[str, Any] | None:
         """A SIGSTOP (a stop or a freeze) of one of ``pids`` at some time in [lo, hi]."""
         for fault in self.faults:
-            if fault["kind"] in ("stop", "freeze") and fault["pid"] in pids and _overlap(
-                lo, hi, fault["at"], fault["until"] or self.end
+            if (
+                fault["kind"] in ("stop", "freeze")
+                and fault["pid"] in pids
+                and _overlap(lo, hi, fault["at"], fault["until"] or self.end)
             ):
                 return fault
         return None
@@ -1059,8 +1798,10 @@ class Story:
     def writer_frozen(self, lo: float, hi: float, but: set[int] | None = None) -> dict[str, Any] | None:
         """A SIGSTOP in [lo, hi] of a node that held the writers' turn then: every commit waited for it."""
         for fault in self.faults:
-            if fault["writer"] and fault["pid"] not in (but or set()) and _overlap(
-                lo, hi, fault["at"], fault["until"] or self.end
+            if (
+                fault["writer"]
+                and fault["pid"] not in (but or set())
+                and _overlap(lo, hi, fault["at"], fault["until"] or self.end)
             ):
                 return fault
         return None
@@ -1083,8 +1824,10 @@ class Story:
         if life["ready"] is None or life["ready"] > lo or (life["ended"] is not None and life["ended"] < hi):
             return False
         pids = {life["pid"]}
-        return self.frozen(pids, lo, hi) is None and not self.loop_blocks(pids, lo, hi) and (
-            self.writer_frozen(lo, hi) is None
+        return (
+            self.frozen(pids, lo, hi) is None
+            and not self.loop_blocks(pids, lo, hi)
+            and (self.writer_frozen(lo, hi) is None)
         )
 
     def explain(self, stall: Stall) -> str | None:
@@ -1133,8 +1876,10 @@ class Story:
     def around(self, pids: set[int], lo: float, hi: float) -> str:
         """The faults of ``pids`` near [lo, hi], for evidence."""
         near = [fault for fault in self.faults if fault["pid"] in pids and lo - 10 <= fault["at"] <= hi + 10]
-        return "; ".join(f"{fault['kind']} {fault['at']:.3f}..{fault['until'] or fault['at']:.3f}" for fault in near) \
+        return (
+            "; ".join(f"{fault['kind']} {fault['at']:.3f}..{fault['until'] or fault['at']:.3f}" for fault in near)
             or "no fault near"
+        )
 
 
 def _dead_reason_ok(error: str | None) -> bool:
@@ -1176,9 +1921,11 @@ def _check_hostile(
         elif not _dead_reason_ok(died[5]):
             check.fail(f"poison {key} is a dead letter with no death in its last error: {died}")
         if exits[key] > bound:
-            check.fail(f"poison {key} ended its node {exits[key]} times; at most {bound} (its {limit} deliveries, "
-                       f"and {refunded} deaths refunded before it is tried alone): "
-                       f"{[run for run in story.hostile if run['key'] == key]}")
+            check.fail(
+                f"poison {key} ended its node {exits[key]} times; at most {bound} (its {limit} deliveries, "
+                f"and {refunded} deaths refunded before it is tried alone): "
+                f"{[run for run in story.hostile if run['key'] == key]}"
+            )
 
     jobs_sent = sorted((at_of.get(key, 0.0), key) for key, _, _ in sent["job"])
     for key, _expect, detail in sent["undecodable"]:
@@ -1200,9 +1947,11 @@ def _check_hostile(
         check.checked += 1
         instance = key.split(":", 1)[1]
         if exits[instance] > burst_bound:
-            check.fail(f"instance {instance}'s call ended its node {exits[instance]} times; at most {burst_bound} "
-                       f"({story.burst_factor}x its run message's limit, and {refunded} deaths refunded before it "
-                       f"is tried alone): {[run for run in story.hostile if run['key'] == instance][-3:]}")
+            check.fail(
+                f"instance {instance}'s call ended its node {exits[instance]} times; at most {burst_bound} "
+                f"({story.burst_factor}x its run message's limit, and {refunded} deaths refunded before it "
+                f"is tried alone): {[run for run in story.hostile if run['key'] == instance][-3:]}"
+            )
 
     # Every dead letter: one meant to be (a job failing every time, poison, a loop-blocker, an
     # undecodable message), or a thread-blocking job whose every delivery was cut short (checked under
@@ -1220,8 +1969,9 @@ def _check_hostile(
             if row[0] in undecodable or key in expected or key in blockers:
                 continue
             innocent += 1
-            check.fail(f"an innocent message is a dead letter ({key or 'no key'}): {row[:2]} {str(row[2])[:200]} "
-                       f"{row[3:]}")
+            check.fail(
+                f"an innocent message is a dead letter ({key or 'no key'}): {row[:2]} {str(row[2])[:200]} {row[3:]}"
+            )
     figures["hostile"] = {
         "poison jobs": sum(1 for _, _, detail in sent["job"] if detail.get("poison")),
         "nodes they ended": sum(exits[key] for key, _, detail in sent["job"] if detail.get("poison")),
@@ -1352,13 +2102,18 @@ def _check_takeovers(
             "no standby up, ready and unfrozen throughout" if not healthy else None
         )  # fmt: skip
         if takeover is None or takeover[3] > at + stall + 3:
-            text = f"no standby took office (terms after: {later[:2]})" if takeover is None or takeover[3] > until \
+            text = (
+                f"no standby took office (terms after: {later[:2]})"
+                if takeover is None or takeover[3] > until
                 else f"{takeover[1]} took office {takeover[3] - at:.2f} s after the freeze (epoch {takeover[0]})"
+            )
             if excuse:
                 outcomes[f"no bound: {excuse}"] += 1
             else:
-                check.fail(f"{where}: {text}; bound {stall + 2:g} s (a violation past {stall + 3:g} s); standbys up "
-                           f"throughout: {[(life['node'], life['pid']) for life in healthy]}")
+                check.fail(
+                    f"{where}: {text}; bound {stall + 2:g} s (a violation past {stall + 3:g} s); standbys up "
+                    f"throughout: {[(life['node'], life['pid']) for life in healthy]}"
+                )
         if takeover is None or takeover[3] > until:
             outcomes["not replaced while frozen"] += takeover is not None and not excuse
             continue
@@ -1366,20 +2121,24 @@ def _check_takeovers(
         outcomes["replaced"] += 1
         claim = taken.get(takeover[0])
         if claim is None or claim[0] != node:
-            check.fail(f"{where}: epoch {takeover[0]} ({takeover[1]}) began {takeover[3] - at:.2f} s after the freeze, "
-                       f"yet no log says it was taken from {node} for its silence: {claim}")
+            check.fail(
+                f"{where}: epoch {takeover[0]} ({takeover[1]}) began {takeover[3] - at:.2f} s after the freeze, "
+                f"yet no log says it was taken from {node} for its silence: {claim}"
+            )
         for row in firings:
             if row[3] == epoch and row[2] >= takeover[3]:
-                check.fail(f"{where}: the frozen epoch fired {row} after epoch {takeover[0]} began at "
-                           f"{takeover[3]:.3f}")
+                check.fail(
+                    f"{where}: the frozen epoch fired {row} after epoch {takeover[0]} began at {takeover[3]:.3f}"
+                )
         life = next((life for life in story.lives if life["pid"] == pid), None)
         stepped = [line for line in lost.get(epoch, []) if line.pid == pid]
         died_soon = life is not None and life["ended"] is not None and life["ended"] <= until + 5
         if not stepped and not died_soon:
             check.fail(f"{where}: it never said it lost office after it woke (its life: {life})")
         elif stepped and stepped[0].at > until + 5:
-            check.fail(f"{where}: it said it lost office only {stepped[0].at - until:.2f} s after it woke: "
-                       f"{stepped[0]}")
+            check.fail(
+                f"{where}: it said it lost office only {stepped[0].at - until:.2f} s after it woke: {stepped[0]}"
+            )
     figures["takeovers"] = {
         "freezes": sum(1 for fault in story.faults if fault["kind"] == "freeze"),
         **dict(sorted(outcomes.items())),
@@ -1442,21 +2201,47 @@ class Member:
         """Start a life; only ever from the main thread (a child's death signal follows its thread)."""
         self.lives += 1
         path = os.path.join(self.run.log_dir, f"{self.node_id}-{self.lives}.log")
-        command = [PYTHON, self.run.nodeflow, "--db", self.run.db, "serve", "--node-id", self.node_id,
-                   "--app", self.run.app, "--lease", LEASE, "--grace", GRACE,
-                   "--stall-after", self.run.options.stall_after]
+        command = [
+            PYTHON,
+            self.run.nodeflow,
+            "--db",
+            self.run.db,
+            "serve",
+            "--node-id",
+            self.node_id,
+            "--app",
+            self.run.app,
+            "--lease",
+            LEASE,
+            "--grace",
+            GRACE,
+            "--stall-after",
+            self.run.options.stall_after,
+        ]
         if self.replica:
             command += ["--role", "replica"]
         env = dict(os.environ, CHAOS_DB=self.run.db, PYTHONPATH=str(ROOT))
         with open(path, "w") as log:
             self.process = subprocess.Popen(
-                command, stdout=subprocess.DEVNULL, stderr=log, cwd=self.run.folder, env=env,
+                command,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                cwd=self.run.folder,
+                env=env,
                 preexec_fn=_die_with_parent,
             )
         self.logs.append(path)
         self.state, self.wake_at, self._ready, self.frozen_by = "up", None, False, None
-        self.life = {"node": self.node_id, "life": self.lives, "pid": self.pid, "replica": int(self.replica),
-                     "started": time.time(), "ready": None, "ended": None, "how": None}
+        self.life = {
+            "node": self.node_id,
+            "life": self.lives,
+            "pid": self.pid,
+            "replica": int(self.replica),
+            "started": time.time(),
+            "ready": None,
+            "ended": None,
+            "how": None,
+        }
         self.run.lives.append(self.life)
 
     def ended(self, how: str) -> None:
@@ -1533,6 +2318,10 @@ class Run:
         self.threads: list[threading.Thread] = []
         self.phase = "starting"
         self.waits: dict[tuple[str, str], list[float]] = {}  # (instance, signal) -> [first seen, delay, last sent]
+        self.timed: dict[str, dict[str, Any]] = {}  # chaos-timed instances whose answer is to come
+        self.cancels: list[dict[str, Any]] = []  # parents to cancel while their child runs (see start_parent)
+        self.keys: list[str] = []  # start keys used, for later starts with them again
+        self.first_modes: list[str] = []  # the modes of the first parents: one of each
 
     # Output -------------------------------------------------------------------------------
 
@@ -1548,8 +2337,12 @@ class Run:
     def cli(self, *args: str, input: str | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         self.counts["cli commands"] += 1
         return subprocess.run(
-            [PYTHON, self.nodeflow, "--db", self.db, *args], capture_output=True, text=True, input=input,
-            timeout=timeout, cwd=self.folder,
+            [PYTHON, self.nodeflow, "--db", self.db, *args],
+            capture_output=True,
+            text=True,
+            input=input,
+            timeout=timeout,
+            cwd=self.folder,
         )
 
     def cli_ok(self, *args: str, input: str | None = None) -> str:
@@ -1577,24 +2370,61 @@ class Run:
 
     def fault(self, kind: str, member: Member, **extra: Any) -> dict[str, Any]:
         """Note a fault for chaos_faults (written at the end); the row, to add its end to."""
-        row = {"kind": kind, "node": member.node_id, "pid": member.pid, "at": time.time(), "until": None,
-               "epoch": None, "writer": 0, "detail": None, **extra}
+        row = {
+            "kind": kind,
+            "node": member.node_id,
+            "pid": member.pid,
+            "at": time.time(),
+            "until": None,
+            "epoch": None,
+            "writer": 0,
+            "detail": None,
+            **extra,
+        }
         self.fault_rows.append(row)
         return row
 
     def save_records(self) -> None:
         """The faults and lives of the run, and when it ended, for the checker (all nodes are gone now)."""
         assert self.nf is not None
-        faults = [(row["kind"], row["node"], row["pid"], row["at"], row["until"], row["epoch"], int(row["writer"]),
-                   json.dumps(row["detail"]) if row["detail"] is not None else None) for row in self.fault_rows]
-        lives = [(row["node"], row["life"], row["pid"], row["replica"], row["started"], row["ready"], row["ended"],
-                  row["how"]) for row in self.lives]
+        faults = [
+            (
+                row["kind"],
+                row["node"],
+                row["pid"],
+                row["at"],
+                row["until"],
+                row["epoch"],
+                int(row["writer"]),
+                json.dumps(row["detail"]) if row["detail"] is not None else None,
+            )
+            for row in self.fault_rows
+        ]
+        lives = [
+            (
+                row["node"],
+                row["life"],
+                row["pid"],
+                row["replica"],
+                row["started"],
+                row["ready"],
+                row["ended"],
+                row["how"],
+            )
+            for row in self.lives
+        ]
 
         def save(conn: sqlite3.Connection) -> None:
-            conn.executemany("INSERT INTO chaos_faults (kind, node, pid, at, until, epoch, writer, detail) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", faults)
-            conn.executemany("INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?)", lives)
+            conn.executemany(
+                "INSERT INTO chaos_faults (kind, node, pid, at, until, epoch, writer, detail) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                faults,
+            )
+            conn.executemany(
+                "INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                lives,
+            )
 
         self.nf.committer.submit(save)
         self.meta(ended=time.time())
@@ -1616,16 +2446,34 @@ class Run:
                 conn.execute(statement)
 
         nf.committer.submit(create)
-        self.meta(began=time.time(), seed=self.seed, stall_after=self.stall_after, lease=LEASE,
-                  max_deliveries=nodeflow.Settings().max_deliveries, hostile=self.options.hostile,
-                  isolate_after_deaths=getattr(nodeflow, "ISOLATE_AFTER_DEATHS", 1),
-                  burst_delivery_factor=getattr(nodeflow, "BURST_DELIVERY_FACTOR", 4))
+        self.meta(
+            began=time.time(),
+            seed=self.seed,
+            stall_after=self.stall_after,
+            lease=LEASE,
+            max_deliveries=nodeflow.Settings().max_deliveries,
+            hostile=self.options.hostile,
+            isolate_after_deaths=getattr(nodeflow, "ISOLATE_AFTER_DEATHS", 1),
+            burst_delivery_factor=getattr(nodeflow, "BURST_DELIVERY_FACTOR", 4),
+        )
         for workflow, make in DEFINITIONS.items():
             info = nf.define(make(1))
             self.record(f"define:{workflow}:{info.version}", "define", "used", {"rev": 1})
+        for workflow, fixed in FIXED_DEFINITIONS.items():
+            info = nf.define(fixed())
+            self.record(f"define:{workflow}:{info.version}", "define", "used", {"rev": 1})
         # Cron timers: one from the command line, one from the API (a slot a minute each).
-        self.cli_ok("schedule", "add", "chaos-cron-1", "--cron", "* * * * *", "--queue", "chaos.cron",
-                    "--body", json.dumps({"cron": "chaos-cron-1"}))
+        self.cli_ok(
+            "schedule",
+            "add",
+            "chaos-cron-1",
+            "--cron",
+            "* * * * *",
+            "--queue",
+            "chaos.cron",
+            "--body",
+            json.dumps({"cron": "chaos-cron-1"}),
+        )
         nf.schedule("chaos-cron-2", "chaos.cron", {"cron": "chaos-cron-2"}, cron="* * * * *")
         for name in ("chaos-cron-1", "chaos-cron-2"):
             self.record(name, "cron", "each slot once", {"cron": "* * * * *"})
@@ -1663,7 +2511,9 @@ class Run:
 
     def start_workload(self) -> None:
         """About 3 instances, 4 messages, 3 timers, 2 locks a second, and a new definition version
-        every 4 s (times --rate); with the faults, about half a core on top of the nodes' own work."""
+        every 4 s (times --rate); with the faults, about half a core on top of the nodes' own work.
+        The workflow features add a kept-signal group every 6 s, a start key every 4 s, a parent
+        every 2.5 s and a timed wait every 3 s (times --rate)."""
         w, rate = self.stop_workload, self.options.rate
         self.worker("instances", 0.3 / rate, self.start_instance, w)
         self.worker("jobs", 0.25 / rate, self.send_job, w)
@@ -1672,6 +2522,13 @@ class Run:
         self.worker("locks-cli", 1.5 / rate, self.lock_cli, w)
         self.worker("locks-api", 0.6 / rate, self.lock_api, w)
         self.worker("signals", 0.2, self.answer_signals, self.stop_signals)
+        # The workflow features: kept signals, start keys, child instances, timed waits (about 1.5
+        # instances a second more, times --rate).
+        self.worker("kept", 6.0 / rate, self.kept_group, w)
+        self.worker("keys", 4.0 / rate, self.start_keyed, w)
+        self.worker("parents", 2.5 / rate, self.start_parent, w)
+        self.worker("timed", 3.0 / rate, self.start_timed, w)
+        self.worker("timed-answers", 0.1, self.answer_timed, self.stop_signals)
         if self.options.hostile > 0:
             thread = threading.Thread(target=self.hostile, name="chaos-hostile", daemon=True)
             thread.start()
@@ -1733,8 +2590,17 @@ class Run:
         assert self.nf is not None
         name, after = f"t{self.number()}", round(rng.uniform(0.3, 2.5), 3)
         if rng.random() < 0.08:
-            self.cli_ok("schedule", "add", name, "--after", f"{after}s", "--queue", "chaos.timers",
-                        "--body", json.dumps({"timer": name}))
+            self.cli_ok(
+                "schedule",
+                "add",
+                name,
+                "--after",
+                f"{after}s",
+                "--queue",
+                "chaos.timers",
+                "--body",
+                json.dumps({"timer": name}),
+            )
             via = "cli"
         else:
             self.nf.schedule(name, "chaos.timers", {"timer": name}, after=after)
@@ -1803,8 +2669,9 @@ class Run:
         the slow endings (a loop-blocking message is handed on for half a minute) fit in the run."""
         rng = random.Random(f"{self.seed}:hostile")
         scale, seconds = self.options.hostile * self.options.rate, self.options.seconds
-        kinds = [kind for kind, every in self.HOSTILE_EVERY.items()
-                 for _ in range(max(1, round(seconds * scale / every)))]
+        kinds = [
+            kind for kind, every in self.HOSTILE_EVERY.items() for _ in range(max(1, round(seconds * scale / every)))
+        ]
         kinds.append("undecodable-workflow")
         return sorted((round(rng.uniform(0.1 * seconds, 0.5 * seconds), 2), kind) for kind in kinds)
 
@@ -1859,13 +2726,16 @@ class Run:
         variant = variant or rng.choice(sorted(self.UNDECODABLE))
         body, now = self.UNDECODABLE[variant], time.time()
         message = self.nf.committer.submit(
-            lambda conn: conn.execute(
-                "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
-                (queue, body, now, now),
-            ).lastrowid
+            lambda conn: (
+                conn.execute(
+                    "INSERT INTO messages (queue, body, priority, available_at, created) VALUES (?, ?, 0, ?, ?)",
+                    (queue, body, now, now),
+                ).lastrowid
+            )
         )
-        self.record(f"undecodable:{message}", "undecodable", "dead", {"queue": queue, "variant": variant,
-                                                                       "message": message})
+        self.record(
+            f"undecodable:{message}", "undecodable", "dead", {"queue": queue, "variant": variant, "message": message}
+        )
         self.say(f"hostile: undecodable message {message} ({variant}) in {queue}")
 
     def hostile_undecodable_workflow(self, rng: random.Random) -> None:
@@ -1890,20 +2760,31 @@ class Run:
     def answer_signals(self, rng: random.Random) -> None:
         """Send each instance waiting for a signal its signal, a little after it began to wait.
 
-        A signal sent before an instance waits for it is dropped by design: only instances seen
-        waiting get one; one still waiting three seconds after its signal gets it again.
+        Only instances seen waiting get one, with ttl 0 (it never stays kept: it resumes what waits,
+        or nothing); one still waiting three seconds after its signal gets it again. A chaos-child
+        waits ``input.delay`` seconds for its answer, and none with ``input.hold``: its parent is
+        cancelled (see cancel_parents). The timed waits (chaos-timed) are answer_timed's.
         """
         assert self.nf is not None
+        self.cancel_parents()
         waiting = self.nf.store.read(
             lambda conn: conn.execute(
-                "SELECT id, waiting_for, json_extract(variables, '$.input.cancel') FROM instances "
-                "WHERE status = 'waiting' AND waiting_for IS NOT NULL"
+                "SELECT id, waiting_for, json_extract(variables, '$.input.cancel'), "
+                "json_extract(variables, '$.input.delay'), json_extract(variables, '$.input.hold'), parent "
+                "FROM instances WHERE status = 'waiting' AND waiting_for IS NOT NULL AND definition != 'chaos-timed'"
             ).fetchall()
         )
         now = time.monotonic()
         seen = self.waits
-        for instance, name, cancel in waiting:
-            wait = seen.setdefault((instance, name), [now, rng.uniform(0.1, 1.0), 0.0])
+        for instance, name, cancel, delay, hold, parent in waiting:
+            if hold:  # a child whose parent is cancelled while it runs: no answer, ever
+                first = seen.setdefault((instance, name), [now, 0.0, 0.0])[0]
+                if parent is not None and (self.settling or now - first > 5):
+                    with self.mutex:  # at once: the planned cancel went astray
+                        self.cancels.append({"parent": parent, "cli": False, "due": 0.0})
+                continue
+            given = float(delay) if isinstance(delay, (int, float)) and not isinstance(delay, bool) else None
+            wait = seen.setdefault((instance, name), [now, given if given is not None else rng.uniform(0.1, 1.0), 0.0])
             if (now - wait[0] < wait[1] and not self.settling) or now - wait[2] < 3.0:
                 continue
             if wait[2]:
@@ -1915,10 +2796,303 @@ class Run:
                     self.counts["instances cancelled"] += 1
                 continue
             if rng.random() < 0.05 and not self.settling:
-                self.cli_ok("signal", name, "--input", json.dumps({"by": "cli"}))
-            else:
-                self.nf.signal(name, {"by": "api"})
+                self.cli_ok("signal", name, "--input", json.dumps({"by": "cli"}), "--ttl", "0")
+            elif not self.nf.signal(name, {"by": "api"}, ttl=0).resumed:
+                self.counts["signals that found no waiter (dropped)"] += 1
             self.counts["signals sent"] += 1
+
+    # The workflow features: kept signals, start keys, child instances, timed waits ------------
+
+    def instance_started(self, instance: str, expect: str, detail: dict[str, Any]) -> None:
+        self.record(f"instance:{instance}", "instance", expect, detail)
+        self.counts["instances started"] += 1
+
+    def send_kept(self, name: str, token: str, ttl: str, cli: bool) -> dict[str, Any]:
+        """Send signal ``name`` with ``token`` in its input (nobody waits for it yet: it is kept);
+        recorded as kind kept with its outcome."""
+        assert self.nf is not None
+        began = time.time()
+        if cli:
+            entry = json.loads(
+                self.cli_ok("signal", name, "--input", json.dumps({"token": token}), "--ttl", ttl, "--json")
+            )
+            resumed, kept_until = list(entry.get("resumed") or []), entry.get("kept_until")
+            if isinstance(kept_until, str):  # the command line says when in ISO 8601, to the millisecond
+                kept_until = _iso_seconds(kept_until)
+        else:
+            outcome = self.nf.signal(name, {"token": token}, ttl=ttl)
+            resumed, kept_until = list(outcome.resumed), outcome.kept_until
+        detail = {
+            "name": name,
+            "token": token,
+            "ttl": ttl,
+            "via": "cli" if cli else "api",
+            "began": began,
+            "returned": time.time(),
+            "resumed": resumed,
+            "kept_until": kept_until,
+        }
+        self.record(f"kept:{token}", "kept", "kept", detail)
+        self.counts["kept signals sent"] += 1
+        return detail
+
+    def kept_group(self, rng: random.Random) -> None:
+        """Signals nobody waits for yet (kept), then instances that wait for their name: as many,
+        fewer or more than the signals (those racing for fewer; the ones left waiting are answered
+        by answer_signals, with no token). Now and then first one with a ttl of 1 s, whose waiters
+        come after it expired: it must resume nothing; and now and then a ``prune`` as the waiters
+        start (it removes expired kept signals: none of those live may go)."""
+        group = self.number()
+        name = f"kept-{group}"
+        signals = rng.randint(1, 3)
+        waiters = max(1, signals + rng.choice((-1, 0, 0, 1, 2)))
+        if rng.random() < 0.3:
+            sent = self.send_kept(name, f"ks{group}.x", EXPIRING_TTL, cli=False)
+            if self.stop_workload.wait(
+                max(0.0, sent["returned"] + nodeflow.parse_duration(EXPIRING_TTL) + 0.5 - time.time())
+            ):
+                return  # the workload stops: no waiters (it expires unused)
+        for index in range(signals):
+            self.send_kept(name, f"ks{group}.{index}", KEPT_TTL, cli=rng.random() < 0.1)
+        clis = [rng.random() < 0.1 for _ in range(waiters)]
+        numbers = [self.number() for _ in range(waiters)]
+        prune = rng.choice(("api", "cli", None, None, None))  # it removes expired kept signals, never live ones
+
+        def start(index: int) -> None:
+            given, began = {"n": numbers[index], "name": name, "group": group}, time.time()
+            try:
+                if clis[index]:
+                    instance = self.cli_ok("start", "chaos-kept", "--input", json.dumps(given)).strip()
+                else:
+                    assert self.nf is not None
+                    instance = self.nf.start("chaos-kept", given)
+                self.instance_started(
+                    instance, "completed", {**given, "via": "cli" if clis[index] else "api", "began": began}
+                )
+            except Exception as error:
+                self.driver_error("kept waiter", error)
+
+        threads = [threading.Thread(target=start, args=(index,), daemon=True) for index in range(waiters)]
+        for thread in threads:  # at once: they race for the kept signals (and a prune, now and then)
+            thread.start()
+        if prune == "cli":
+            self.cli_ok("prune", "--older-than", "1d")
+        elif prune == "api":
+            assert self.nf is not None
+            self.nf.prune("1d")
+        if prune is not None:
+            self.counts[f"prunes ({prune})"] += 1
+        for thread in threads:
+            thread.join(60)
+        self.counts["kept-signal groups"] += 1
+
+    def start_keyed(self, rng: random.Random) -> None:
+        """Starts of one new key from 2-3 threads and 0-2 processes at once (each with its own input:
+        the one told "new" must be the one whose input the instance has); now and then a later start
+        with an older key, and one with an older key of another definition (refused)."""
+        key = f"chaos-key-{self.number()}"
+        vias = ["api"] * rng.randint(2, 3) + ["cli"] * rng.choice((0, 1, 1, 2))
+        rng.shuffle(vias)
+        barrier = threading.Barrier(len(vias))
+
+        def start(index: int, via: str) -> None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait(10)
+            try:
+                self.keyed_call(key, str(index), via)
+            except Exception as error:
+                self.driver_error("keyed start", error)
+
+        threads = [threading.Thread(target=start, args=item, daemon=True) for item in enumerate(vias)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with self.mutex:
+            self.keys.append(key)
+            older = self.keys[rng.randrange(len(self.keys))]
+        if rng.random() < 0.3:
+            self.keyed_call(older, f"again-{self.number()}", "cli" if rng.random() < 0.3 else "api")
+        if rng.random() < 0.15:
+            self.keyed_call(older, f"other-{self.number()}", "api", definition="chaos-b")
+        self.counts["start keys"] += 1
+
+    def keyed_call(self, key: str, call: str, via: str, definition: str = "chaos-keyed") -> None:
+        """One start with ``key``, recorded as kind keyed: the id it got, and whether it was new."""
+        assert self.nf is not None
+        given, began = {"n": self.number(), "key": key, "call": call}, time.time()
+        instance: str | None = None
+        new: bool | None = None
+        refused: str | None = None
+        try:
+            if via == "cli":
+                done = self.cli("start", definition, "--input", json.dumps(given), "--key", key)
+                if done.returncode != 0:
+                    raise RuntimeError(f"start --key exited {done.returncode}: {done.stderr.strip()[-500:]}")
+                instance, new = done.stdout.strip(), "already" not in done.stderr
+            else:
+                instance, new = self.nf.workflows.begin(definition, given, key)
+        except nodeflow.InvalidInput as error:
+            refused = str(error)
+        except Exception as error:
+            self.driver_error("keyed start", error)
+            self.record(
+                f"keyed:{key}:{call}",
+                "keyed",
+                "error",
+                {"key": key, "call": call, "via": via, "definition": definition, "error": str(error)},
+            )
+            return
+        detail = {
+            "key": key,
+            "call": call,
+            "via": via,
+            "definition": definition,
+            "instance": instance,
+            "new": new,
+            "refused": refused,
+            "began": began,
+            "returned": time.time(),
+        }
+        self.record(f"keyed:{key}:{call}", "keyed", "refused" if definition != "chaos-keyed" else "one id", detail)
+        self.counts["keyed starts"] += 1
+        if new and instance is not None:
+            self.instance_started(instance, "completed", {**given, "via": via, "began": began})
+
+    def start_parent(self, rng: random.Random) -> None:
+        """A chaos-parent: mode ok (its child completes), timed (its run has a timeout; its child's
+        answer comes in time, or not), doom (its child fails on purpose: it faults), or cancel (it
+        is cancelled 0-1.5 s after its child exists, while the child runs: the child is cancelled
+        too; or, one in four, 0.3-2.5 s after its start, perhaps before its run made the child). The
+        first four are one of each mode, in a seeded order (every run has each)."""
+        assert self.nf is not None
+        n, roll, began = self.number(), rng.random(), time.time()
+        mode = "ok" if roll < 0.35 else "timed" if roll < 0.65 else "doom" if roll < 0.8 else "cancel"
+        first = False
+        if self.counts["parents started"] == 0:
+            self.first_modes = rng.sample(("ok", "timed", "doom", "cancel"), 4)
+        if self.counts["parents started"] < len(self.first_modes):
+            mode, first = self.first_modes[self.counts["parents started"]], True
+        self.counts["parents started"] += 1
+        if mode == "timed":  # in time, or not (CHILD_TIMEOUT 8 s: the faults delay a child's bursts by seconds)
+            delay = rng.uniform(0.1, 0.6) if rng.random() < 0.5 else rng.uniform(9.0, 10.0)
+        else:
+            delay = rng.uniform(0.1, 1.0)
+        given = {"n": n, "mode": mode, "doom": mode == "doom", "hold": mode == "cancel", "delay": round(delay, 2)}
+        if rng.random() < 0.1:
+            instance, via = self.cli_ok("start", "chaos-parent", "--input", json.dumps(given)).strip(), "cli"
+        else:
+            instance, via = self.nf.start("chaos-parent", given), "api"
+        expect = {"ok": "completed", "timed": "completed", "doom": "faulted", "cancel": "cancelled"}[mode]
+        self.instance_started(instance, expect, {**given, "via": via, "began": began})
+        if mode == "cancel":
+            plan: dict[str, Any] = {"parent": instance, "cli": rng.random() < 0.2}
+            if rng.random() < 0.25 and not first:
+                plan["due"] = time.monotonic() + rng.uniform(0.3, 2.5)
+            else:
+                plan["due"], plan["after_child"] = None, rng.uniform(0.0, 1.5)
+            with self.mutex:
+                self.cancels.append(plan)
+
+    def cancel_parents(self) -> None:
+        """Cancel the parents (mode cancel) whose time has come (all of them once the run settles)."""
+        assert self.nf is not None
+        now = time.monotonic()
+        with self.mutex:
+            plans = list(self.cancels)
+        unborn = [plan["parent"] for plan in plans if plan["due"] is None]
+        if unborn:
+            marks = ", ".join("?" * len(unborn))
+            born = {
+                row[0]
+                for row in self.nf.store.read(
+                    lambda conn: conn.execute(
+                        f"SELECT parent FROM instances WHERE parent IN ({marks})", tuple(unborn)
+                    ).fetchall()
+                )
+            }
+            for plan in plans:
+                if plan["due"] is None and plan["parent"] in born:
+                    plan["due"] = now + plan["after_child"]
+        due = [plan for plan in plans if self.settling or (plan["due"] is not None and plan["due"] <= now)]
+        with self.mutex:
+            self.cancels = [plan for plan in self.cancels if all(plan is not other for other in due)]
+        for plan in due:
+            parent, cli = plan["parent"], plan["cli"]
+            try:
+                if cli:
+                    done = self.cli("cancel", parent, "--reason", "chaos: cancelled while its child runs")
+                    if done.returncode != 0 and "already" not in done.stderr:
+                        raise RuntimeError(f"cancel exited {done.returncode}: {done.stderr.strip()[-500:]}")
+                else:
+                    self.nf.cancel(parent, "chaos: cancelled while its child runs")
+                self.counts["parents cancelled"] += 1
+            except nodeflow.InvalidInput:
+                pass  # cancelled already (the backstop, a second look)
+            except Exception as error:
+                self.driver_error("cancel parent", error)
+                with self.mutex:
+                    self.cancels.append({"parent": parent, "cli": False, "due": now + 1.0})
+
+    def start_timed(self, rng: random.Random) -> None:
+        """A chaos-timed instance, whose answer answer_timed sends 0.1-3.5 s after it sees the wait
+        (the wait times out after 1.5 s): with ttl 0 (a late answer is dropped) or 10m (kept)."""
+        assert self.nf is not None
+        n, began = self.number(), time.time()
+        given = {"n": n, "name": f"timed-{n}"}
+        instance = self.nf.start("chaos-timed", given)
+        self.instance_started(instance, "completed", {**given, "via": "api", "began": began})
+        with self.mutex:
+            self.timed[instance] = {
+                "n": n,
+                "name": given["name"],
+                "delay": round(rng.uniform(0.1, 3.5), 2),
+                "ttl": rng.choice(("0", KEPT_TTL)),
+                "started": time.monotonic(),
+                "seen": None,
+                "seen_at": None,
+            }
+
+    def answer_timed(self, rng: random.Random) -> None:
+        """Answer each chaos-timed instance ``delay`` seconds after it was seen waiting (or 6 s after
+        its start if it never was): a signal with a token, recorded as kind answer with its outcome."""
+        assert self.nf is not None
+        with self.mutex:
+            pending = dict(self.timed)
+        if not pending:
+            return
+        marks = ", ".join("?" * len(pending))
+        rows = self.nf.store.read(
+            lambda conn: conn.execute(
+                f"SELECT id, status, waiting_for FROM instances WHERE id IN ({marks})", tuple(pending)
+            ).fetchall()
+        )
+        now = time.monotonic()
+        for instance, status, waiting_for in rows:
+            plan = pending[instance]
+            if plan["seen"] is None and status == "waiting" and waiting_for == plan["name"]:
+                plan["seen"], plan["seen_at"] = now, time.time()
+            due = plan["seen"] + plan["delay"] if plan["seen"] is not None else plan["started"] + 6.0
+            if now < due:
+                continue
+            with self.mutex:
+                self.timed.pop(instance, None)
+            token, began = f"ts{plan['n']}", time.time()
+            outcome = self.nf.signal(plan["name"], {"token": token}, ttl=plan["ttl"])
+            detail = {
+                "instance": instance,
+                "name": plan["name"],
+                "token": token,
+                "ttl": plan["ttl"],
+                "delay": plan["delay"],
+                "seen": plan["seen_at"],
+                "began": began,
+                "returned": time.time(),
+                "resumed": list(outcome.resumed),
+                "kept_until": outcome.kept_until,
+            }
+            self.record(f"answer:{instance}", "answer", "once", detail)
+            self.counts["timed answers sent"] += 1
 
     # Faults ---------------------------------------------------------------------------------
 
@@ -1935,8 +3109,11 @@ class Run:
         kinds, weights = ("kill", "stop", "term", "restart", "freeze"), (3, 3, 2, 2, 1 if hostile else 0)
         kind = self.rng.choices(kinds, weights)[0]
         left = self.chaos_end - time.monotonic()
-        if hostile and not self.faults["freezes replaced"] and self.faults["freeze"] < 3 and (
-            left < 0.85 * self.options.seconds
+        if (
+            hostile
+            and not self.faults["freezes replaced"]
+            and self.faults["freeze"] < 3
+            and (left < 0.85 * self.options.seconds)
         ):
             kind = "freeze"  # every run has one that a standby replaced (a few tries)
         if kind == "freeze":
@@ -1990,8 +3167,10 @@ class Run:
             row["writer"] = int(self.stopped(pid) and self.writer_holder() == pid)
             victim.state, victim.wake_at = "stopped", time.monotonic() + self.rng.uniform(0.5, 4.0)
             victim.frozen_by = row
-            self.say(f"SIGSTOP {what}; SIGCONT in {victim.wake_at - time.monotonic():.1f}s"
-                     + (" (it holds the writers' turn)" if row["writer"] else ""))
+            self.say(
+                f"SIGSTOP {what}; SIGCONT in {victim.wake_at - time.monotonic():.1f}s"
+                + (" (it holds the writers' turn)" if row["writer"] else "")
+            )
         else:
             victim.fault_row = self.fault(kind, victim)
             os.kill(pid, signal.SIGTERM)
@@ -2026,14 +3205,17 @@ class Run:
             self.faults["freeze put off (it held the writers' turn)"] += 1
             return False
         seconds = self.stall_after + self.rng.uniform(3.0, 4.0)  # past the bound checked: a standby must be in office
-        row = self.fault("freeze", victim, at=at, epoch=office["epoch"], detail={"seconds": round(seconds, 2),
-                                                                               "tries": attempt})
+        row = self.fault(
+            "freeze", victim, at=at, epoch=office["epoch"], detail={"seconds": round(seconds, 2), "tries": attempt}
+        )
         self.faults["freeze"] += 1
         self.faults["of which the scheduler"] += 1
         victim.state, victim.wake_at, victim.frozen_by = "stopped", time.monotonic() + seconds, row
         self.no_faults_until = time.monotonic() + self.stall_after + 3.5
-        self.say(f"FREEZE the scheduler {victim.node_id} (pid {pid}, epoch {office['epoch']}) for {seconds:.1f}s: "
-                 f"a standby must take office within {self.stall_after + 2:g}s")
+        self.say(
+            f"FREEZE the scheduler {victim.node_id} (pid {pid}, epoch {office['epoch']}) for {seconds:.1f}s: "
+            f"a standby must take office within {self.stall_after + 2:g}s"
+        )
         return True
 
     @staticmethod
@@ -2090,8 +3272,10 @@ class Run:
             elif member.state in ("up", "stopped") and code is not None:
                 member.ended(f"exit {code}")
                 self.fault("crash", member)
-                self.observe(f"node {member.node_id} (pid {member.pid}, life {member.lives}) exited by itself with "
-                             f"code {code} during {self.phase}:\n{member.tail()}")
+                self.observe(
+                    f"node {member.node_id} (pid {member.pid}, life {member.lives}) exited by itself with "
+                    f"code {code} during {self.phase}:\n{member.tail()}"
+                )
                 member.state, member.wake_at = "down", now
             elif member.state == "terminating" and code is not None:
                 member.ended(f"exit {code} after SIGTERM")
@@ -2099,12 +3283,15 @@ class Run:
                     member.fault_row["until"] = time.time()
                     member.fault_row = None
                 if code != 0:
-                    self.observe(f"node {member.node_id} (pid {member.pid}) exited {code} after SIGTERM:\n"
-                                 f"{member.tail()}")
+                    self.observe(
+                        f"node {member.node_id} (pid {member.pid}) exited {code} after SIGTERM:\n{member.tail()}"
+                    )
                 member.state, member.wake_at = "down", now + member.then_restart
             elif member.state == "terminating" and now - member.term_at > TERM_BOUND:
-                self.observe(f"node {member.node_id} (pid {member.pid}) still running {TERM_BOUND:.0f} s after "
-                             f"SIGTERM; killed:\n{member.tail()}")
+                self.observe(
+                    f"node {member.node_id} (pid {member.pid}) still running {TERM_BOUND:.0f} s after "
+                    f"SIGTERM; killed:\n{member.tail()}"
+                )
                 process.kill()
                 process.wait(10)
                 member.ended("killed: hung after SIGTERM")
@@ -2149,7 +3336,7 @@ class Run:
             time.sleep(0.05)
         self.stop_workload.set()
         for thread in self.threads:
-            if thread.name != "chaos-signals":
+            if thread.name not in ("chaos-signals", "chaos-timed-answers"):  # those go on while it settles
                 thread.join(30)
         self.settling = True
         for name in ("chaos-cron-1", "chaos-cron-2"):
@@ -2184,8 +3371,10 @@ class Run:
         if settled:
             self.say(f"settled in {time.monotonic() - began:.1f}s")
         else:
-            self.say(f"NOT settled within {self.options.settle:.0f}s (instances running or waiting, messages "
-                     f"queued, timers due): {busy}")
+            self.say(
+                f"NOT settled within {self.options.settle:.0f}s (instances running or waiting, messages "
+                f"queued, timers due): {busy}"
+            )
         # Two heartbeats: each node records the blueprints it holds and the instruction it applied.
         until = time.monotonic() + 2.5
         while time.monotonic() < until:
@@ -2229,11 +3418,14 @@ class Run:
 def run(options: argparse.Namespace) -> int:
     chaos = Run(options)
     out = chaos.out
-    rerun = f"python3 tests/chaos.py --seed {chaos.seed} --nodes {options.nodes} --replicas {options.replicas} " \
-            f"--seconds {options.seconds:g}" + (f" --rate {options.rate:g}" if options.rate != 1 else "") \
-            + (f" --faults {options.faults:g}" if options.faults != 1 else "") \
-            + (f" --hostile {options.hostile:g}" if options.hostile != 1 else "") \
-            + (f" --stall-after {options.stall_after}" if options.stall_after != STALL_AFTER else "")
+    rerun = (
+        f"python3 tests/chaos.py --seed {chaos.seed} --nodes {options.nodes} --replicas {options.replicas} "
+        f"--seconds {options.seconds:g}"
+        + (f" --rate {options.rate:g}" if options.rate != 1 else "")
+        + (f" --faults {options.faults:g}" if options.faults != 1 else "")
+        + (f" --hostile {options.hostile:g}" if options.hostile != 1 else "")
+        + (f" --stall-after {options.stall_after}" if options.stall_after != STALL_AFTER else "")
+    )
     print(f"chaos seed {chaos.seed} (rerun: {rerun})", file=out, flush=True)
     settled = False
     try:
@@ -2277,8 +3469,13 @@ def run(options: argparse.Namespace) -> int:
             "ok": not violations,
             "folder": chaos.folder if (options.keep or violations) else None,
             "invariants": [
-                {"key": item.key, "invariant": item.title, "checked": item.checked,
-                 "violations": len(item.violations), "evidence": item.violations[:200]}
+                {
+                    "key": item.key,
+                    "invariant": item.title,
+                    "checked": item.checked,
+                    "violations": len(item.violations),
+                    "evidence": item.violations[:200],
+                }
                 for item in invariants
             ],
             "summary": summary,
@@ -2301,11 +3498,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=120.0, help="seconds of chaos (default 120)")
     parser.add_argument("--rate", type=float, default=1.0, help="workload multiplier (default 1)")
     parser.add_argument("--faults", type=float, default=1.0, help="fault rate multiplier (default 1: every 1-3 s)")
-    parser.add_argument("--hostile", type=float, default=1.0,
-                        help="the hostile mix (poison, exiting calls, blocking handlers, undecodable messages, "
-                             "scheduler freezes): a multiplier; 0 turns it off (default 1)")
-    parser.add_argument("--stall-after", default=STALL_AFTER,
-                        help=f"the nodes' --stall-after (default {STALL_AFTER})")
+    parser.add_argument(
+        "--hostile",
+        type=float,
+        default=1.0,
+        help="the hostile mix (poison, exiting calls, blocking handlers, undecodable messages, "
+        "scheduler freezes): a multiplier; 0 turns it off (default 1)",
+    )
+    parser.add_argument("--stall-after", default=STALL_AFTER, help=f"the nodes' --stall-after (default {STALL_AFTER})")
     parser.add_argument("--settle", type=float, default=60.0, help="bound on settling afterwards (default 60)")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random choices (default: random)")
     parser.add_argument("--keep", metavar="DIR", help="run in DIR (new or empty) and keep it")

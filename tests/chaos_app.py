@@ -7,9 +7,11 @@ so that the checker can count them after the run:
   ``chaos_received`` in the same transaction as the ack (``ack(message, also=...)``), then return
   ``nodeflow.SETTLED``: a receipt exists exactly when the message was acked. A receipt written twice
   for one key counts up instead of failing, so that the checker sees it;
-- the ``effect`` activity function (the workflows' ``call`` steps) records its run in
-  ``chaos_effects`` keyed by ``nodeflow.current_call().key``: a call runs at least once, and a burst
-  lost to a crash runs it again under the same key (``runs`` counts the runs).
+- the ``effect`` activity function (the workflows' ``call`` steps: chaos-a, chaos-b, and the child
+  and keyed instances of the workflow features) records its run in ``chaos_effects`` keyed by
+  ``nodeflow.current_call().key``: a call runs at least once, and a burst lost to a crash runs it
+  again under the same key (``runs`` counts the runs); a burst cut short by a cancel (a child
+  whose parent was cancelled or timed out) leaves a run that no committed step has.
 
 The hostile mix (tests/chaos.py ``--hostile``) has code here that misbehaves on purpose. Each run of
 it first records itself in ``chaos_hostile`` (committed before it misbehaves), so that the checker
@@ -86,8 +88,16 @@ def _acked(message: nodeflow.Message, key: str) -> bool:
 
 def _hostile(kind: str, key: str, node: str | None, message: nodeflow.Message | None = None) -> int:
     """Record that hostile code of ``kind`` starts now in this process (committed when this returns)."""
-    row = (kind, key, message.id if message else None, message.attempts if message else None,
-           message.refunds if message else None, node, os.getpid(), time.time())
+    row = (
+        kind,
+        key,
+        message.id if message else None,
+        message.attempts if message else None,
+        message.refunds if message else None,
+        node,
+        os.getpid(),
+        time.time(),
+    )
     return int(cluster().committer.submit(
         lambda conn: conn.execute(
             "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started) "
@@ -180,9 +190,11 @@ def effect(variables: dict[str, Any]) -> dict[str, Any]:
         _planned_exit(f"instance {call.instance} {call.activity} (fence {call.fence}): the call ends its process")
     if variables["input"].get("flaky") and call.activity == "charge":
         first = nf.committer.submit(
-            lambda conn: conn.execute(
-                "INSERT OR IGNORE INTO chaos_flaky (key, at) VALUES (?, ?)", (call.instance, time.time())
-            ).rowcount
+            lambda conn: (
+                conn.execute(
+                    "INSERT OR IGNORE INTO chaos_flaky (key, at) VALUES (?, ?)", (call.instance, time.time())
+                ).rowcount
+            )
         )
         if first:
             raise ConnectionError(f"{call.instance} {call.activity} fails on purpose (first try)")

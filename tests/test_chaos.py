@@ -1,15 +1,17 @@
 """The chaos run (tests/chaos.py), short: 30 s of kills, stops and restarts under load, with the
 hostile mix (poison jobs, calls that end their process, handlers that block their thread or the
-event loop, undecodable messages, a frozen scheduler), then the checker.
+event loop, undecodable messages, a frozen scheduler) and the workflow features (kept signals,
+start keys, child instances, timed waits), then the checker.
 
 - The run itself, with a random seed (printed; NODEFLOW_TEST_SEED replays its choices): exit 0, no
-  invariant violated, and the faults, instances, messages, timers, locks and the hostile mix really
-  happened.
+  invariant violated, and the faults, instances, messages, timers, locks, the hostile mix and the
+  workflow features really happened.
 - The checker can fail: each invariant is shown a doctored copy of the run's finished database (a
   step committed twice, two steps at once, a message received twice, a timer that never fired, a
   lost instance, two lock holders at once, an epoch claimed twice, an innocent dead letter, a poison
-  job that killed too many nodes, a stall nothing explains, a frozen scheduler replaced late, ...)
-  and must report it.
+  job that killed too many nodes, a stall nothing explains, a frozen scheduler replaced late, a
+  start key with two instances, a kept signal's token in two instances, a child that ended after
+  its parent went on, a timed wait both received and timed out, ...) and must report it.
 
 `make chaos` runs the long version (python3 tests/chaos.py --seconds 120).
 """
@@ -45,15 +47,31 @@ class ChaosRun(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
         cls.seed = int(os.environ.get("NODEFLOW_TEST_SEED") or random.randrange(2**32))
-        print(f"\n  chaos seed {cls.seed} [NODEFLOW_TEST_SEED={cls.seed}] (rerun: python3 tests/chaos.py "
-              f"--seed {cls.seed} --seconds {SECONDS})", file=sys.stderr, flush=True)
+        print(
+            f"\n  chaos seed {cls.seed} [NODEFLOW_TEST_SEED={cls.seed}] (rerun: python3 tests/chaos.py "
+            f"--seed {cls.seed} --seconds {SECONDS})",
+            file=sys.stderr,
+            flush=True,
+        )
         cls.dir = tempfile.mkdtemp(prefix="nodeflow-test-chaos-")
         cls.folder = os.path.join(cls.dir, "run")
         began = time.monotonic()
         cls.done = subprocess.run(
-            [PYTHON, os.path.join(ROOT, "tests", "chaos.py"), "--seconds", str(SECONDS), "--seed", str(cls.seed),
-             "--keep", cls.folder, "--json"],
-            capture_output=True, text=True, timeout=RUN_TIMEOUT, cwd=ROOT,
+            [
+                PYTHON,
+                os.path.join(ROOT, "tests", "chaos.py"),
+                "--seconds",
+                str(SECONDS),
+                "--seed",
+                str(cls.seed),
+                "--keep",
+                cls.folder,
+                "--json",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT,
+            cwd=ROOT,
         )
         try:
             cls.report = json.loads(cls.done.stdout)
@@ -72,8 +90,9 @@ class ChaosRun(unittest.TestCase):
     def run(self, result: unittest.TestResult | None = None) -> unittest.TestResult | None:
         result = super().run(result)
         # A failed subTest is listed under its _SubTest, whose test_case is this test.
-        if result is not None and any(getattr(case, "test_case", case) is self
-                                      for case, _ in [*result.failures, *result.errors]):
+        if result is not None and any(
+            getattr(case, "test_case", case) is self for case, _ in [*result.failures, *result.errors]
+        ):
             type(self).failed = True
         return result
 
@@ -92,8 +111,11 @@ class ChaosRun(unittest.TestCase):
         # The chaos really happened, and the workload really ran through it.
         summary = self.report["summary"]
         faults = summary["faults"]
-        self.assertGreaterEqual(sum(faults.get(kind, 0) for kind in ("kill", "stop", "term", "restart", "freeze")), 8,
-                                faults)
+        # At least 6: a run that needs three freezes before a standby replaces one (each holds the other
+        # faults off for the stall limit + 3.5 s) has about 10 s of its 30 left for the others.
+        self.assertGreaterEqual(
+            sum(faults.get(kind, 0) for kind in ("kill", "stop", "term", "restart", "freeze")), 6, faults
+        )
         self.assertGreaterEqual(faults.get("of which the scheduler", 0), 1, faults)
         self.assertTrue(summary["settled"], self.output())
         self.assertGreater(summary["instances"]["total"], 30, summary["instances"])
@@ -104,20 +126,31 @@ class ChaosRun(unittest.TestCase):
         self.assertGreater(summary["scheduler"]["terms"], 1, summary["scheduler"])
         self.assertGreater(len(summary["instances"]["by version"]), 3, summary["instances"])
         checked = {item["key"]: item["checked"] for item in self.report["invariants"]}
-        self.assertEqual([key for key, count in checked.items() if key not in ("cron", "takeover") and count == 0],
-                         [], checked)
+        self.assertEqual(
+            [key for key, count in checked.items() if key not in ("cron", "takeover") and count == 0], [], checked
+        )
         # The hostile mix really happened, and ended as it should.
         hostile, blocking = summary["hostile"], summary["blocking"]
         self.assertGreaterEqual(hostile["poison jobs"], 1, hostile)
         self.assertGreaterEqual(hostile["nodes they ended"], 1, hostile)
         self.assertGreaterEqual(hostile["undecodable"], 2, hostile)
-        self.assertGreaterEqual(summary["instances"].get("faulted on purpose (its call exits)", 0), 1,
-                                summary["instances"])
+        self.assertGreaterEqual(
+            summary["instances"].get("faulted on purpose (its call exits)", 0), 1, summary["instances"]
+        )
         self.assertGreaterEqual(summary["instances"].get("cancelled on purpose", 0), 1, summary["instances"])
         self.assertGreaterEqual(blocking["thread runs"], 1, blocking)
         self.assertGreaterEqual(blocking["loop runs"], 1, blocking)
         self.assertGreaterEqual(faults.get("freeze", 0), 1, faults)
         self.assertGreaterEqual(faults.get("planned exits (restarted)", 0), 1, faults)
+        # The workflow features really ran: kept signals taken, keys started from several places at once,
+        # child instances, timed waits.
+        kept, keys, children = summary["kept signals"], summary["start keys"], summary["children"]
+        self.assertGreaterEqual(kept.get("taken by a waiter", 0), 1, kept)
+        self.assertGreaterEqual(keys["keys"], 2, keys)
+        self.assertGreater(keys["starts"], 2 * keys["keys"], keys)
+        self.assertGreaterEqual(children.get("children", 0), 3, children)
+        self.assertEqual(set(children["parents by mode"]), {"ok", "timed", "doom", "cancel"}, children)
+        self.assertGreaterEqual(checked["timed-waits"], 3, checked)
 
     # The checker --------------------------------------------------------------------------
 
@@ -176,8 +209,11 @@ def one(conn: sqlite3.Connection, sql: str, *args: Any) -> tuple[Any, ...]:
 
 def completed_a(conn: sqlite3.Connection) -> str:
     """A completed chaos-a instance that ran both of its calls."""
-    return str(one(conn, "SELECT id FROM instances WHERE definition = 'chaos-a' AND status = 'completed' "
-                         "ORDER BY id LIMIT 1")[0])
+    return str(
+        one(conn, "SELECT id FROM instances WHERE definition = 'chaos-a' AND status = 'completed' ORDER BY id LIMIT 1")[
+            0
+        ]
+    )
 
 
 def step_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
@@ -187,8 +223,10 @@ def step_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     at = next(index for index, row in enumerate(rows) if row[2] == "charge" and row[8].startswith("called"))
     rows = [*rows[: at + 1], rows[at], *rows[at + 1 :]]
     conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
-    conn.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     [(row[0], step, *row[2:]) for step, row in enumerate(rows)])
+    conn.executemany(
+        "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(row[0], step, *row[2:]) for step, row in enumerate(rows)],
+    )
     conn.execute("UPDATE instances SET steps = steps + 1 WHERE id = ?", (instance,))
     return []
 
@@ -196,16 +234,22 @@ def step_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
 def steps_overlap(conn: sqlite3.Connection, folder: str) -> list[str]:
     """Its first step still running when the second began (a kill between them may have left a gap)."""
     instance = completed_a(conn)
-    conn.execute("UPDATE journal SET ended = (SELECT started + 0.001 FROM journal WHERE instance = ? AND step = 1) "
-                 "WHERE instance = ? AND step = 0", (instance, instance))
+    conn.execute(
+        "UPDATE journal SET ended = (SELECT started + 0.001 FROM journal WHERE instance = ? AND step = 1) "
+        "WHERE instance = ? AND step = 0",
+        (instance, instance),
+    )
     return []
 
 
 def fence_falls(conn: sqlite3.Connection, folder: str) -> list[str]:
     """Its last burst ran under a fence lower than the burst before."""
     instance = completed_a(conn)
-    conn.execute("UPDATE journal SET fence = 0 WHERE instance = ? AND fence = (SELECT MAX(fence) FROM journal "
-                 "WHERE instance = ?)", (instance, instance))
+    conn.execute(
+        "UPDATE journal SET fence = 0 WHERE instance = ? AND fence = (SELECT MAX(fence) FROM journal "
+        "WHERE instance = ?)",
+        (instance, instance),
+    )
     conn.execute("UPDATE instances SET fence = 0 WHERE id = ?", (instance,))
     return []
 
@@ -213,11 +257,17 @@ def fence_falls(conn: sqlite3.Connection, folder: str) -> list[str]:
 def timer_early(conn: sqlite3.Connection, folder: str) -> list[str]:
     """Its timer ended 50 ms before it was due."""
     instance = completed_a(conn)
-    wait, = one(conn, "SELECT outcome FROM journal WHERE instance = ? AND activity = 'pause' AND outcome LIKE "
-                      "'waiting until %'", instance)
-    due = chaos._iso_seconds(wait[len("waiting until "):])
-    conn.execute("UPDATE journal SET started = ?, ended = ? WHERE instance = ? AND activity = 'pause' AND "
-                 "outcome = 'timer elapsed'", (due - 0.05, due - 0.05, instance))
+    (wait,) = one(
+        conn,
+        "SELECT outcome FROM journal WHERE instance = ? AND activity = 'pause' AND outcome LIKE 'waiting until %'",
+        instance,
+    )
+    due = chaos._iso_seconds(wait[len("waiting until ") :])
+    conn.execute(
+        "UPDATE journal SET started = ?, ended = ? WHERE instance = ? AND activity = 'pause' AND "
+        "outcome = 'timer elapsed'",
+        (due - 0.05, due - 0.05, instance),
+    )
     return []
 
 
@@ -230,8 +280,13 @@ def instance_stuck(conn: sqlite3.Connection, folder: str) -> list[str]:
 def instance_lost(conn: sqlite3.Connection, folder: str) -> list[str]:
     """An instance started through the API or the command line is gone from the database. (A gone
     instance that a trigger started is a trigger that started none: trigger_twice's invariant.)"""
-    instance = str(one(conn, "SELECT id FROM instances WHERE status = 'completed' AND 'instance:' || id IN "
-                             "(SELECT key FROM chaos_sent WHERE kind = 'instance') ORDER BY id LIMIT 1")[0])
+    instance = str(
+        one(
+            conn,
+            "SELECT id FROM instances WHERE status = 'completed' AND 'instance:' || id IN "
+            "(SELECT key FROM chaos_sent WHERE kind = 'instance') ORDER BY id LIMIT 1",
+        )[0]
+    )
     conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
     conn.execute("DELETE FROM instances WHERE id = ?", (instance,))
     return []
@@ -259,35 +314,46 @@ def effect_missing(conn: sqlite3.Connection, folder: str) -> list[str]:
 
 def message_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A queue message's effect recorded twice (two acks of one message)."""
-    conn.execute("UPDATE chaos_received SET count = 2 WHERE key = (SELECT key FROM chaos_received "
-                 "WHERE key LIKE 'job:%' LIMIT 1)")
+    conn.execute(
+        "UPDATE chaos_received SET count = 2 WHERE key = (SELECT key FROM chaos_received "
+        "WHERE key LIKE 'job:%' LIMIT 1)"
+    )
     return []
 
 
 def message_lost(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A sent message neither received nor dead-lettered."""
-    conn.execute("DELETE FROM chaos_received WHERE key = (SELECT key FROM chaos_received WHERE key LIKE 'job:%' "
-                 "LIMIT 1)")
+    conn.execute(
+        "DELETE FROM chaos_received WHERE key = (SELECT key FROM chaos_received WHERE key LIKE 'job:%' LIMIT 1)"
+    )
     return []
 
 
 def timer_unfired(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A one-shot timer added, due, and never fired."""
     now = time.time()
-    conn.execute("INSERT INTO timers (name, queue, body, due, created) VALUES ('ghost', 'chaos.timers', ?, ?, ?)",
-                 (json.dumps({"timer": "ghost"}), now - 60, now - 61))
-    conn.execute("INSERT INTO chaos_sent (key, kind, expect, detail, at) VALUES ('timer:ghost', 'timer', 'once', "
-                 "'{}', ?)", (now - 61,))
+    conn.execute(
+        "INSERT INTO timers (name, queue, body, due, created) VALUES ('ghost', 'chaos.timers', ?, ?, ?)",
+        (json.dumps({"timer": "ghost"}), now - 60, now - 61),
+    )
+    conn.execute(
+        "INSERT INTO chaos_sent (key, kind, expect, detail, at) VALUES ('timer:ghost', 'timer', 'once', '{}', ?)",
+        (now - 61,),
+    )
     return []
 
 
 def timer_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A one-shot timer fired for a second due time, and its second message was received."""
     name, due, fired, epoch, node, message = one(
-        conn, "SELECT * FROM timer_firings WHERE name IN (SELECT substr(key, 7) FROM chaos_sent "
-              "WHERE kind = 'timer') LIMIT 1")
-    conn.execute("INSERT INTO timer_firings VALUES (?, ?, ?, ?, ?, ?)", (name, due + 0.5, fired + 0.5, epoch, node,
-                                                                         message + 100000))
+        conn,
+        "SELECT * FROM timer_firings WHERE name IN (SELECT substr(key, 7) FROM chaos_sent "
+        "WHERE kind = 'timer') LIMIT 1",
+    )
+    conn.execute(
+        "INSERT INTO timer_firings VALUES (?, ?, ?, ?, ?, ?)",
+        (name, due + 0.5, fired + 0.5, epoch, node, message + 100000),
+    )
     return []
 
 
@@ -297,10 +363,15 @@ def cron_slot_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     epoch, node, since = one(conn, "SELECT epoch, node, since FROM elections ORDER BY epoch DESC LIMIT 1")
     for index, due in enumerate((slot, slot + 30)):
         message = 900000 + index
-        conn.execute("INSERT INTO timer_firings VALUES ('chaos-cron-1', ?, ?, ?, ?, ?)",
-                     (due, since + 1 + index, epoch, node, message))
-        conn.execute("INSERT INTO chaos_received (key, queue, message, node, at, count, again) VALUES (?, "
-                     "'chaos.cron', ?, ?, ?, 1, '[]')", (f"cron:chaos-cron-1:{message}", message, node, since + 2))
+        conn.execute(
+            "INSERT INTO timer_firings VALUES ('chaos-cron-1', ?, ?, ?, ?, ?)",
+            (due, since + 1 + index, epoch, node, message),
+        )
+        conn.execute(
+            "INSERT INTO chaos_received (key, queue, message, node, at, count, again) VALUES (?, "
+            "'chaos.cron', ?, ?, ?, 1, '[]')",
+            (f"cron:chaos-cron-1:{message}", message, node, since + 2),
+        )
     return []
 
 
@@ -323,11 +394,21 @@ def firing_out_of_office(conn: sqlite3.Connection, folder: str) -> list[str]:
 
 
 def start_on_old_version(conn: sqlite3.Connection, folder: str) -> list[str]:
-    """The last instance started through the API is of version 1, though a later define returned before."""
-    key, detail = one(conn, "SELECT key, detail FROM chaos_sent WHERE kind = 'instance' ORDER BY at DESC LIMIT 1")
-    workflow, = one(conn, "SELECT definition FROM instances WHERE id = ?", key.split(":", 1)[1])
-    later, = one(conn, "SELECT count(*) FROM chaos_sent WHERE kind = 'define' AND key LIKE ? AND key NOT LIKE ? "
-                       "AND at < ?", f"define:{workflow}:%", f"define:{workflow}:1", json.loads(detail)["began"])
+    """The last instance of chaos-a or chaos-b started through the API is of version 1, though a later define
+    returned before (the definitions of the workflow features are defined once)."""
+    key, detail = one(
+        conn,
+        "SELECT key, detail FROM chaos_sent WHERE kind = 'instance' AND substr(key, 10) IN "
+        "(SELECT id FROM instances WHERE definition IN ('chaos-a', 'chaos-b')) ORDER BY at DESC LIMIT 1",
+    )
+    (workflow,) = one(conn, "SELECT definition FROM instances WHERE id = ?", key.split(":", 1)[1])
+    (later,) = one(
+        conn,
+        "SELECT count(*) FROM chaos_sent WHERE kind = 'define' AND key LIKE ? AND key NOT LIKE ? AND at < ?",
+        f"define:{workflow}:%",
+        f"define:{workflow}:1",
+        json.loads(detail)["began"],
+    )
     if not later:
         raise unittest.SkipTest(f"no define of {workflow} after v1 before the last start")
     conn.execute("UPDATE instances SET version = 1 WHERE id = ?", (key.split(":", 1)[1],))
@@ -351,8 +432,10 @@ def stale_node(conn: sqlite3.Connection, folder: str) -> list[str]:
 def locks_overlap(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A second holder of a lock while the first still held it."""
     name, fence, started, ended = one(conn, "SELECT name, fence, started, ended FROM chaos_locks ORDER BY id LIMIT 1")
-    conn.execute("INSERT INTO chaos_locks (name, fence, holder, started, ended) VALUES (?, ?, 'doctored', ?, ?)",
-                 (name, fence + 100000, (started + ended) / 2, ended + 0.01))
+    conn.execute(
+        "INSERT INTO chaos_locks (name, fence, holder, started, ended) VALUES (?, ?, 'doctored', ?, ?)",
+        (name, fence + 100000, (started + ended) / 2, ended + 0.01),
+    )
     return []
 
 
@@ -360,8 +443,10 @@ def crash_logged(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A node log with a traceback."""
     path = os.path.join(folder, "n1-99.log")
     with open(path, "w") as log:
-        log.write("12:00:00.000 n1 standby   joined\nTraceback (most recent call last):\n  File \"x\", line 1\n"
-                  "ZeroDivisionError: division by zero\n")
+        log.write(
+            '12:00:00.000 n1 standby   joined\nTraceback (most recent call last):\n  File "x", line 1\n'
+            "ZeroDivisionError: division by zero\n"
+        )
     return [path]
 
 
@@ -376,10 +461,16 @@ def innocent_dead(conn: sqlite3.Connection, folder: str) -> list[str]:
         if detail.get("block") or not conn.execute("SELECT 1 FROM chaos_received WHERE key = ?", (key,)).fetchone():
             continue
         conn.execute("DELETE FROM chaos_received WHERE key = ?", (key,))
-        conn.execute("INSERT INTO dead_letters (id, queue, body, priority, attempts, created, died, last_error) "
-                     "VALUES (?, 'chaos.jobs', ?, 0, 5, ?, ?, 'node n1 died')",
-                     (detail["message"], json.dumps({"id": detail["id"], "fail": detail.get("fail", 0)}),
-                      time.time() - 60, time.time() - 30))
+        conn.execute(
+            "INSERT INTO dead_letters (id, queue, body, priority, attempts, created, died, last_error) "
+            "VALUES (?, 'chaos.jobs', ?, 0, 5, ?, ?, 'node n1 died')",
+            (
+                detail["message"],
+                json.dumps({"id": detail["id"], "fail": detail.get("fail", 0)}),
+                time.time() - 60,
+                time.time() - 30,
+            ),
+        )
         return []
     raise unittest.SkipTest("no job was acked")
 
@@ -394,11 +485,14 @@ def hostile_rows(conn: sqlite3.Connection, kind: str) -> list[tuple[Any, ...]]:
 def poison_too_deadly(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A poison job that ended its node once more than its limit (5) and its refunded deaths allow."""
     row = hostile_rows(conn, "poison")[0]
-    have, = one(conn, "SELECT count(*) FROM chaos_hostile WHERE kind = 'poison' AND key = ?", row[2])
+    (have,) = one(conn, "SELECT count(*) FROM chaos_hostile WHERE kind = 'poison' AND key = ?", row[2])
     refunded = json.loads(one(conn, "SELECT value FROM chaos_meta WHERE key = 'isolate_after_deaths'")[0])
     for _ in range(5 + refunded + 1 - have):
-        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
-                     "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+        conn.execute(
+            "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+            "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row[1:],
+        )
     return []
 
 
@@ -424,8 +518,11 @@ def exit_call_too_deadly(conn: sqlite3.Connection, folder: str) -> list[str]:
     """An instance whose call ended its node 30 times more: 4x the limit (20) and its refunded deaths allow 22."""
     row = hostile_rows(conn, "exit-call")[0]
     for _ in range(30):
-        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
-                     "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", row[1:])
+        conn.execute(
+            "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+            "outcome) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            row[1:],
+        )
     return []
 
 
@@ -455,9 +552,11 @@ def thread_blocker_lost_lease(conn: sqlite3.Connection, folder: str) -> list[str
     """A handler that blocked its thread lost its lease though nothing befell its node (a life no fault hit)."""
     row = hostile_rows(conn, "block-thread")[0]
     started = quiet_time(conn)
-    conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
-                 "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'lease lost')",
-                 (row[2], row[3], row[6], started, started + 5))
+    conn.execute(
+        "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+        "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'lease lost')",
+        (row[2], row[3], row[6], started, started + 5),
+    )
     return []
 
 
@@ -465,9 +564,11 @@ def loop_blocker_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A message whose handler blocks the event loop, acked by two of its runs."""
     row = hostile_rows(conn, "block-loop")[0]
     for _ in range(2):
-        conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
-                     "outcome) VALUES ('block-loop', ?, ?, 9, 0, ?, ?, ?, ?, 'acked')",
-                     (row[2], row[3], row[6], row[7], row[8], row[8] + 5))
+        conn.execute(
+            "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+            "outcome) VALUES ('block-loop', ?, ?, 9, 0, ?, ?, ?, ?, 'acked')",
+            (row[2], row[3], row[6], row[7], row[8], row[8] + 5),
+        )
     return []
 
 
@@ -479,21 +580,26 @@ def stalled_by_thread(conn: sqlite3.Connection, folder: str) -> list[str]:
     """A node taken for stalled while only a handler blocked its own thread there (a life no fault hit)."""
     row = hostile_rows(conn, "block-thread")[0]
     node, started = row[6], quiet_time(conn)
-    conn.execute("INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
-                 "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'acked')",
-                 (row[2], row[3], node, started, started + 6))
+    conn.execute(
+        "INSERT INTO chaos_hostile (kind, key, message, attempt, refunds, node, pid, started, ended, "
+        "outcome) VALUES ('block-thread', ?, ?, 9, 0, ?, 999999, ?, ?, 'acked')",
+        (row[2], row[3], node, started, started + 6),
+    )
     path = os.path.join(folder, "n9-1.log")
     with open(path, "w") as log:
-        log.write(f"{_clock(started + 4.5)} n9 standby   node {node} (pid 999999) stalled: no heartbeat for 3.2s; "
-                  "handed back 1 leases\n")
+        log.write(
+            f"{_clock(started + 4.5)} n9 standby   node {node} (pid 999999) stalled: no heartbeat for 3.2s; "
+            "handed back 1 leases\n"
+        )
     return [path]
 
 
 def replaced_freeze(conn: sqlite3.Connection) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """A freeze of the node in office, and the term that replaced it before it woke."""
     for fault in conn.execute("SELECT id, node, pid, at, until, epoch FROM chaos_faults WHERE kind = 'freeze'"):
-        term = conn.execute("SELECT epoch, node, pid, since FROM elections WHERE epoch > ? ORDER BY epoch LIMIT 1",
-                            (fault[5],)).fetchone()
+        term = conn.execute(
+            "SELECT epoch, node, pid, since FROM elections WHERE epoch > ? ORDER BY epoch LIMIT 1", (fault[5],)
+        ).fetchone()
         if term is not None and fault[3] < term[3] < fault[4]:
             return tuple(fault), tuple(term)
     raise unittest.SkipTest("no freeze of the scheduler was replaced before it woke")
@@ -506,8 +612,11 @@ def freeze_replaced_late(conn: sqlite3.Connection, folder: str) -> list[str]:
     (stall,) = one(conn, "SELECT value FROM chaos_meta WHERE key = 'stall_after'")
     conn.execute("UPDATE chaos_faults SET until = ? WHERE id = ?", (fault[3] + json.loads(stall) + 30, fault[0]))
     conn.execute("UPDATE elections SET since = ? WHERE epoch = ?", (fault[3] + json.loads(stall) + 5, term[0]))
-    conn.execute("INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
-                 "VALUES ('n8', 1, 999997, 0, ?, ?, NULL, NULL)", (fault[3] - 20, fault[3] - 19))
+    conn.execute(
+        "INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
+        "VALUES ('n8', 1, 999997, 0, ?, ?, NULL, NULL)",
+        (fault[3] - 20, fault[3] - 19),
+    )
     return []
 
 
@@ -515,16 +624,204 @@ def freeze_never_stepped_down(conn: sqlite3.Connection, folder: str) -> list[str
     """The frozen scheduler (a life whose log says nothing of losing office) lived on after it woke."""
     fault, _term = replaced_freeze(conn)
     conn.execute("UPDATE chaos_faults SET pid = 999998 WHERE id = ?", (fault[0],))
-    conn.execute("INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
-                 "VALUES (?, 99, 999998, 0, ?, ?, NULL, NULL)", (fault[1], fault[3] - 10, fault[3] - 9))
+    conn.execute(
+        "INSERT INTO chaos_lives (node, life, pid, replica, started, ready, ended, how) "
+        "VALUES (?, 99, 999998, 0, ?, ?, NULL, NULL)",
+        (fault[1], fault[3] - 10, fault[3] - 9),
+    )
     return []
 
 
 def frozen_epoch_fired(conn: sqlite3.Connection, folder: str) -> list[str]:
     """The frozen scheduler fired a timer in its old epoch after a standby took office."""
     fault, term = replaced_freeze(conn)
-    conn.execute("INSERT INTO timer_firings (name, due, fired, epoch, node, message) VALUES ('ghost', ?, ?, ?, ?, ?)",
-                 (term[3], term[3] + 0.5, fault[5], fault[1], 999999))
+    conn.execute(
+        "INSERT INTO timer_firings (name, due, fired, epoch, node, message) VALUES ('ghost', ?, ?, ?, ?, ?)",
+        (term[3], term[3] + 0.5, fault[5], fault[1], 999999),
+    )
+    return []
+
+
+# The workflow features: kept signals, start keys, child instances, timed waits ---------------------
+
+
+def variables_of(conn: sqlite3.Connection, instance: str) -> dict[str, Any]:
+    return dict(json.loads(one(conn, "SELECT variables FROM instances WHERE id = ?", instance)[0]))
+
+
+def set_variables(conn: sqlite3.Connection, instance: str, variables: dict[str, Any]) -> None:
+    conn.execute("UPDATE instances SET variables = ? WHERE id = ?", (json.dumps(variables), instance))
+
+
+def insert_journal_row(conn: sqlite3.Connection, instance: str, after: int, row: tuple[Any, ...]) -> None:
+    """Put ``row`` (activity, type, node, fence, started, ended, outcome) in the journal right after
+    step ``after``, the later steps one on."""
+    rows = conn.execute("SELECT * FROM journal WHERE instance = ? ORDER BY step", (instance,)).fetchall()
+    rows = [*rows[: after + 1], (instance, 0, *row), *rows[after + 1 :]]
+    conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
+    conn.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                     [(entry[0], step, *entry[2:]) for step, entry in enumerate(rows)])  # fmt: skip
+    conn.execute("UPDATE instances SET steps = steps + 1 WHERE id = ?", (instance,))
+
+
+def key_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A second instance row with a start key that started one already (the unique index dropped first)."""
+    row = one(conn, "SELECT * FROM instances WHERE start_key IS NOT NULL LIMIT 1")
+    conn.execute("DROP INDEX IF EXISTS instances_start_key")
+    conn.execute(f"INSERT INTO instances VALUES ({', '.join('?' * len(row))})", ("e" * 16, *row[1:]))
+    return []
+
+
+def key_other_id(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A start with a used key that was handed another id than the key's instance."""
+    key, detail = one(conn, "SELECT key, detail FROM chaos_sent WHERE kind = 'keyed' AND "
+                            "json_extract(detail, '$.definition') = 'chaos-keyed' AND "
+                            "json_extract(detail, '$.instance') IS NOT NULL LIMIT 1")  # fmt: skip
+    changed = {**json.loads(detail), "instance": "d" * 16}
+    conn.execute("UPDATE chaos_sent SET detail = ? WHERE key = ?", (json.dumps(changed), key))
+    return []
+
+
+def kept_holder(conn: sqlite3.Connection) -> tuple[str, dict[str, Any]]:
+    """A chaos-kept instance whose wait took a kept signal, and that signal's input."""
+    instance, got = one(conn, "SELECT id, json_extract(variables, '$.got') FROM instances WHERE definition = "
+                              "'chaos-kept' AND json_extract(variables, '$.got.token') IS NOT NULL "
+                              "LIMIT 1")  # fmt: skip
+    return str(instance), json.loads(got)
+
+
+def kept_token_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A kept signal's token in a second waiter of its name (one answered later, or a copy of the first)."""
+    holder, got = kept_holder(conn)
+    name = variables_of(conn, holder)["input"]["name"]
+    other = conn.execute("SELECT id FROM instances WHERE definition = 'chaos-kept' AND id != ? AND "
+                         "json_extract(variables, '$.input.name') = ? LIMIT 1", (holder, name)).fetchone()  # fmt: skip
+    if other is None:
+        row = one(conn, "SELECT * FROM instances WHERE id = ?", holder)
+        conn.execute(f"INSERT INTO instances VALUES ({', '.join('?' * len(row))})", ("c" * 16, *row[1:]))
+        conn.execute(
+            "INSERT INTO journal SELECT ?, step, activity, type, node, fence, started, ended, outcome "
+            "FROM journal WHERE instance = ?",
+            ("c" * 16, holder),
+        )
+        return []
+    variables = variables_of(conn, other[0])
+    set_variables(conn, other[0], {**variables, "got": got})
+    return []
+
+
+def kept_taken_and_left(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A kept signal that resumed a waiter, still in kept_signals (it could resume another)."""
+    holder, got = kept_holder(conn)
+    name = variables_of(conn, holder)["input"]["name"]
+    now = time.time()
+    conn.execute(
+        "INSERT INTO kept_signals (name, input, sent, expires, by) VALUES (?, ?, ?, ?, 'doctored')",
+        (name, json.dumps(got), now - 60, now + 3600),
+    )
+    return []
+
+
+def kept_not_taken(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A waiter whose journal says its wait took no kept signal, though it holds a kept signal's token
+    (the signal resumed an instance it never reached at its wait)."""
+    holder, _got = kept_holder(conn)
+    conn.execute(
+        "UPDATE journal SET outcome = substr(outcome, 1, instr(outcome, ': it was sent at') - 1) "
+        "WHERE instance = ? AND activity = 'wait' AND outcome LIKE '%and kept; resumed'",
+        (holder,),
+    )
+    return []
+
+
+def completed_child(conn: sqlite3.Connection) -> tuple[str, str]:
+    """A completed child of a completed parent: (child, parent)."""
+    child, parent = one(conn, "SELECT c.id, c.parent FROM instances c JOIN instances p ON p.id = c.parent "
+                              "WHERE c.status = 'completed' AND p.status = 'completed' AND json_extract(p.variables, "
+                              "'$.child') IS NOT NULL ORDER BY c.id LIMIT 1")  # fmt: skip
+    return str(child), str(parent)
+
+
+def child_ended_late(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A child whose last step ended a second after its parent went on with its result."""
+    child, parent = completed_child(conn)
+    (went_on,) = one(
+        conn, "SELECT started FROM journal WHERE instance = ? AND outcome = ?", parent, f"instance {child} completed"
+    )
+    conn.execute(
+        "UPDATE journal SET started = ?, ended = ? WHERE instance = ? AND step = (SELECT MAX(step) FROM "
+        "journal WHERE instance = ?)",
+        (went_on + 1, went_on + 1.001, child, child),
+    )
+    conn.execute("UPDATE instances SET ended = ?, updated = ? WHERE id = ?", (went_on + 1.001, went_on + 1.001, child))
+    return []
+
+
+def parent_result_wrong(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A parent whose result is not its child's final variables."""
+    _child, parent = completed_child(conn)
+    variables = variables_of(conn, parent)
+    set_variables(conn, parent, {**variables, "child": {**variables["child"], "done": "something else"}})
+    return []
+
+
+def cancelled_parent_child_waits(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A cancelled parent whose child is still waiting (its cancel row gone)."""
+    (child,) = one(conn, "SELECT c.id FROM instances c JOIN instances p ON p.id = c.parent WHERE "
+                         "p.status = 'cancelled' AND c.status = 'cancelled' LIMIT 1")  # fmt: skip
+    conn.execute("DELETE FROM journal WHERE instance = ? AND type = 'cancel'", (child,))
+    conn.execute("UPDATE instances SET status = 'waiting', ended = NULL, steps = steps - 1 WHERE id = ?", (child,))
+    return []
+
+
+def timed_received(conn: sqlite3.Connection) -> tuple[str, int, str]:
+    """A chaos-timed instance whose wait received its answer: (id, step of "signal received", signal name)."""
+    instance, step, name = one(conn, "SELECT i.id, j.step, json_extract(i.variables, '$.input.name') FROM instances i "
+                                     "JOIN journal j ON j.instance = i.id WHERE i.definition = 'chaos-timed' AND "
+                                     "j.outcome = 'signal received' LIMIT 1")  # fmt: skip
+    return str(instance), int(step), str(name)
+
+
+def timed_both_ways(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A timed wait whose journal says it received the signal, and then that it timed out."""
+    instance, step, name = timed_received(conn)
+    node, fence, ended = one(
+        conn, "SELECT node, fence, ended FROM journal WHERE instance = ? AND step = ?", instance, step
+    )
+    insert_journal_row(
+        conn,
+        instance,
+        step,
+        ("ask", "signal", node, fence, ended, ended, f"timed out after 1.5s waiting for signal {name}: on to late"),
+    )
+    return []
+
+
+def timed_out_though_answered(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A timed wait that timed out (journal) though the driver's answer resumed it, by the answer's record."""
+    instance, key, detail = one(conn, "SELECT i.id, s.key, s.detail FROM instances i JOIN chaos_sent s ON s.key = "
+                                      "'answer:' || i.id WHERE i.definition = 'chaos-timed' AND EXISTS (SELECT 1 FROM "
+                                      "journal j WHERE j.instance = i.id AND j.outcome LIKE 'timed out after %') "
+                                      "LIMIT 1")  # fmt: skip
+    changed = {**json.loads(detail), "resumed": [instance], "kept_until": None}
+    conn.execute("UPDATE chaos_sent SET detail = ? WHERE key = ?", (json.dumps(changed), key))
+    return []
+
+
+def timed_out_early(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A timed wait that timed out 200 ms before its due time."""
+    instance, outcome = one(conn, "SELECT instance, outcome FROM journal WHERE type = 'signal' AND "
+                                  "outcome LIKE 'waiting for signal % until %' AND EXISTS (SELECT 1 FROM journal "
+                                  "o WHERE o.instance = journal.instance AND o.outcome LIKE 'timed out after %') "
+                                  "LIMIT 1")  # fmt: skip
+    match = chaos.WAITING_FOR.match(outcome)
+    assert match is not None and match.group(2), outcome
+    due = chaos._iso_seconds(match.group(2))
+    assert due is not None
+    conn.execute(
+        "UPDATE journal SET started = ?, ended = ? WHERE instance = ? AND outcome LIKE 'timed out after %'",
+        (due - 0.2, due - 0.2, instance),
+    )
     return []
 
 
@@ -562,6 +859,17 @@ DOCTORS: list[tuple[str, str, Callable[[sqlite3.Connection, str], list[str]]]] =
     ("takeover", "a frozen scheduler replaced past its bound", freeze_replaced_late),
     ("takeover", "a frozen scheduler that never stepped down", freeze_never_stepped_down),
     ("takeover", "the frozen epoch fired after the takeover", frozen_epoch_fired),
+    ("keys", "a second instance row with a used start key", key_twice),
+    ("keys", "a start with a used key handed another id", key_other_id),
+    ("kept", "a kept signal's token in two instances", kept_token_twice),
+    ("kept", "a kept signal that resumed a waiter, still kept", kept_taken_and_left),
+    ("kept", "a kept signal's token in a waiter whose wait took none", kept_not_taken),
+    ("children", "a child that ended after its parent went on", child_ended_late),
+    ("children", "a parent whose result is not its child's variables", parent_result_wrong),
+    ("children", "a cancelled parent whose child still waits", cancelled_parent_child_waits),
+    ("timed-waits", "a timed wait both received and timed out", timed_both_ways),
+    ("timed-waits", "a timed wait timed out though the answer resumed it", timed_out_though_answered),
+    ("timed-waits", "a timed wait timed out before its due time", timed_out_early),
 ]
 
 
