@@ -199,6 +199,9 @@ class ChaosRun(unittest.TestCase):
 
 # The doctors: each changes a copy of a finished run's database as a bug would have ---------------
 
+# The journal's columns by name: it has more (a step's branch), which the doctors leave alone.
+JOURNAL_COLUMNS = "instance, step, activity, type, node, fence, started, ended, outcome"
+
 
 def one(conn: sqlite3.Connection, sql: str, *args: Any) -> tuple[Any, ...]:
     row = conn.execute(sql, args).fetchone()
@@ -219,12 +222,14 @@ def completed_a(conn: sqlite3.Connection) -> str:
 def step_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
     """Its charge step committed twice: the journal has the row again right after it."""
     instance = completed_a(conn)
-    rows = conn.execute("SELECT * FROM journal WHERE instance = ? ORDER BY step", (instance,)).fetchall()
+    rows = conn.execute(
+        f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE instance = ? ORDER BY step", (instance,)
+    ).fetchall()
     at = next(index for index, row in enumerate(rows) if row[2] == "charge" and row[8].startswith("called"))
     rows = [*rows[: at + 1], rows[at], *rows[at + 1 :]]
     conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
     conn.executemany(
-        "INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        f"INSERT INTO journal ({JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [(row[0], step, *row[2:]) for step, row in enumerate(rows)],
     )
     conn.execute("UPDATE instances SET steps = steps + 1 WHERE id = ?", (instance,))
@@ -656,10 +661,12 @@ def set_variables(conn: sqlite3.Connection, instance: str, variables: dict[str, 
 def insert_journal_row(conn: sqlite3.Connection, instance: str, after: int, row: tuple[Any, ...]) -> None:
     """Put ``row`` (activity, type, node, fence, started, ended, outcome) in the journal right after
     step ``after``, the later steps one on."""
-    rows = conn.execute("SELECT * FROM journal WHERE instance = ? ORDER BY step", (instance,)).fetchall()
+    rows = conn.execute(
+        f"SELECT {JOURNAL_COLUMNS} FROM journal WHERE instance = ? ORDER BY step", (instance,)
+    ).fetchall()
     rows = [*rows[: after + 1], (instance, 0, *row), *rows[after + 1 :]]
     conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
-    conn.executemany("INSERT INTO journal VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    conn.executemany(f"INSERT INTO journal ({JOURNAL_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                      [(entry[0], step, *entry[2:]) for step, entry in enumerate(rows)])  # fmt: skip
     conn.execute("UPDATE instances SET steps = steps + 1 WHERE id = ?", (instance,))
 
