@@ -707,8 +707,8 @@ def kept_token_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
         row = one(conn, "SELECT * FROM instances WHERE id = ?", holder)
         conn.execute(f"INSERT INTO instances VALUES ({', '.join('?' * len(row))})", ("c" * 16, *row[1:]))
         conn.execute(
-            "INSERT INTO journal SELECT ?, step, activity, type, node, fence, started, ended, outcome "
-            "FROM journal WHERE instance = ?",
+            f"INSERT INTO journal ({JOURNAL_COLUMNS}) "
+            "SELECT ?, step, activity, type, node, fence, started, ended, outcome FROM journal WHERE instance = ?",
             ("c" * 16, holder),
         )
         return []
