@@ -69,7 +69,7 @@ import textwrap
 import time
 import unittest
 from collections import Counter
-from typing import Any, NamedTuple
+from typing import Any
 
 import nodeflow
 from tests.support import table_rows
@@ -147,16 +147,7 @@ def path_key(instance: str, steps: list[Any], first: int) -> str:
     return f"{instance}:{row.branch}:{before}"
 
 
-class Step(NamedTuple):
-    step: int
-    activity: str
-    type: str
-    node: str
-    fence: int
-    started: float
-    ended: float
-    outcome: str
-    branch: str | None
+Step = nodeflow.JournalEntry  # a journal row as nodeflow reads it: step, activity, ..., outcome, branch
 
 
 def forever(workflow_id: str = "forever") -> dict[str, Any]:
