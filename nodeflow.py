@@ -6105,8 +6105,28 @@ class _Burst:
         return next((thread for thread in self.threads if thread.name == name and not thread.removed), None)
 
     def view(self, thread: _Thread) -> dict[str, Any]:
-        """The variables as ``thread``'s steps read them."""
-        return {**self.variables, **thread.locals} if thread.locals else self.variables
+        """The variables as ``thread``'s steps read them: the instance's, under the for_each items of
+        the branches it was forked from, under its own (read through the chain, never copied down)."""
+        chain: list[dict[str, Any]] = []
+        current: _Thread | None = thread
+        while current is not None and current.name:
+            if current.locals:
+                chain.append(current.locals)
+            current = self.thread(current.fork or "")
+        if not chain:
+            return self.variables
+        merged = dict(self.variables)
+        for own in reversed(chain):
+            merged.update(own)
+        return merged
+
+    def held_bytes(self) -> int:
+        """What its live branches hold of their own: for_each items, and the lists of for_each in turn."""
+        return sum(
+            len(json.dumps(thread.locals)) + (len(json.dumps(thread.forked)) if thread.forked else 0)
+            for thread in self.threads
+            if not thread.removed
+        )
 
     def live_branches(self) -> list[_Thread]:
         return [thread for thread in self.threads[1:] if not thread.removed]
@@ -6582,7 +6602,7 @@ class WorkflowRunner:
         for stale in burst.threads[1:]:  # a fork run again in a loop reuses its branches' names
             if stale.name == name:
                 stale.removed = True
-        burst.threads.append(_Thread(name, forker.name, start, locals_={**forker.locals, **locals_}))
+        burst.threads.append(_Thread(name, forker.name, start, locals_=locals_))
 
     @staticmethod
     def _fault_before(burst: _Burst, blueprint: Blueprint, error: str) -> _Burst:
@@ -6615,17 +6635,24 @@ class WorkflowRunner:
 
     def _write_variables(self, burst: _Burst, values: dict[str, Any], thread: _Thread | None = None) -> None:
         """Set variables for a step, checked at once: a _Fault (with the step undone) when they could
-        not be stored. A branch's own variable (its for_each item) is written where it lives."""
-        if thread is not None and thread.locals:
-            own = {name: value for name, value in values.items() if name in thread.locals}
+        not be stored. A for_each item is written where it lives: in the nearest branch (this one, or
+        one it was forked from) that holds it; the rest are the instance's."""
+        holder: _Thread | None = thread
+        while values and holder is not None and holder.name:
+            own = {name: value for name, value in values.items() if name in holder.locals}
             if own:
+                merged = {**holder.locals, **own}
                 try:
-                    encode_body({**thread.locals, **own}, self.workflows.store.settings.max_body_bytes,
-                                VARIABLES_MAX_DEPTH)  # fmt: skip
+                    encode_body(merged, self.workflows.store.settings.max_body_bytes, VARIABLES_MAX_DEPTH)
                 except InvalidInput as error:
                     raise _Fault(f"variables: {error}") from None
-                thread.locals.update(own)
+                if burst.held_bytes() - len(json.dumps(holder.locals)) + len(json.dumps(merged)) > (
+                    self.workflows.store.settings.max_body_bytes
+                ):
+                    raise _Fault("variables: its branches' for_each items would outgrow the variables' limit")
+                holder.locals.update(own)
                 values = {name: value for name, value in values.items() if name not in own}
+            holder = burst.thread(holder.fork or "")
         undo = {name: burst.variables.get(name, _UNSET) for name in values}
         burst.variables.update(values)
         problem = self._store_variables(burst, undo)
@@ -6707,8 +6734,8 @@ class WorkflowRunner:
             # Its key stays its path's step of the first try, over every try and every burst that runs
             # it again (a branch's tries are not consecutive journal steps: others' come between).
             step, path_step = steps  # its journal step, and its path's
-            if thread.attempt == 0 or thread.call_first is None:
-                thread.call_first = path_step
+            if thread.attempt == 0 or thread.call_first is None:  # (a try stored before keys were kept: as then)
+                thread.call_first = path_step - thread.attempt
             context = CallContext(
                 burst.id, activity.id, step, burst.fence, self.node, thread.call_first, thread.name or None
             )
@@ -6759,6 +6786,14 @@ class WorkflowRunner:
         name, body, parallel = spec["as"], spec["body"], bool(spec.get("parallel"))
         if live + (len(items) if parallel else 1) > INSTANCE_MAX_BRANCHES:
             raise _Fault(f"more than {INSTANCE_MAX_BRANCHES} branches at once, the most an instance has")
+        # Branches keep their items apart from the variables: all of them together are held to the
+        # variables' limit too, or nested for_each over one large list would copy it many times.
+        held = burst.held_bytes() + len(json.dumps(items)) * (1 if parallel else 2)
+        if held > self.workflows.store.settings.max_body_bytes:
+            raise _Fault(
+                f"its branches would hold {held} bytes of for_each items; the most is "
+                f"{self.workflows.store.settings.max_body_bytes}, as for its variables"
+            )
         thread.bookmark = "fork"
         if parallel:
             thread.forked = {"activity": activity.id, "join": "all", "count": len(items)}

@@ -1055,6 +1055,29 @@ class Limits(BranchTestCase):
         self.assertEqual(self.branch_rows(most), [])
         self.assert_no_tracebacks()
 
+    def test_nested_for_each_over_one_large_list_faults_rather_than_copy_it_into_every_branch(self) -> None:
+        # 100 branches, each going through the same 300 KB list: 30 MB of items were the branches
+        # to copy it. They are held, together, to the variables' limit (1 MiB), as the variables are.
+        node = self.serve("n1")
+        self.nf.define({
+            "id": "copies", "start": "fan",
+            "activities": {
+                "fan": {"type": "for_each", "items": "{input.outer}", "as": "o", "body": "inner", "parallel": True},
+                "inner": {"type": "for_each", "items": "{input.big}", "as": "b", "body": "rest", "parallel": True},
+                "rest": {"type": "timer", "duration": "1h"},
+            },
+        })  # fmt: skip
+        big = ["x" * 3000 for _ in range(100)]  # about 300 KB
+        copies = self.nf.start("copies", {"outer": list(range(100)), "big": big})
+        self.assertEqual(self.wait_ended(copies, node), "faulted")
+        error = self.query("SELECT error FROM instances WHERE id = ?", copies)[0][0]
+        self.assertIn("bytes of for_each items; the most is 1048576", error)
+        held = self.query("SELECT COALESCE(SUM(length(locals)), 0) FROM branches WHERE instance = ?", copies)[0][0]
+        self.assertLessEqual(held, 1 << 20, "the branch rows hold no more than the limit")
+        self.nf.cancel(copies)
+        self.assertEqual(self.branch_rows(copies), [])
+        self.assert_no_tracebacks()
+
 
 # 9. A loop through a parallel ----------------------------------------------------------------------
 
