@@ -6302,8 +6302,8 @@ class WorkflowRunner:
         node = self.node
         ended = time.time() if burst.status == "completed" else None
         journal = [
-            (burst.id, step, activity, kind, node, fence, started, ended, outcome, branch)
-            for step, activity, kind, started, ended, outcome, branch in sorted(burst.journal)
+            (burst.id, step, activity, kind, node, fence, started, finished, outcome, branch)
+            for step, activity, kind, started, finished, outcome, branch in sorted(burst.journal)
         ]
         index_of = {row[1]: index for index, row in enumerate(journal)}
         steps = burst.steps + len(journal)
