@@ -29,6 +29,15 @@ Exit status 0 when no invariant is violated, 1 otherwise (the evidence is printe
    *timed waits* (chaos-timed waits 1.5 s for a signal that comes 0.1-3.5 s after the wait is seen:
    resumed in time, or late and then kept, ttl 10m, or dropped, ttl 0). Each start is recorded,
    each kept signal and answer with its token and outcome (kinds kept, answer, keyed).
+   The branches, seeded too (an instance every 2 s, times --rate; the first four one of each):
+   chaos-fan, a ``parallel`` joining all of three branches (io work then a call; a timer; a signal
+   the driver answers 0.1-1 s after it sees the branch wait, then a ``for_each`` in turn over 1-3
+   items nested in that branch, each calling); chaos-race, a ``parallel`` with join ``any`` of a
+   quick branch, a slow one (a tie of two 300 ms timers, or a sure loss) and one that runs a
+   chaos-sleeper child, which must be cancelled when the race is won; chaos-each, a ``for_each``
+   in parallel over 3-8 items (a call and a count each); chaos-turn, a ``for_each`` in turn over
+   2-4 items (a set, a timer, a call each). Branch calls record their effect like the others,
+   under ``current_call().key`` (``instance:branch:N``) and with their branch.
    The hostile mix (``--hostile``, on by default; 0 turns it off), seeded too, in the first half of
    the chaos: poison jobs whose handler ends its process (``os._exit``), instances whose ``call``
    does the same, jobs whose handler blocks its thread for 4-8 s, messages whose async handler
@@ -60,6 +69,17 @@ Exit status 0 when no invariant is violated, 1 otherwise (the evidence is printe
    token; a timed-out run's child cancelled; an answer committed before the due time found it).
    The existing checks know the new paths: on_timeout branches, run waits, children cancelled
    before their first step, and the effects of a burst a cancel cut short.
+   Those of the branches: each path of an instance (its main path, each branch, by the journal's
+   ``branch``) follows the definition's chain from its start (a branch: its fork's ``branches[i]``
+   or the for_each ``body``); every branch of a join-all fork (every item: none missing) ended
+   before the join row; a for_each in turn ran item i after item i-1's last step; a join any names
+   a winner that ended first, and no branch it removed took a step after it but the one each had
+   running then (its child cancelled by that commit). Two bursts of an instance never overlap, nor
+   two steps of one branch within a burst (steps of different branches of one burst may). No
+   (branch, activity) step or call committed twice; a completed instance committed exactly the
+   calls its branches make (every item's once; each with its effect, keyed by branch) and its
+   variables are what its branches made (a count per item equals the items, a race has one winner,
+   the one its join names; a for_each in turn's last item set ``last``).
 7. A summary of the figures (also as JSON with ``--json``: then stdout is the JSON object alone).
 
 ``make chaos`` runs the long version (120 s); tests/test_chaos.py runs a 30-second one with a random
@@ -140,7 +160,7 @@ SCHEMA = (
     "at REAL NOT NULL, count INTEGER NOT NULL, again TEXT NOT NULL)",
     "CREATE TABLE chaos_effects (key TEXT PRIMARY KEY, instance TEXT NOT NULL, activity TEXT NOT NULL, "
     "step INTEGER NOT NULL, fence INTEGER, node TEXT, first_at REAL NOT NULL, runs INTEGER NOT NULL, "
-    "again TEXT NOT NULL)",
+    "again TEXT NOT NULL, branch TEXT)",
     "CREATE TABLE chaos_flaky (key TEXT PRIMARY KEY, at REAL NOT NULL)",
     "CREATE TABLE chaos_locks (id INTEGER PRIMARY KEY, name TEXT NOT NULL, fence INTEGER NOT NULL, "
     "holder TEXT NOT NULL, started REAL NOT NULL, ended REAL NOT NULL)",
@@ -352,13 +372,149 @@ def definition_child() -> dict[str, Any]:
     }
 
 
+# The branches: parallel (join all, join any) and for_each (in parallel, in turn, nested in a branch).
+# Defined once, at version 1, like the features above.
+RACE_NAMES = {"race/0": "quick", "race/1": "slow", "race/2": "never"}  # chaos-race's branches, by name
+
+
+def definition_fan() -> dict[str, Any]:
+    """A parallel, join all, of three branches: io work then a call; a timer; a signal (answered by
+    the driver) then a for_each in turn over ``input.items`` whose body calls and counts (a for_each
+    nested in a branch). Each branch adds 1 to ``done``; after the join ``total`` is ``done``: 3."""
+    return {
+        "id": "chaos-fan",
+        "name": "Chaos parallel, join all",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "fan {input.n}", "next": "fan"},
+            "fan": {"type": "parallel", "branches": ["f-work", "f-nap", "f-ask"], "next": "f-sum"},
+            "f-work": {"type": "work", "duration": "100ms", "next": "f-call"},
+            "f-call": {"type": "call", "function": "effect", "result": "fcall", "next": "f-work-done"},
+            "f-work-done": {"type": "set", "add": {"done": 1}},
+            "f-nap": {"type": "timer", "duration": "300ms", "next": "f-nap-done"},
+            "f-nap-done": {"type": "set", "add": {"done": 1}},
+            "f-ask": {"type": "signal", "name": "fan-{input.n}", "result": "answer", "next": "f-nest"},
+            "f-nest": {
+                "type": "for_each",
+                "items": "{input.items}",
+                "as": "item",
+                "body": "f-item-call",
+                "next": "f-ask-done",
+            },
+            "f-item-call": {"type": "call", "function": "effect", "next": "f-item-set"},
+            "f-item-set": {"type": "set", "add": {"items": 1}},
+            "f-ask-done": {"type": "set", "add": {"done": 1}},
+            "f-sum": {"type": "set", "values": {"total": "{done}"}, "next": "bye"},
+            "bye": {"type": "log", "message": "fan {input.n}: {total} branches, {items} items"},
+        },
+    }
+
+
+def definition_race() -> dict[str, Any]:
+    """A parallel, join any: quick (a 300 ms timer, a call), slow (the same, or a 1.5 s timer with
+    ``input.lag``: a tie or a sure loss) and never (runs a chaos-sleeper, which waits 10 minutes:
+    cancelled when another branch wins). The winner sets ``winner`` and adds 1 to ``wins``."""
+    return {
+        "id": "chaos-race",
+        "name": "Chaos parallel, join any",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "race {input.n}", "next": "race"},
+            "race": {"type": "parallel", "branches": ["q-nap", "s-pick", "n-run"], "join": "any", "next": "bye"},
+            "q-nap": {"type": "timer", "duration": "300ms", "next": "q-call"},
+            "q-call": {"type": "call", "function": "effect", "next": "q-done"},
+            "q-done": {"type": "set", "values": {"winner": "quick"}, "add": {"wins": 1}},
+            "s-pick": {
+                "type": "if",
+                "condition": {"var": "input.lag", "op": "==", "value": True},
+                "then": "s-lag",
+                "else": "s-nap",
+            },
+            "s-lag": {"type": "timer", "duration": "1500ms", "next": "s-call"},
+            "s-nap": {"type": "timer", "duration": "300ms", "next": "s-call"},
+            "s-call": {"type": "call", "function": "effect", "next": "s-done"},
+            "s-done": {"type": "set", "values": {"winner": "slow"}, "add": {"wins": 1}},
+            "n-run": {
+                "type": "run",
+                "definition": "chaos-sleeper",
+                "input": {"n": "{input.n}"},
+                "result": "slept",
+                "next": "n-done",
+            },
+            "n-done": {"type": "set", "values": {"winner": "never"}, "add": {"wins": 1}},
+            "bye": {"type": "log", "message": "race {input.n}: {winner} won"},
+        },
+    }
+
+
+def definition_sleeper() -> dict[str, Any]:
+    """chaos-race's never branch runs it: it waits 10 minutes, and is cancelled when the race is won."""
+    return {
+        "id": "chaos-sleeper",
+        "name": "Chaos sleeper",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "sleeper {input.n}", "next": "nap"},
+            "nap": {"type": "timer", "duration": "10m", "next": "bye"},
+            "bye": {"type": "log", "message": "sleeper {input.n} woke: nobody cancelled it"},
+        },
+    }
+
+
+def definition_each() -> dict[str, Any]:
+    """A for_each in parallel over ``input.items`` (3-8): each item calls, then adds 1 to ``count``."""
+    return {
+        "id": "chaos-each",
+        "name": "Chaos for_each in parallel",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "each {input.n}", "next": "each"},
+            "each": {
+                "type": "for_each",
+                "items": "{input.items}",
+                "as": "item",
+                "body": "e-call",
+                "parallel": True,
+                "next": "bye",
+            },
+            "e-call": {"type": "call", "function": "effect", "next": "e-set"},
+            "e-set": {"type": "set", "add": {"count": 1}},
+            "bye": {"type": "log", "message": "each {input.n}: {count} items"},
+        },
+    }
+
+
+def definition_turn() -> dict[str, Any]:
+    """A for_each in turn over ``input.items`` (2-4): each item adds 1 to ``turns`` and sets ``last``
+    to itself, waits 100 ms, then calls: ``last`` ends as the last item."""
+    return {
+        "id": "chaos-turn",
+        "name": "Chaos for_each in turn",
+        "start": "hello",
+        "activities": {
+            "hello": {"type": "log", "message": "turn {input.n}", "next": "turn"},
+            "turn": {"type": "for_each", "items": "{input.items}", "as": "item", "body": "t-set", "next": "bye"},
+            "t-set": {"type": "set", "values": {"last": "{item}"}, "add": {"turns": 1}, "next": "t-nap"},
+            "t-nap": {"type": "timer", "duration": "100ms", "next": "t-call"},
+            "t-call": {"type": "call", "function": "effect"},
+            "bye": {"type": "log", "message": "turn {input.n}: {turns} items, the last {last}"},
+        },
+    }
+
+
 FIXED_DEFINITIONS: dict[str, Callable[[], dict[str, Any]]] = {
     "chaos-kept": definition_kept,
     "chaos-timed": definition_timed,
     "chaos-keyed": definition_keyed,
     "chaos-child": definition_child,  # before chaos-parent, which runs it
     "chaos-parent": definition_parent,
+    "chaos-fan": definition_fan,
+    "chaos-sleeper": definition_sleeper,  # before chaos-race, which runs it
+    "chaos-race": definition_race,
+    "chaos-each": definition_each,
+    "chaos-turn": definition_turn,
 }
+BRANCHY = ("chaos-fan", "chaos-race", "chaos-each", "chaos-turn")  # the definitions with branches
 
 
 def child_doom_message(n: Any) -> str:
@@ -380,14 +536,16 @@ INVARIANTS = (
     ("instances", "every instance completed, or faulted on purpose"),
     ("triggers", "every signal trigger started one instance"),
     ("versions", "every start used the latest version defined before it"),
-    ("steps", "no step committed twice (journal 0..n-1 on the definition's path)"),
-    ("overlap", "no two steps of an instance overlap in time"),
+    ("steps", "no step committed twice (journal 0..n-1 on the definition's path, each branch on its chain)"),
+    ("overlap", "no two steps of an instance overlap in time (with branches: no two bursts, no two of a branch)"),
     ("fences", "fences rise between bursts, steady within one"),
     ("wf-timers", "every workflow timer elapsed once, not early"),
     ("kept", "each kept signal resumed at most one instance, a waiter of its name"),
     ("keys", "each start key started one instance; every start with it got its id"),
     ("children", "every child ended before its parent went on; a parent's result is its child's"),
     ("timed-waits", "a timed wait ended one way only, the way that happened"),
+    ("branch-once", "each branch step and call committed once, every item's call too"),
+    ("branch-vars", "an instance's variables are what its branches' sets and calls made"),
     ("effects", "every committed call has its effect, once"),
     ("messages", "every queue message acked once or dead-lettered"),
     ("timers", "every one-shot timer fired once, not early"),
@@ -536,6 +694,12 @@ WAITING_FOR = re.compile(r"^waiting for signal (.+?)(?: until (\S+?))?(: it was 
 RUN_STARTED = re.compile(r"^started (\S+) v(\d+)(?:, waiting until (\S+))?: instance ([0-9a-f]+)$")
 TIMED_OUT = "timed out after "
 KEPT_TOKEN = re.compile(r"^ks\d+\.(?:\d+|x)$")
+# How the journal tells of branches: a fork (parallel, for_each) and its join.
+FORKS = ("parallel", "for_each")
+FORKED = re.compile(r"^forked (\d+) branch\(es\): (.*) \(join (all|any)\)$")
+ITEMS = re.compile(r"^(\d+) item\(s\), (in parallel|in turn)$")
+JOINED_ALL = re.compile(r"^joined: all (\d+) branch\(es\) ended$")
+JOINED_ANY = re.compile(r"^joined: branch (\S+) ended first(?:; (\d+) cancelled)?$")
 
 
 def _meant_end(
@@ -583,6 +747,9 @@ def _meant_end(
         if mode == "timed" and cancelled and f"its parent {parent[0]} stopped waiting for it" in last[7]:  # type: ignore[index]
             return "cancelled: its parent stopped waiting (a child)", "completed, or cancelled by its parent's timeout"
         return ("completed" if status == "completed" else None), "completed"
+    if workflow == "chaos-sleeper":  # a chaos-race's never branch ran it: cancelled when the race was won
+        ok = cancelled and parent is not None and f"its parent {parent[0]} stopped waiting for it" in last[7]  # type: ignore[index]
+        return ("cancelled: its race was won (a sleeper)" if ok else None), "cancelled when its parent's race was won"
     if workflow in FIXED_DEFINITIONS:
         return ("completed" if status == "completed" else None), "completed"
     # chaos-a and chaos-b: the fail branch; a call that ends its process every time (it faults once
@@ -628,20 +795,28 @@ def _check_workflows(
             "FROM instances"
         )
     }  # rows: (id, definition, version, status, error, variables, steps, fence, started_by, parent, start_key, ...)
+    # Journal rows: (step, activity, type, node, fence, started, ended, outcome, branch); branch None
+    # on the main path.
+    branch = "branch" if "branch" in _columns(conn, "journal") else "NULL"
     journals: dict[str, list[tuple[Any, ...]]] = defaultdict(list)
     for instance, *row in conn.execute(
-        "SELECT instance, step, activity, type, node, fence, started, ended, outcome FROM journal "
+        f"SELECT instance, step, activity, type, node, fence, started, ended, outcome, {branch} FROM journal "
         "ORDER BY instance, step"
     ):
         journals[instance].append(tuple(row))
+    branch = "branch" if "branch" in _columns(conn, "chaos_effects") else "NULL"
     effects = {
         row[0]: row
-        for row in conn.execute("SELECT key, instance, activity, step, fence, node, runs, again FROM chaos_effects")
+        for row in conn.execute(
+            f"SELECT key, instance, activity, step, fence, node, runs, again, {branch} FROM chaos_effects"
+        )
     }
 
     statuses: Counter[str] = Counter()
     by_version: Counter[str] = Counter()
     committed_calls: set[str] = set()
+    removed_of: dict[str, dict[str, tuple[Any, ...]]] = {}  # instance -> branch a join any removed -> the join row
+    tally: Counter[str] = Counter()  # figures of the branches
     for instance, (_, workflow, version, status, error, variables, steps, fence, _by, parent, *_) in instances.items():
         rows = journals.get(instance, [])
         data = _loads(variables) or {}
@@ -667,35 +842,75 @@ def _check_workflows(
         if body is None:
             found["steps"].fail(f"no definition {workflow} v{version}: {evidence}")
             continue
-        _check_journal(found, instance, status, steps, fence, body, rows, evidence)
-        for index, (step, activity, kind, _node, _fence, _started, _ended, outcome) in enumerate(rows):
+        removed = removed_of[instance] = _check_journal(
+            found, instance, status, steps, fence, body, rows, evidence, tally
+        )
+        branched = any(row[8] for row in rows) or workflow in BRANCHY
+        calls: set[str] = set()  # this instance's committed call keys
+        on_path: dict[str | None, list[int]] = defaultdict(list)  # branch (None: the main path) -> its rows' indexes
+        for index, (step, activity, kind, _node, _fence, _started, _ended, outcome, branch) in enumerate(rows):
+            own = on_path[branch]
+            own.append(index)
             if kind == "call" and outcome.startswith("called "):
-                # The key is the step of the call's first try: the tries that failed before it
-                # (journaled "error (try N ...") share it.
-                first = index
-                while first > 0 and rows[first - 1][1] == activity and rows[first - 1][7].startswith("error (try "):
+                # The key is the call's first try's step on its path (the journal step on the main
+                # path of an instance without branches; a branch counts its own steps): the tries
+                # that failed before it (journaled "error (try N ...") share it.
+                first = len(own) - 1
+                while (
+                    first > 0
+                    and rows[own[first - 1]][1] == activity
+                    and (rows[own[first - 1]][7].startswith("error (try "))
+                ):
                     first -= 1
-                key = f"{instance}:{rows[first][0]}"
+                key = f"{instance}:{branch}:{first}" if branch else f"{instance}:{first}"
+                if key in calls:
+                    found["branch-once" if branched else "steps"].fail(
+                        f"step {step} ({activity}{f' on {branch}' if branch else ''}) is a second committed call "
+                        f"with key {key}: {evidence}"
+                    )
+                calls.add(key)
                 committed_calls.add(key)
                 found["effects"].checked += 1
                 effect = effects.get(key)
                 if effect is None:
                     found["effects"].fail(
-                        f"step {step} ({activity}) committed, its call's effect never recorded: {evidence}"
+                        f"step {step} ({activity}{f' on {branch}' if branch else ''}) committed, its call's effect "
+                        f"(key {key}) never recorded: {evidence}"
                     )
-                elif (effect[1], effect[2], effect[3]) != (instance, activity, step):
+                elif branched and (effect[1], effect[2], effect[8]) != (instance, activity, branch):
+                    # A lost burst run again may number the steps of its branches otherwise: the key
+                    # (the step on the branch) holds, the journal step may not.
+                    found["effects"].fail(
+                        f"step {step} ({activity} on {branch})'s effect {key} was recorded for "
+                        f"{(effect[1], effect[2], effect[8])}: {evidence}"
+                    )
+                elif not branched and (effect[1], effect[2], effect[3]) != (instance, activity, step):
                     found["effects"].fail(
                         f"step {step} ({activity})'s effect was recorded for {effect[1:4]}: {evidence}"
                     )
+        if branched:
+            _check_branch_once(found["branch-once"], instance, workflow, status, data, rows, calls, removed, evidence)
+            _check_branch_vars(found["branch-vars"], instance, workflow, status, data, rows, evidence, tally)
 
-    cut_short = 0
-    for key, (_, instance, activity, step, fence, node, runs, again) in effects.items():
+    cut_short = raced = 0
+    for key, (_, instance, activity, step, fence, node, runs, again, branch) in effects.items():
         if key in committed_calls:
             continue
         rows = journals.get(instance, [])
         row = instances.get(instance)
+        taken = sum(1 for entry in rows if entry[8] == branch) if branch else 0
         if row is not None and row[3] == "cancelled" and rows and rows[-1][2] == "cancel" and step >= rows[-1][0]:
             cut_short += 1  # its burst was under way when the instance was cancelled: it committed nothing
+        elif (
+            branch
+            and branch in removed_of.get(instance, {})
+            and key == f"{instance}:{branch}:{key.rsplit(':', 1)[-1]}"
+            and key.rsplit(":", 1)[-1].isdigit()
+            and int(key.rsplit(":", 1)[-1]) >= taken
+        ):
+            # A join any removed its branch: a burst lost before it committed ran the call, and the
+            # burst run again had the race won before the branch got there.
+            raced = raced + 1
         else:
             found["effects"].fail(
                 f"effect {key} ({activity}, first by {node} fence {fence}, {runs} run(s), again {again}) belongs to "
@@ -765,13 +980,16 @@ def _check_workflows(
         "re-run (at least once, after a lost burst)": len(reruns),
         "extra runs": sum(row[6] - 1 for row in reruns),
         "of bursts a cancel cut short": cut_short,
+        "of branches a join any removed (a lost burst ran them)": raced,
     }
+    figures["branches"] = dict(sorted(tally.items()))
     figures["definitions"] = {
         workflow: max(version for (other, version) in definitions if other == workflow)
         for workflow in sorted({workflow for workflow, _ in definitions})
     }
     ended = float((meta or {}).get("ended") or time.time())
-    _check_features(conn, found, figures, Flows(definitions, instances, journals, sent, ended))
+    flows = Flows(definitions, instances, journals, sent, ended, removed=removed_of)
+    _check_features(conn, found, figures, flows)
 
 
 def _wait_end(kind: str, began: str, ended: str) -> str | None:
@@ -805,7 +1023,10 @@ def _check_journal(
     body: dict[str, Any],
     rows: list[tuple[Any, ...]],
     evidence: str,
-) -> None:
+    tally: Counter[str] | None = None,
+) -> dict[str, tuple[Any, ...]]:
+    """The journal's invariants (steps, overlap, fences, wf-timers). Returns the branches that a join
+    any removed (and the branches they forked), each with the join row that removed it."""
     activities: dict[str, Any] = body["activities"]
 
     # Steps 0..n-1, as many as the instance counts, along the definition's path: each activity once,
@@ -815,12 +1036,32 @@ def _check_journal(
         found["steps"].fail(f"steps are not 0..{len(rows) - 1}: {evidence}")
     if steps != len(rows):
         found["steps"].fail(f"the instance counts {steps} steps, its journal has {len(rows)}: {evidence}")
+    removed: dict[str, tuple[Any, ...]] = {}
+    has_branches = any(row[8] for row in rows)
+    if has_branches or any(spec.get("type") in FORKS for spec in activities.values()):
+        removed = _check_branches(found["steps"], status, body, rows, evidence, tally)
+    else:
+        _check_path(found, status, body, rows, evidence)
+    if has_branches:
+        _check_burst_overlap(found["overlap"], rows, evidence)
+    else:
+        _check_steps_overlap(found["overlap"], rows, evidence)
+    _check_fences(found["fences"], fence, rows, evidence)
+    _check_wf_timers(found["wf-timers"], status, activities, rows, removed, evidence)
+    return removed
+
+
+def _check_path(
+    found: dict[str, Invariant], status: str, body: dict[str, Any], rows: list[tuple[Any, ...]], evidence: str
+) -> None:
+    """The one path of an instance without branches: along the definition's chain from its start."""
+    activities: dict[str, Any] = body["activities"]
     # A cancel row (type "cancel", at the activity where it stood) or a row that faulted the instance
     # ("faulted: ...", at any activity) ends the path, and must be the last row.
     position: str | None = body["start"]
     index = 0
     while index < len(rows):
-        step, activity, kind, _node, _fence, _started, _ended, outcome = rows[index]
+        step, activity, kind, _node, _fence, _started, _ended, outcome, _branch = rows[index]
         if position in ("(faulted)", "(cancelled)"):
             found["steps"].fail(f"step {step} follows the end of the instance ({position}): {evidence}")
             break
@@ -883,56 +1124,495 @@ def _check_journal(
                 f"with a cancel: {evidence}"
             )
 
-    # Steps one after the other, never at once.
+
+@dataclasses.dataclass
+class _Path:
+    """One path of an instance's journal, its main path (name None) or a branch, read along the
+    definition's chain from its start."""
+
+    name: str | None
+    rows: list[tuple[Any, ...]]
+    end: str = "open"  # ended (its chain ran out), faulted, cancelled, broken (a violation shown), open
+    at: str | None = None  # where an open path stands: a wait, a fork waiting for its branches, or between steps
+    forks: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # the forks it made, in order
+
+    def shown(self) -> str:
+        return self.name or "the main path"
+
+
+def _walk(path: _Path, start: str | None, activities: dict[str, Any], fail: Callable[[str], None]) -> None:
+    """Follow ``path``'s rows along the definition from ``start``: each row the activity the chain
+    goes to, a wait followed by its end, a fork by its join (the fork's branches are walked by the
+    caller), a call's failed tries by the next try; a fault or a cancel (the main path's) ends it."""
+    position, rows, index = start, path.rows, 0
+    on = f" ({path.name})" if path.name else ""
+    while index < len(rows):
+        step, activity, kind, _node, _fence, _started, _ended, outcome, _branch = rows[index]
+        if path.end in ("faulted", "cancelled"):
+            fail(f"step {step}{on} follows the end of the instance ({path.end})")
+            path.end = "broken"
+            return
+        if kind == "cancel":  # "(start)": cancelled before its first burst committed
+            if path.name is not None or (
+                activity != (position or "(start)") and not (index == 0 and activity == "(start)")
+            ):
+                fail(f"step {step}{on} cancels at {activity} where the path stood at {position}")
+                path.end = "broken"
+                return
+            path.end = "cancelled"
+            index += 1
+            continue
+        spec = activities.get(activity)
+        if activity != position or spec is None or spec["type"] != kind:
+            fail(f"step {step}{on} is {activity} ({kind}) where the path goes to {position}")
+            path.end = "broken"
+            return
+        if kind == "fail" or outcome.startswith(("faulted: ", "faulted after ", "failed: ")):
+            path.end = "faulted"
+            index += 1
+            continue
+        following = rows[index + 1] if index + 1 < len(rows) else None
+        if (kind in ("timer", "signal") and outcome.startswith("waiting")) or (
+            kind == "run" and outcome.startswith("started ")
+        ):
+            if following is None:
+                path.at = activity  # it waits (or waited, on a branch removed since)
+                return
+            if following[2] == "cancel" or following[7].startswith("faulted: "):
+                index += 1  # it ended while waiting: the next row says how
+                continue
+            way = _wait_end(kind, outcome, following[7]) if following[1] == activity else None
+            if way is None:
+                fail(f"step {step}{on} waits at {activity}; the next step of its path is not its end")
+                path.end = "broken"
+                return
+            if way == "timed out" and (
+                spec.get("on_timeout") is None or not following[7].endswith(f": on to {spec['on_timeout']}")
+            ):
+                fail(f"step {following[0]}{on} times out at {activity}, its on_timeout is {spec.get('on_timeout')}")
+                path.end = "broken"
+                return
+            index += 2
+            position = spec.get("on_timeout") if way == "timed out" else spec.get("next")
+            continue
+        if kind in FORKS:
+            if kind == "for_each" and outcome == "no items":
+                position = spec.get("next")
+                index += 1
+                continue
+            if kind == "parallel":
+                match, count, mode = FORKED.match(outcome), len(spec.get("branches") or []), spec.get("join") or "all"
+                ok = match is not None and int(match.group(1)) == count and match.group(3) == mode
+            else:
+                match = ITEMS.match(outcome)
+                count = int(match.group(1)) if match else 0
+                mode = "parallel" if spec.get("parallel") else "turn"
+                ok = match is not None and count > 0 and (match.group(2) == "in parallel") == bool(spec.get("parallel"))
+            if not ok:
+                fail(f"step {step}{on} forks at {activity} ({kind}): {outcome!r} is not what it forks")
+                path.end = "broken"
+                return
+            prefix = f"{path.name}/" if path.name else ""
+            fork = {"row": rows[index], "join": None, "activity": activity, "count": count, "mode": mode,
+                    "children": [f"{prefix}{activity}/{number}" for number in range(count)]}  # fmt: skip
+            path.forks.append(fork)
+            if following is None:
+                path.at = activity  # it waits for its branches
+                return
+            if following[2] == "cancel" or following[7].startswith("faulted: "):
+                index += 1
+                continue
+            if following[1] != activity or not (JOINED_ANY if mode == "any" else JOINED_ALL).match(following[7]):
+                fail(f"step {step}{on} forks at {activity}; its path's next step, {following[0]}, is no join of it")
+                path.end = "broken"
+                return
+            fork["join"] = following
+            index += 2
+            position = spec.get("next")
+            continue
+        if kind == "call" and outcome.startswith("error (try"):
+            index += 1  # tried again: the same activity comes next
+            continue
+        if kind == "if":
+            branch = outcome.split(": ", 1)[-1]
+            position = None if branch == "end" else branch
+        else:
+            position = spec.get("next")
+        index += 1
+    if path.end == "open":
+        if position is None:
+            path.end = "ended"
+        else:
+            path.at = position
+
+
+def _check_branches(
+    check: Invariant,
+    status: str,
+    body: dict[str, Any],
+    rows: list[tuple[Any, ...]],
+    evidence: str,
+    tally: Counter[str] | None = None,
+) -> dict[str, tuple[Any, ...]]:
+    """An instance with branches: each path (the main one, each branch) follows the definition's
+    chain from its start (a branch: the fork's branches[i], or the for_each body); every branch
+    of a join-all fork ended before the join row, and all of its items ran; for_each in turn: item
+    i's steps after item i-1's last; join any: its winner ended before the join, and no removed
+    branch stepped after it but the one step each may have had running then. Returns the branches
+    a join any removed (the branches they forked too), each with the join row."""
+    activities: dict[str, Any] = body["activities"]
+    counts = tally if tally is not None else Counter()
+
+    def fail(text: str) -> None:
+        check.fail(f"{text}: {evidence}")
+
+    by_name: dict[str | None, list[tuple[Any, ...]]] = defaultdict(list)
+    for row in rows:
+        by_name[row[8]].append(row)
+    main = _Path(None, by_name.get(None, []))
+    _walk(main, body["start"], activities, fail)
+    paths: dict[str | None, _Path] = {None: main}
+    winners: dict[str, tuple[Any, ...]] = {}  # branch a join any removed -> the join row
+    queue = [main]
+    while queue:
+        path = queue.pop(0)
+        for fork in path.forks:
+            spec = activities[fork["activity"]]
+            made = []
+            for number, name in enumerate(fork["children"]):
+                start = spec["branches"][number] if spec["type"] == "parallel" else spec["body"]
+                child = paths[name] = _Path(name, by_name.get(name, []))
+                _walk(child, start, activities, fail)
+                made.append(child)
+                queue.append(child)
+            counts[f"forks ({spec['type']}, {fork['mode']})"] += 1
+            counts["branches forked"] += len(made)
+            _check_join(fork, made, paths, winners, fail, counts)
+    for name, own in by_name.items():
+        if name not in paths:
+            fail(f"branch {name} has steps {[row[0] for row in own]}, and no fork of its instance made it")
+    counts["journal rows on branches"] += sum(len(own) for name, own in by_name.items() if name)
+
+    # A removed branch (and what it forked) took no step after the join that removed it, but the
+    # one it had running then (begun before the join, journaled when it ended).
+    removed: dict[str, tuple[Any, ...]] = {}
+    for name, path in paths.items():
+        if name is None:
+            continue
+        join = next((row for root, row in winners.items() if name == root or name.startswith(f"{root}/")), None)
+        if join is None:
+            continue
+        removed[name] = join
+        late = [row[0] for row in path.rows if row[0] > join[0] or row[5] > join[5] + 0.001]
+        running = [row[0] for row in path.rows if row[6] > join[5] + 0.001]
+        if late:
+            fail(f"branch {name}, removed by the join any at step {join[0]}, took steps {late} after it")
+        elif len(running) > 1:
+            fail(f"branch {name}, removed by the join any at step {join[0]}, had {len(running)} steps running then")
+        counts["steps of removed branches journaled after the join (running then)"] += len(running)
+
+    # How the instance ended.
+    faulted = [path.shown() for path in paths.values() if path.end == "faulted"]
+    if status == "completed":
+        if main.end != "ended":
+            fail(f"completed, but its main path stops at {main.at} ({main.end})")
+        for name, path in paths.items():
+            if name is not None and path.rows and path.end not in ("ended", "broken") and name not in removed:
+                fail(f"completed, but branch {name} stops at {path.at} ({path.end})")
+    if status == "faulted" and not faulted:
+        fail("faulted, but no path of it ends at a fault")
+    if faulted and status != "faulted":
+        fail(f"{status}, yet {faulted} ended at a fault")
+    if (status == "cancelled") != (main.end == "cancelled"):
+        fail(f"{status}, and the journal {'ends' if main.end == 'cancelled' else 'does not end'} with a cancel")
+    return removed
+
+
+def _check_join(
+    fork: dict[str, Any],
+    children: list[_Path],
+    paths: dict[str | None, _Path],
+    winners: dict[str, tuple[Any, ...]],
+    fail: Callable[[str], None],
+    counts: Counter[str],
+) -> None:
+    """One fork's branches and its join row (None: it still waits, or its instance ended there)."""
+    row, join, mode, activity = fork["row"], fork["join"], fork["mode"], fork["activity"]
+    what = "item" if mode in ("parallel", "turn") else "branch"
+    for child in children:
+        if child.rows and (child.rows[0][0] < row[0] or child.rows[0][5] < row[5] - 0.001):
+            fail(f"{child.name} began (step {child.rows[0][0]}) before its fork at step {row[0]}")
+    if mode == "turn":  # item i's first step after item i-1's last (which ended it)
+        for earlier, later in itertools.pairwise(children):
+            if not later.rows:
+                continue
+            first = later.rows[0]
+            if not earlier.rows or earlier.end != "ended":
+                fail(f"item {later.name} of {activity} (in turn) ran, while item {earlier.name} had not ended "
+                     f"({earlier.end}, at {earlier.at})")  # fmt: skip
+            elif earlier.rows[-1][0] > first[0] or earlier.rows[-1][6] > first[5] + 0.001:
+                last = earlier.rows[-1]
+                fail(f"item {later.name} of {activity} (in turn) began at step {first[0]} ({first[5]:.3f}), before "
+                     f"item {earlier.name} ended at step {last[0]} ({last[6]:.3f})")  # fmt: skip
+    if join is None:
+        return
+    counts[f"joins ({mode})"] += 1
+    if mode == "any":
+        match = JOINED_ANY.match(join[7])
+        assert match is not None  # _walk matched it
+        winner, cancelled = match.group(1), int(match.group(2) or 0)
+        counts[f"join any won by {RACE_NAMES.get(winner, winner)}"] += 1
+        ending = paths.get(winner)
+        if winner not in fork["children"] or ending is None:
+            fail(f"the join any at step {join[0]} names {winner}, no branch of its fork at step {row[0]}")
+        elif ending.end != "ended" or ending.rows[-1][0] > join[0] or ending.rows[-1][6] > join[5] + 0.001:
+            fail(f"the join any at step {join[0]} says {winner} ended first; it did not end before it "
+                 f"({ending.end}, at {ending.at})")  # fmt: skip
+        if cancelled != len(children) - 1:
+            fail(f"the join any at step {join[0]} cancelled {cancelled} branches; its fork had {len(children)}")
+        for child in children:
+            if child.name != winner and child.name is not None:
+                winners[child.name] = join
+        return
+    match = JOINED_ALL.match(join[7])
+    assert match is not None
+    if int(match.group(1)) != len(children):
+        fail(f"the join at step {join[0]} says {match.group(1)} branches ended; its fork at step {row[0]} made "
+             f"{len(children)}")  # fmt: skip
+    for child in children:
+        if not child.rows:
+            fail(f"{what} {child.name} of {activity} never ran, yet the join at step {join[0]} says all ended")
+        elif child.end != "ended":
+            fail(f"{what} {child.name} of {activity} stops at {child.at} ({child.end}), yet it was joined "
+                 f"at step {join[0]}")  # fmt: skip
+        elif child.rows[-1][0] > join[0] or child.rows[-1][6] > join[5] + 0.001:
+            last = child.rows[-1]
+            fail(f"the join of {activity} at step {join[0]} ({join[5]:.3f}) came before {child.name}'s last step "
+                 f"{last[0]} ended ({last[6]:.3f})")  # fmt: skip
+
+
+def _check_branch_once(
+    check: Invariant,
+    instance: str,
+    workflow: str,
+    status: str,
+    variables: dict[str, Any],
+    rows: list[tuple[Any, ...]],
+    calls: set[str],
+    removed: dict[str, tuple[Any, ...]],
+    evidence: str,
+) -> None:
+    """No step of a branch (or of the main path) of a branch definition committed twice: no loops
+    there, so each (branch, activity) ends once -- a wait's begin, a fork's, and a call's failed
+    tries aside. A completed instance committed exactly the calls its branches make, each once
+    (the effects row checks each has its effect): every item's, the winner's of a race."""
+    check.checked += 1
+    ends: Counter[tuple[str | None, str]] = Counter()
+    for row in rows:
+        outcome = row[7]
+        opening = (
+            row[2] == "cancel"
+            or outcome.startswith(("waiting", "error (try "))
+            or (row[2] == "run" and RUN_STARTED.match(outcome) is not None)
+            or FORKED.match(outcome) is not None
+            or ITEMS.match(outcome) is not None
+        )
+        if not opening:
+            ends[(row[8], row[1])] += 1
+    twice = {f"{branch or 'main'} {activity}": count for (branch, activity), count in ends.items() if count > 1}
+    if twice:
+        check.fail(f"steps committed more than once on one path (path activity: times) {twice}: {evidence}")
+    if status != "completed" or workflow not in BRANCHY:
+        return
+    given = variables.get("input") if isinstance(variables.get("input"), dict) else {}
+    items = given.get("items") if isinstance(given.get("items"), list) else []
+    want: set[str] = set()
+    if workflow == "chaos-fan":
+        want = {f"{instance}:fan/0:1", *(f"{instance}:fan/2/f-nest/{index}:0" for index in range(len(items)))}
+    elif workflow == "chaos-each":
+        want = {f"{instance}:each/{index}:0" for index in range(len(items))}
+    elif workflow == "chaos-turn":
+        want = {f"{instance}:turn/{index}:3" for index in range(len(items))}
+    elif workflow == "chaos-race":
+        winner = variables.get("winner")
+        want = (
+            {f"{instance}:race/0:2"} if winner == "quick" else {f"{instance}:race/1:3"} if winner == "slow" else set()
+        )
+    # A race's loser may have had its call running when the race was won: committed, on a removed branch.
+    extra = {key for key in calls - want if key.rsplit(":", 1)[0].split(":", 1)[-1] not in removed}
+    if want - calls or extra:
+        check.fail(
+            f"{workflow} {instance} committed the calls {sorted(calls)}; its branches make {sorted(want)} "
+            f"(missing {sorted(want - calls)}, extra {sorted(extra)}): {evidence}"
+        )
+
+
+def _check_branch_vars(
+    check: Invariant,
+    instance: str,
+    workflow: str,
+    status: str,
+    variables: dict[str, Any],
+    rows: list[tuple[Any, ...]],
+    evidence: str,
+    tally: Counter[str] | None = None,
+) -> None:
+    """A completed branch instance's variables are what its branches' sets and calls made: chaos-fan
+    done 3 (one per branch), total 3, items one per item of its nested for_each, its answer the
+    driver's, f-call's key its branch's; chaos-race wins 1 and winner the branch its join names;
+    chaos-each count one per item, its call's result an item's key; chaos-turn turns one per item,
+    last the last item, its call's result the last item's key."""
+    if status != "completed" or workflow not in BRANCHY:
+        return
+    check.checked += 1
+    given = variables.get("input") if isinstance(variables.get("input"), dict) else {}
+    items = given.get("items") if isinstance(given.get("items"), list) else []
+
+    def key_of(name: str) -> Any:
+        value = variables.get(name)
+        return value.get("key") if isinstance(value, dict) else value
+
+    want: dict[str, Any] = {}
+    got: dict[str, Any] = {}
+    if workflow == "chaos-fan":
+        want = {"done": 3, "total": 3, "items": len(items), "answer": {"token": f"fan-{given.get('n')}"},
+                "fcall": f"{instance}:fan/0:1"}  # fmt: skip
+        got = {name: variables.get(name) for name in want}
+        got["fcall"] = key_of("fcall")
+    elif workflow == "chaos-race":
+        join = next((row for row in rows if row[1] == "race" and JOINED_ANY.match(row[7])), None)
+        match = JOINED_ANY.match(join[7]) if join is not None else None
+        want = {"wins": 1, "winner": RACE_NAMES.get(match.group(1)) if match else "(no join row)"}
+        got = {name: variables.get(name) for name in want}
+        if got.get("winner") == "never":
+            check.fail(f"chaos-race {instance} was won by its never branch (its sleeper completed?): {evidence}")
+    elif workflow == "chaos-each":
+        want = {"count": len(items)}
+        got = {name: variables.get(name) for name in want}
+        keys = {f"{instance}:each/{index}:0" for index in range(len(items))}
+        if key_of("e-call") not in keys:
+            got["e-call"], want["e-call"] = key_of("e-call"), "the key of one of its items' calls"
+    elif workflow == "chaos-turn":
+        want = {"turns": len(items), "last": items[-1] if items else None,
+                "t-call": f"{instance}:turn/{len(items) - 1}:3"}  # fmt: skip
+        got = {name: variables.get(name) for name in want}
+        got["t-call"] = key_of("t-call")
+    if tally is not None:
+        tally[f"completed {workflow}"] += 1
+    if got != want:
+        check.fail(f"{workflow} {instance}: variables {json.dumps(got)}, its branches make {json.dumps(want)}: "
+                   f"{evidence}")  # fmt: skip
+
+
+def _check_steps_overlap(check: Invariant, rows: list[tuple[Any, ...]], evidence: str) -> None:
+    """An instance without branches: its steps one after the other, never at once."""
     for index, row in enumerate(rows):
-        found["overlap"].checked += 1
+        check.checked += 1
         if row[5] > row[6]:
-            found["overlap"].fail(f"step {row[0]} ends before it starts: {evidence}")
+            check.fail(f"step {row[0]} ends before it starts: {evidence}")
         if index and rows[index - 1][6] > row[5]:
             gap = rows[index - 1][6] - row[5]
-            found["overlap"].fail(
-                f"step {row[0]} starts {gap * 1000:.1f} ms before step {row[0] - 1} ended: {evidence}"
-            )
+            check.fail(f"step {row[0]} starts {gap * 1000:.1f} ms before step {row[0] - 1} ended: {evidence}")
 
-    # Bursts: a run of rows with one fence; the fences of successive bursts strictly rise.
-    bursts: list[int] = []
+
+def _bursts(rows: list[tuple[Any, ...]]) -> list[list[tuple[Any, ...]]]:
+    """The journal's bursts: runs of rows with one fence."""
+    bursts: list[list[tuple[Any, ...]]] = []
     for row in rows:
-        if not bursts or bursts[-1] != row[4]:
-            bursts.append(row[4])
-    found["fences"].checked += len(bursts)
-    if any(later <= earlier for earlier, later in itertools.pairwise(bursts)):
-        found["fences"].fail(f"burst fences {bursts} do not strictly rise: {evidence}")
-    if bursts and fence != bursts[-1]:
-        found["fences"].fail(f"the instance's fence is {fence}, its last burst's {bursts[-1]}: {evidence}")
+        if bursts and bursts[-1][0][4] == row[4]:
+            bursts[-1].append(row)
+        else:
+            bursts.append([row])
+    return bursts
 
-    # Timers: one wait and one end per timer activity reached; the end no earlier than the due time.
+
+def _check_burst_overlap(check: Invariant, rows: list[tuple[Any, ...]], evidence: str) -> None:
+    """An instance with branches: a burst runs its ready paths side by side, so steps of different
+    branches of one burst may overlap; but two bursts never do (every step of one ended before any
+    of the next began), nor two steps of one branch (or of the main path) in one burst."""
+    for row in rows:
+        check.checked += 1
+        if row[5] > row[6]:
+            check.fail(f"step {row[0]} ends before it starts: {evidence}")
+    bursts = _bursts(rows)
+    for earlier, later in itertools.pairwise(bursts):
+        last = max(earlier, key=lambda row: row[6])
+        first = min(later, key=lambda row: row[5])
+        if last[6] > first[5]:
+            check.fail(
+                f"the burst of fence {later[0][4]} (steps {later[0][0]}..{later[-1][0]}) began "
+                f"{(last[6] - first[5]) * 1000:.1f} ms (step {first[0]}) before the burst of fence {earlier[0][4]} "
+                f"(steps {earlier[0][0]}..{earlier[-1][0]}) ended (step {last[0]}): {evidence}"
+            )
+    for burst in bursts:
+        previous: dict[str | None, tuple[Any, ...]] = {}
+        for row in burst:
+            before = previous.get(row[8])
+            if before is not None and before[6] > row[5]:
+                check.fail(
+                    f"step {row[0]} ({row[8] or 'the main path'}) starts {(before[6] - row[5]) * 1000:.1f} ms before "
+                    f"step {before[0]} of the same path ended: {evidence}"
+                )
+            previous[row[8]] = row
+
+
+def _check_fences(check: Invariant, fence: int, rows: list[tuple[Any, ...]], evidence: str) -> None:
+    """Bursts: a run of rows with one fence; the fences of successive bursts strictly rise."""
+    bursts = [burst[0][4] for burst in _bursts(rows)]
+    check.checked += len(bursts)
+    if any(later <= earlier for earlier, later in itertools.pairwise(bursts)):
+        check.fail(f"burst fences {bursts} do not strictly rise: {evidence}")
+    if bursts and fence != bursts[-1]:
+        check.fail(f"the instance's fence is {fence}, its last burst's {bursts[-1]}: {evidence}")
+
+
+def _check_wf_timers(
+    check: Invariant,
+    status: str,
+    activities: dict[str, Any],
+    rows: list[tuple[Any, ...]],
+    removed: dict[str, tuple[Any, ...]],
+    evidence: str,
+) -> None:
+    """Timers: one wait and one end per timer activity a path reached (each branch has its own); the
+    end no earlier than the due time."""
     for activity, spec in activities.items():
         if spec["type"] != "timer":
             continue
-        waits = [row for row in rows if row[1] == activity and row[7].startswith("waiting until ")]
-        ends = [row for row in rows if row[1] == activity and row[7] == "timer elapsed"]
-        if not waits and not ends:
-            continue
-        found["wf-timers"].checked += 1
-        # An instance that ended past the timer has its end; one that ended at it (faulted while it
-        # waited, cancelled) has none.
-        ended_here = (
-            bool(rows) and rows[-1][1] == activity and (rows[-1][2] == "cancel" or rows[-1][7].startswith("faulted: "))
-        )
-        ended = status in ("completed", "faulted", "cancelled")
-        if len(waits) != 1 or len(ends) > 1 or (ended and len(ends) != (0 if ended_here else 1)):
-            found["wf-timers"].fail(f"timer {activity}: {len(waits)} waits, {len(ends)} ends: {evidence}")
-            continue
-        due = _iso_seconds(waits[0][7][len("waiting until ") :])
-        seconds = nodeflow.parse_duration(spec["duration"])
-        if due is None:
-            found["wf-timers"].fail(f"timer {activity}: no due time in {waits[0][7]!r}: {evidence}")
-        elif not waits[0][5] + seconds - 0.002 <= due <= waits[0][6] + seconds + 0.002:
-            found["wf-timers"].fail(f"timer {activity}: due {due:.3f} is not {seconds} s after its wait: {evidence}")
-        elif ends and ends[0][5] < due:
-            found["wf-timers"].fail(
-                f"timer {activity} elapsed {(due - ends[0][5]) * 1000:.1f} ms early (due {due:.3f}): {evidence}"
-            )
+        on: dict[str | None, tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]] = defaultdict(lambda: ([], []))
+        for row in rows:
+            if row[1] == activity and row[7].startswith("waiting until "):
+                on[row[8]][0].append(row)
+            elif row[1] == activity and row[7] == "timer elapsed":
+                on[row[8]][1].append(row)
+        for branch, (waits, ends) in sorted(on.items(), key=lambda item: item[0] or ""):
+            check.checked += 1
+            where = f"timer {activity}{f' on {branch}' if branch else ''}"
+            if branch is None:
+                # An instance that ended past the timer has its end; one that ended at it (faulted
+                # while it waited, cancelled) has none.
+                ended_here = (
+                    bool(rows)
+                    and rows[-1][1] == activity
+                    and (rows[-1][2] == "cancel" or rows[-1][7].startswith("faulted: "))
+                )
+                ended = status in ("completed", "faulted", "cancelled")
+                wrong = ended and len(ends) != (0 if ended_here else 1)
+            else:
+                # A branch's wait ends unless a join any removed the branch, or the instance ended
+                # otherwise than completed.
+                wrong = status == "completed" and branch not in removed and len(ends) != 1
+            if len(waits) != 1 or len(ends) > 1 or wrong:
+                check.fail(f"{where}: {len(waits)} waits, {len(ends)} ends: {evidence}")
+                continue
+            due = _iso_seconds(waits[0][7][len("waiting until ") :])
+            seconds = nodeflow.parse_duration(spec["duration"])
+            if due is None:
+                check.fail(f"{where}: no due time in {waits[0][7]!r}: {evidence}")
+            elif not waits[0][5] + seconds - 0.002 <= due <= waits[0][6] + seconds + 0.002:
+                check.fail(f"{where}: due {due:.3f} is not {seconds} s after its wait: {evidence}")
+            elif ends and ends[0][5] < due:
+                check.fail(f"{where} elapsed {(due - ends[0][5]) * 1000:.1f} ms early (due {due:.3f}): {evidence}")
 
 
 # The workflow features: kept signals, start keys, child instances, timed waits -----------------
@@ -948,6 +1628,7 @@ class Flows:
     sent: dict[str, list[tuple[str, str, Any]]]
     ended: float  # when the run ended (its meta), or now
     variables: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    removed: dict[str, dict[str, tuple[Any, ...]]] = dataclasses.field(default_factory=dict)  # see _check_branches
 
     def __post_init__(self) -> None:
         for instance, row in self.instances.items():
@@ -1198,13 +1879,25 @@ def _check_children(check: Invariant, flows: Flows) -> dict[str, Any]:
                 continue
             prows = flows.journals[parent]
             index = started[child][1]
-            after = prows[index + 1] if index + 1 < len(prows) else None
+            path = prows[index][8]  # the branch it ran on (None: the main path): its next step is the run's end
+            after = next((entry for entry in prows[index + 1 :] if entry[8] == path), None)
             last = rows[-1] if rows else None
             evidence = f"{flows.shown(child)}\n    its parent: {flows.shown(parent)}"
             if row[3] in ("running", "waiting") or last is None:
                 check.fail(f"{where} is still {row[3]}; its parent is {flows.instances[parent][3]}: {evidence}")
                 continue
             counts[row[3]] += 1
+            join = flows.removed.get(parent, {}).get(path) if path else None
+            if join is not None and after is None:  # a join any removed its branch: cancelled by that commit
+                if last[2] != "cancel" or f"its parent {parent} stopped waiting for it" not in last[7]:
+                    check.fail(f"{where}: a join any (step {join[0]}) removed the branch that runs it, and its "
+                               f"last step is no cancel by its parent: {evidence}")  # fmt: skip
+                elif last[5] < join[5] - 0.001:
+                    check.fail(f"{where} was cancelled at {last[5]:.3f}, before the join any that removed its "
+                               f"branch at {join[5]:.3f}: {evidence}")  # fmt: skip
+                else:
+                    counts["cancelled: a join any removed its branch"] += 1
+                continue
             if row[3] in ("completed", "faulted"):
                 end = (f"instance {child} completed" if row[3] == "completed"
                        else f"faulted: instance {child} ({row[1]}) it ran was faulted")  # fmt: skip
@@ -2322,6 +3015,8 @@ class Run:
         self.cancels: list[dict[str, Any]] = []  # parents to cancel while their child runs (see start_parent)
         self.keys: list[str] = []  # start keys used, for later starts with them again
         self.first_modes: list[str] = []  # the modes of the first parents: one of each
+        self.first_branchy: list[str] = []  # the first branch definitions started: one of each
+        self.fan_waits: dict[tuple[str, str], list[float]] = {}  # (instance, branch) -> [first seen, delay, last sent]
 
     # Output -------------------------------------------------------------------------------
 
@@ -2513,7 +3208,7 @@ class Run:
         """About 3 instances, 4 messages, 3 timers, 2 locks a second, and a new definition version
         every 4 s (times --rate); with the faults, about half a core on top of the nodes' own work.
         The workflow features add a kept-signal group every 6 s, a start key every 4 s, a parent
-        every 2.5 s and a timed wait every 3 s (times --rate)."""
+        every 2.5 s and a timed wait every 3 s, and the branches an instance every 2 s (times --rate)."""
         w, rate = self.stop_workload, self.options.rate
         self.worker("instances", 0.3 / rate, self.start_instance, w)
         self.worker("jobs", 0.25 / rate, self.send_job, w)
@@ -2529,6 +3224,10 @@ class Run:
         self.worker("parents", 2.5 / rate, self.start_parent, w)
         self.worker("timed", 3.0 / rate, self.start_timed, w)
         self.worker("timed-answers", 0.1, self.answer_timed, self.stop_signals)
+        # Branches: a parallel (join all, join any) or for_each (in parallel, in turn) every 2 s
+        # (times --rate), and the answers to chaos-fan's branch that waits for a signal.
+        self.worker("branches", 2.0 / rate, self.start_branchy, w)
+        self.worker("fan-answers", 0.2, self.answer_fans, self.stop_signals)
         if self.options.hostile > 0:
             thread = threading.Thread(target=self.hostile, name="chaos-hostile", daemon=True)
             thread.start()
@@ -3094,6 +3793,61 @@ class Run:
             self.record(f"answer:{instance}", "answer", "once", detail)
             self.counts["timed answers sent"] += 1
 
+    # Branches: parallel and for_each ----------------------------------------------------------
+
+    def start_branchy(self, rng: random.Random) -> None:
+        """An instance of chaos-fan (parallel, join all; a for_each in turn nested in a branch),
+        chaos-race (parallel, join any), chaos-each (for_each in parallel, 3-8 items) or chaos-turn
+        (for_each in turn, 2-4 items). The first four are one of each, in a seeded order."""
+        assert self.nf is not None
+        n, roll, began = self.number(), rng.random(), time.time()
+        workflow = (
+            "chaos-fan" if roll < 0.3 else "chaos-race" if roll < 0.55 else "chaos-each" if roll < 0.8 else "chaos-turn"
+        )
+        done = self.counts["branch instances started"]
+        if done == 0:
+            self.first_branchy = rng.sample(BRANCHY, len(BRANCHY))
+        if done < len(self.first_branchy):
+            workflow = self.first_branchy[done]
+        self.counts["branch instances started"] += 1
+        given: dict[str, Any] = {"n": n}
+        if workflow == "chaos-fan":
+            given["items"] = [f"f{n}.{index}" for index in range(rng.randint(1, 3))]
+        elif workflow == "chaos-race":
+            given["lag"] = rng.random() < 0.4  # slow's timer 1.5 s: quick wins; else a tie of two 300 ms timers
+        elif workflow == "chaos-each":
+            given["items"] = [f"e{n}.{index}" for index in range(rng.randint(3, 8))]
+        else:
+            given["items"] = [f"t{n}.{index}" for index in range(rng.randint(2, 4))]
+        if rng.random() < 0.1:
+            instance, via = self.cli_ok("start", workflow, "--input", json.dumps(given)).strip(), "cli"
+        else:
+            instance, via = self.nf.start(workflow, given), "api"
+        self.instance_started(instance, "completed", {**given, "via": via, "began": began})
+        self.counts[f"started {workflow}"] += 1
+
+    def answer_fans(self, rng: random.Random) -> None:
+        """Answer each chaos-fan branch seen waiting for its signal 0.1-1 s after it was seen (at once
+        while the run settles), with ttl 0 and the signal's name as its token; again 3 s later if it
+        still waits."""
+        assert self.nf is not None
+        waiting = self.nf.store.read(
+            lambda conn: conn.execute(
+                "SELECT instance, name, waiting_for FROM branches WHERE waiting_for LIKE 'fan-%'"
+            ).fetchall()
+        )
+        now = time.monotonic()
+        for instance, branch, name in waiting:
+            wait = self.fan_waits.setdefault((instance, branch), [now, rng.uniform(0.1, 1.0), 0.0])
+            if (now - wait[0] < wait[1] and not self.settling) or now - wait[2] < 3.0:
+                continue
+            if wait[2]:
+                self.counts["fan signals sent again"] += 1
+            wait[2] = now
+            if not self.nf.signal(name, {"token": name}, ttl=0).resumed:
+                self.counts["fan signals that found no waiter (dropped)"] += 1
+            self.counts["fan signals sent"] += 1
+
     # Faults ---------------------------------------------------------------------------------
 
     def inject(self) -> bool:
@@ -3336,7 +4090,7 @@ class Run:
             time.sleep(0.05)
         self.stop_workload.set()
         for thread in self.threads:
-            if thread.name not in ("chaos-signals", "chaos-timed-answers"):  # those go on while it settles
+            if thread.name not in ("chaos-signals", "chaos-timed-answers", "chaos-fan-answers"):  # they go on
                 thread.join(30)
         self.settling = True
         for name in ("chaos-cron-1", "chaos-cron-2"):

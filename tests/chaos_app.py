@@ -11,7 +11,9 @@ so that the checker can count them after the run:
   and keyed instances of the workflow features) records its run in ``chaos_effects`` keyed by
   ``nodeflow.current_call().key``: a call runs at least once, and a burst lost to a crash runs it
   again under the same key (``runs`` counts the runs); a burst cut short by a cancel (a child
-  whose parent was cancelled or timed out) leaves a run that no committed step has.
+  whose parent was cancelled or timed out) leaves a run that no committed step has. A call on a
+  branch of a ``parallel`` or ``for_each`` (chaos-fan, chaos-race, chaos-each, chaos-turn) has
+  the branch in its key (``instance:branch:N``) and in its row (``branch``), and returns it.
 
 The hostile mix (tests/chaos.py ``--hostile``) has code here that misbehaves on purpose. Each run of
 it first records itself in ``chaos_hostile`` (committed before it misbehaves), so that the checker
@@ -202,12 +204,13 @@ def effect(variables: dict[str, Any]) -> dict[str, Any]:
 
     def record(conn: Any) -> None:
         conn.execute(
-            "INSERT INTO chaos_effects (key, instance, activity, step, fence, node, first_at, runs, again) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, '[]') "
+            "INSERT INTO chaos_effects (key, instance, activity, step, fence, node, first_at, runs, again, branch) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, 1, '[]', ?) "
             "ON CONFLICT (key) DO UPDATE SET runs = runs + 1, "
             "again = json_insert(again, '$[#]', json_array(excluded.node, excluded.fence, excluded.first_at))",
-            (call.key, call.instance, call.activity, call.step, call.fence, call.node, time.time()),
+            (call.key, call.instance, call.activity, call.step, call.fence, call.node, time.time(), call.branch),
         )
 
     nf.committer.submit(record)
-    return {"key": call.key, "node": call.node, "fence": call.fence}
+    done = {"key": call.key, "node": call.node, "fence": call.fence}
+    return {**done, "branch": call.branch} if call.branch else done

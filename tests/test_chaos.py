@@ -1,7 +1,8 @@
 """The chaos run (tests/chaos.py), short: 30 s of kills, stops and restarts under load, with the
 hostile mix (poison jobs, calls that end their process, handlers that block their thread or the
 event loop, undecodable messages, a frozen scheduler) and the workflow features (kept signals,
-start keys, child instances, timed waits), then the checker.
+start keys, child instances, timed waits) and the branches (parallel, join all and any; for_each
+in parallel and in turn, nested in a branch), then the checker.
 
 - The run itself, with a random seed (printed; NODEFLOW_TEST_SEED replays its choices): exit 0, no
   invariant violated, and the faults, instances, messages, timers, locks, the hostile mix and the
@@ -11,7 +12,9 @@ start keys, child instances, timed waits), then the checker.
   lost instance, two lock holders at once, an epoch claimed twice, an innocent dead letter, a poison
   job that killed too many nodes, a stall nothing explains, a frozen scheduler replaced late, a
   start key with two instances, a kept signal's token in two instances, a child that ended after
-  its parent went on, a timed wait both received and timed out, ...) and must report it.
+  its parent went on, a timed wait both received and timed out, a branch step twice, two bursts
+  at once, a join before a branch's last step, a for_each item that never ran, ...) and must
+  report it.
 
 `make chaos` runs the long version (python3 tests/chaos.py --seconds 120).
 """
@@ -151,6 +154,15 @@ class ChaosRun(unittest.TestCase):
         self.assertGreaterEqual(children.get("children", 0), 3, children)
         self.assertEqual(set(children["parents by mode"]), {"ok", "timed", "doom", "cancel"}, children)
         self.assertGreaterEqual(checked["timed-waits"], 3, checked)
+        # The branches really ran: each definition completed, a join any removed branches (its
+        # sleeper cancelled), for_each items ran in parallel and in turn.
+        branches = summary["branches"]
+        for workflow in ("chaos-fan", "chaos-race", "chaos-each", "chaos-turn"):
+            self.assertGreaterEqual(branches.get(f"completed {workflow}", 0), 1, branches)
+        self.assertGreaterEqual(branches.get("joins (any)", 0), 1, branches)
+        self.assertGreaterEqual(branches.get("joins (parallel)", 0), 1, branches)
+        self.assertGreaterEqual(branches.get("joins (turn)", 0), 2, branches)
+        self.assertGreaterEqual(children.get("cancelled: a join any removed its branch", 0), 1, children)
 
     # The checker --------------------------------------------------------------------------
 
@@ -832,6 +844,134 @@ def timed_out_early(conn: sqlite3.Connection, folder: str) -> list[str]:
     return []
 
 
+# Branches: parallel (join all, join any) and for_each (in parallel, in turn) --------------------------
+
+
+def journal_of(conn: sqlite3.Connection, instance: str) -> list[tuple[Any, ...]]:
+    """The instance's journal rows, their branch last (``JOURNAL_COLUMNS, branch``)."""
+    return [
+        tuple(row)
+        for row in conn.execute(
+            f"SELECT {JOURNAL_COLUMNS}, branch FROM journal WHERE instance = ? ORDER BY step", (instance,)
+        )
+    ]
+
+
+def rewrite_journal(conn: sqlite3.Connection, instance: str, rows: list[tuple[Any, ...]]) -> None:
+    """Make ``rows`` (as journal_of gives them) the instance's journal, numbered 0..n-1, and its step count."""
+    conn.execute("DELETE FROM journal WHERE instance = ?", (instance,))
+    conn.executemany(
+        f"INSERT INTO journal ({JOURNAL_COLUMNS}, branch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        [(instance, step, *row[2:]) for step, row in enumerate(rows)],
+    )
+    conn.execute("UPDATE instances SET steps = ? WHERE id = ?", (len(rows), instance))
+
+
+def completed_of(conn: sqlite3.Connection, workflow: str) -> str:
+    return str(
+        one(
+            conn,
+            "SELECT id FROM instances WHERE definition = ? AND status = 'completed' ORDER BY id LIMIT 1",
+            workflow,
+        )[0]
+    )
+
+
+def branch_step_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An item's set step (chaos-each, branch each/0) committed twice: its row again right after it."""
+    instance = completed_of(conn, "chaos-each")
+    rows = journal_of(conn, instance)
+    at = next(index for index, row in enumerate(rows) if row[9] == "each/0" and row[2] == "e-set")
+    rewrite_journal(conn, instance, [*rows[: at + 1], rows[at], *rows[at + 1 :]])
+    return []
+
+
+def bursts_overlap(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """Two bursts of one instance with branches at once: a step of its first burst (chaos-fan) ended
+    50 ms after its next burst began."""
+    instance = completed_of(conn, "chaos-fan")
+    rows = journal_of(conn, instance)
+    fences = sorted({row[5] for row in rows})
+    if len(fences) < 2:
+        raise unittest.SkipTest(f"chaos-fan {instance} ran in one burst")
+    first = max((row for row in rows if row[5] == fences[0]), key=lambda row: row[7])
+    begun = min(row[6] for row in rows if row[5] == fences[1])
+    conn.execute("UPDATE journal SET ended = ? WHERE instance = ? AND step = ?", (begun + 0.05, instance, first[1]))
+    return []
+
+
+def branch_steps_overlap(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """Two steps of one branch at once in one burst: an item's call (chaos-each) still running when
+    its set began."""
+    for (instance,) in conn.execute(
+        "SELECT id FROM instances WHERE definition = 'chaos-each' AND status = 'completed' ORDER BY id"
+    ).fetchall():
+        rows = journal_of(conn, instance)
+        for call in rows:
+            after = [row for row in rows if row[9] == call[9] and row[2] == "e-set" and row[5] == call[5]]
+            if call[2] == "e-call" and after:
+                conn.execute(
+                    "UPDATE journal SET ended = ? WHERE instance = ? AND step = ?",
+                    (after[0][6] + 0.01, instance, call[1]),
+                )
+                return []
+    raise unittest.SkipTest("no item of chaos-each called and set in one burst")
+
+
+def join_before_branch(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """chaos-each's join row committed before an item's last step: the two rows change places."""
+    instance = completed_of(conn, "chaos-each")
+    rows = journal_of(conn, instance)
+    join = next(index for index, row in enumerate(rows) if row[2] == "each" and row[8].startswith("joined: "))
+    last = max(index for index, row in enumerate(rows[:join]) if row[9] is not None)
+    rows[join], rows[last] = rows[last], rows[join]
+    rewrite_journal(conn, instance, rows)
+    return []
+
+
+def item_missing(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """An item of chaos-each (its first, each/0) never ran, yet the join says all ended."""
+    instance = completed_of(conn, "chaos-each")
+    rewrite_journal(conn, instance, [row for row in journal_of(conn, instance) if row[9] != "each/0"])
+    return []
+
+
+def removed_branch_stepped(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A branch that chaos-race's join any removed took a step after the join (its last step again)."""
+    instance = completed_of(conn, "chaos-race")
+    rows = journal_of(conn, instance)
+    join = next(index for index, row in enumerate(rows) if row[2] == "race" and row[8].startswith("joined: "))
+    winner = rows[join][8].split()[2]
+    loser = next(row for row in rows[:join] if row[9] is not None and row[9] != winner)
+    moved = (*loser[:6], rows[join][7] + 0.01, rows[join][7] + 0.02, *loser[8:])
+    rewrite_journal(conn, instance, [*rows[: join + 1], moved, *rows[join + 1 :]])
+    return []
+
+
+def item_counted_twice(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """chaos-each's count one more than its items (an item's set applied twice)."""
+    instance = completed_of(conn, "chaos-each")
+    variables = variables_of(conn, instance)
+    set_variables(conn, instance, {**variables, "count": variables.get("count", 0) + 1})
+    return []
+
+
+def race_winner_wrong(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """chaos-race's winner is not the branch its join row says ended first."""
+    instance = completed_of(conn, "chaos-race")
+    variables = variables_of(conn, instance)
+    other = "slow" if variables.get("winner") == "quick" else "quick"
+    set_variables(conn, instance, {**variables, "winner": other})
+    return []
+
+
+def item_effect_missing(conn: sqlite3.Connection, folder: str) -> list[str]:
+    """A committed item call (chaos-each, each/0) whose effect was never recorded under its branch's key."""
+    instance = completed_of(conn, "chaos-each")
+    conn.execute("DELETE FROM chaos_effects WHERE key = ?", (f"{instance}:each/0:0",))
+    return []
+
+
 DOCTORS: list[tuple[str, str, Callable[[sqlite3.Connection, str], list[str]]]] = [
     ("steps", "a journal step committed twice", step_twice),
     ("overlap", "two steps of one instance at once", steps_overlap),
@@ -877,6 +1017,15 @@ DOCTORS: list[tuple[str, str, Callable[[sqlite3.Connection, str], list[str]]]] =
     ("timed-waits", "a timed wait both received and timed out", timed_both_ways),
     ("timed-waits", "a timed wait timed out though the answer resumed it", timed_out_though_answered),
     ("timed-waits", "a timed wait timed out before its due time", timed_out_early),
+    ("branch-once", "a branch step committed twice", branch_step_twice),
+    ("overlap", "two bursts of an instance with branches at once", bursts_overlap),
+    ("overlap", "two steps of one branch at once", branch_steps_overlap),
+    ("steps", "a join all before a branch's last step", join_before_branch),
+    ("steps", "a for_each item that never ran, joined", item_missing),
+    ("steps", "a branch removed by a join any stepped after it", removed_branch_stepped),
+    ("branch-vars", "an item's counter added twice", item_counted_twice),
+    ("branch-vars", "a race's winner not the branch its join names", race_winner_wrong),
+    ("effects", "an item's committed call without its effect", item_effect_missing),
 ]
 
 
