@@ -6136,11 +6136,12 @@ class WorkflowRunner:
     """Runs instances for a node: the handler of WORKFLOW_QUEUE's messages.
 
     A "run" message names an instance and the sequence number it expects. The runner takes the
-    instance lock, takes a fence, re-reads the instance, runs steps until it waits, ends or has
-    run BURST_MAX_STEPS, and commits state, journal, follow-up message and the ack in one
-    transaction, refused unless the sequence number and fence still hold. A crash before that
-    commit leaves the message to run again from the last committed state: no step is committed
-    twice (a ``call`` whose burst was lost does run again; make such functions idempotent).
+    instance lock, takes a fence, re-reads the instance and its branches, runs the steps of every
+    path that can go on (side by side) until each waits or ends, or BURST_MAX_STEPS are run, and
+    commits state, branches, journal, follow-up message and the ack in one transaction, refused
+    unless the sequence number and fence still hold. A crash before that commit leaves the message
+    to run again from the last committed state: no step is committed twice (a ``call`` whose burst
+    was lost does run again, under the same key; make such functions idempotent).
     """
 
     def __init__(
