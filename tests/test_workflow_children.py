@@ -795,9 +795,11 @@ class ManyChildren(ChildrenTestCase):
         }})  # fmt: skip
         parent = self.nf.start("many")
 
-        def waiting_for_hold() -> bool:
+        def waiting_for_hold() -> bool:  # the parent at its last run, and the child it made at its wait
             row = self.row(parent)
-            return row["status"] == "waiting" and row["position"] == "last" and row["child"] is not None
+            if not (row["status"] == "waiting" and row["position"] == "last" and row["child"] is not None):
+                return False
+            return bool(self.row(row["child"])["status"] == "waiting")
 
         self.settle(waiting_for_hold, 120, f"the parent waiting at its last run, after {self.RUNS} children")
         held = self.row(parent)["child"]
