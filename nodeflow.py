@@ -60,7 +60,7 @@ import time
 import urllib.parse
 import weakref
 import zoneinfo
-from collections.abc import Awaitable, Callable, Generator, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable, Sequence
 from dataclasses import dataclass, replace
 from queue import Empty, SimpleQueue
 from typing import Any, TypeVar, overload
@@ -687,6 +687,7 @@ class Store:
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         self._write_conn: sqlite3.Connection | None = None
+        self._write_level = self.settings.synchronous  # PRAGMA synchronous of the write connection now
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise InvalidInput(f"database folder {folder} does not exist; create it or choose another --db")
@@ -956,9 +957,9 @@ class Store:
         return self._conn
 
     def check_open(self) -> None:
-        """Raise unless this handle may be used: open, and in the process that opened it."""
-        with self._mutex:
-            self._connection()
+        """Raise unless this handle may be used: open, and in the process that opened it. (Reads
+        of three fields: it never waits for a read that another thread is running.)"""
+        self._connection()
 
     def _writer(self) -> sqlite3.Connection:
         """The write connection, opened on first use; the caller holds _write_mutex."""
@@ -970,7 +971,7 @@ class Store:
                 conn = self._connect(self.path)
                 moved = self._moved()  # replaced while connecting, perhaps
                 if moved is None:
-                    self._write_conn = conn
+                    self._write_conn, self._write_level = conn, self.settings.synchronous
                     return conn
                 conn.close()
             raise StoreError(f"{moved} since this handle opened it; open a new handle")
@@ -983,13 +984,21 @@ class Store:
             raise outcome
         return outcome  # type: ignore[no-any-return]
 
-    def write_batch(self, works: list[Callable[[sqlite3.Connection], Any]]) -> list[tuple[bool, Any]]:
+    def write_batch(
+        self, works: list[Callable[[sqlite3.Connection], Any]], durable: bool = True
+    ) -> list[tuple[bool, Any]]:
         """Run several pieces of work in one transaction, each in its own savepoint.
 
         A piece that raises is rolled back alone; the others commit together. Returns, per
         piece, (True, its result) or (False, its exception). Retried while another writer holds
         the database, up to ``busy_timeout``, then every piece gets StoreBusy.
+
+        ``durable=False``: the commit need not reach the disk before this returns (it is in the
+        WAL, so it survives a crash of this process, and the next durable commit of any process
+        syncs it too; a power cut before that may undo it). For writes whose loss can only
+        cause a redelivery: a claim, a plain ack, a nack, a lease extension.
         """
+        level = "FULL" if durable and self.settings.synchronous == "FULL" else "NORMAL"
         deadline = time.monotonic() + self.settings.busy_timeout
         pause = 0.001
         while True:
@@ -998,6 +1007,12 @@ class Store:
                 moved = self._moved()  # one stat: never commit to a file that is no longer at the path
                 if moved:
                     return [(False, StoreError(f"{moved}; nothing was written")) for _ in works]
+                if level != self._write_level:  # per connection, set between transactions
+                    try:
+                        conn.execute(f"PRAGMA synchronous={level}")
+                    except sqlite3.Error as error:
+                        raise self._translate(error) from error
+                    self._write_level = level
                 try:
                     conn.execute("BEGIN IMMEDIATE")
                 except sqlite3.Error as error:
@@ -1751,6 +1766,9 @@ class LockManager:
 RING_INSTRUCTIONS = "i"
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _SOCKET_PATH_MAX = 100  # sun_path holds 108 bytes; longer paths go through /proc/self/fd
+# A folder's mtime comes from the kernel's coarse clock (a tick of 1 to 10 ms): a listing taken less
+# than this after the last change may have missed a second change that left the mtime as it was.
+_MTIME_TRUSTED_AFTER_NS = 50_000_000
 
 
 def check_node_id(node: object) -> str:
@@ -1781,6 +1799,8 @@ class Doorbells:
         self._liveness_fd: int | None = None
         self._mutex = threading.Lock()
         self.rings_sent = 0
+        # The other doorbells as last listed: (the folder's inode and mtime then, when listed, [(name, address)]).
+        self._listed: tuple[tuple[int, int], int, list[tuple[str, str]]] = ((0, 0), 0, [])
 
     def _address(self, name: str) -> str:
         path = os.path.join(self.directory, name)
@@ -1913,16 +1933,39 @@ class Doorbells:
 
     # The ringing side ---------------------------------------------------------------------
 
+    def _others(self) -> list[tuple[str, str]]:
+        """The other nodes' doorbells: (name, address). One stat a ring; the folder is listed again
+        when its mtime moved, or while it changed too lately to trust: changes within one tick of
+        the file system's clock leave its mtime as it was."""
+        try:
+            folder = os.stat(self.directory)
+        except OSError:
+            return []
+        identity, listed_at, others = self._listed
+        if identity == (folder.st_ino, folder.st_mtime_ns) and listed_at - folder.st_mtime_ns > _MTIME_TRUSTED_AFTER_NS:
+            return others
+        now = time.time_ns()
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return []
+        own = f"{self.node}.sock"
+        others = [
+            (name, self._address(name))
+            for name in names
+            if name.endswith(".sock") and name != own and not name.startswith(".")
+        ]
+        self._listed = ((folder.st_ino, folder.st_mtime_ns), now, others)
+        return others
+
     def ring(self, topics: Iterable[str]) -> None:
         """Send the topics to every other node's doorbell; never blocks, never raises."""
         data = "\n".join(sorted(set(topics))).encode("utf-8", "replace")[:4096]
         if not data:
             return
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
+        others = self._others()
+        if not others:
             return
-        own = f"{self.node}.sock"
         with self._mutex:
             if self._sender is None:
                 try:
@@ -1932,11 +1975,9 @@ class Doorbells:
                 except OSError:
                     return  # out of descriptors, say: a lost ring costs a poll interval, no more
             sender = self._sender
-        for name in names:
-            if not name.endswith(".sock") or name == own or name.startswith("."):
-                continue
+        for name, address in others:
             try:
-                sender.sendto(data, self._address(name))
+                sender.sendto(data, address)
                 self.rings_sent += 1
             except (BlockingIOError, FileNotFoundError):
                 pass  # its queue is full (it has rings to read) or it just left
@@ -1994,6 +2035,9 @@ QUEUE_NAME_MAX_BYTES = 200
 # losing one would strand its instance; its handler settles a message it cannot serve itself.
 WORKFLOW_QUEUE = "nodeflow.workflows"
 GROUP_COMMIT_MAX = 256  # pieces of work in one shared transaction
+SEND_MANY_MAX = 10_000  # messages one send_many may queue: one transaction, which holds other writers back
+SEND_MANY_MAX_BYTES = 64 << 20  # and their bodies' JSON together
+SETTLE_MANY_MAX = 10_000  # messages one ack_many (or receive's ack) may settle
 
 
 class LeaseLost(NodeflowError):
@@ -2029,6 +2073,10 @@ def _nested_deeper_than(value: Any, limit: int) -> bool:
     return False
 
 
+_COMPACT_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"), ensure_ascii=False)  # made once: json.dumps
+# with options builds an encoder on every call
+
+
 def encode_body(body: Any, limit: int, depth: int = JSON_MAX_DEPTH) -> str:
     """A message body as compact JSON text; InvalidInput when it is not JSON, too large or nested
     more than ``depth`` deep. What this accepts, every node can decode and handle again: the checks
@@ -2039,13 +2087,16 @@ def encode_body(body: Any, limit: int, depth: int = JSON_MAX_DEPTH) -> str:
             "every node able to read it back)"
         )
     try:
-        text = json.dumps(body, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        text = _COMPACT_JSON.encode(body)
     except (TypeError, ValueError, RecursionError) as error:
         raise InvalidInput(f"a message body must be JSON data: {error}") from None
-    try:
-        size = len(text.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidInput("a message body must be valid Unicode text; it holds a lone surrogate") from None
+    if text.isascii():  # a byte a character, and no lone surrogate
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidInput("a message body must be valid Unicode text; it holds a lone surrogate") from None
     if size > limit:
         raise InvalidInput(f"the message body is {size} bytes of JSON; the limit is {limit} bytes")
     return text
@@ -2100,6 +2151,22 @@ class Message:
         return self.attempts - self.refunds
 
 
+def _check_messages(messages: object, what: str) -> list[Message]:
+    """The messages a caller gives to settle at once: a Message, or a list of them."""
+    if isinstance(messages, Message):
+        return [messages]
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+        shown = type(messages).__name__
+        raise InvalidInput(f"{what} takes received messages (a Message or a list of them), not {shown}")
+    chosen = list(messages)
+    if len(chosen) > SETTLE_MANY_MAX:
+        raise InvalidInput(f"{what} takes at most {SETTLE_MANY_MAX:,} messages at once; split the list")
+    for message in chosen:
+        if not isinstance(message, Message):
+            raise InvalidInput(f"{what} takes messages that receive() returned, not {type(message).__name__}")
+    return chosen
+
+
 @dataclass(frozen=True)
 class DeadLetter:
     id: int
@@ -2115,10 +2182,10 @@ class DeadLetter:
 class _Piece:
     """One caller's work waiting for the group committer."""
 
-    __slots__ = ("work", "rings", "state", "ok", "outcome", "event", "loop", "future")
+    __slots__ = ("work", "rings", "durable", "state", "ok", "outcome", "event", "loop", "future")
 
-    def __init__(self, work: Callable[[sqlite3.Connection], Any], rings: Iterable[str]) -> None:
-        self.work, self.rings = work, frozenset(rings)
+    def __init__(self, work: Callable[[sqlite3.Connection], Any], rings: Iterable[str], durable: bool) -> None:
+        self.work, self.rings, self.durable = work, frozenset(rings), durable
         self.state = "queued"  # -> running -> done, or queued -> abandoned
         self.ok = False
         self.outcome: Any = None
@@ -2141,7 +2208,8 @@ class GroupCommitter:
     One thread takes whatever is queued (up to GROUP_COMMIT_MAX pieces), runs each piece in a
     savepoint of one ``BEGIN IMMEDIATE`` transaction, commits once, rings the doorbells the
     committed pieces asked for, then answers each caller: an operation returns only after its
-    own commit, and a durable commit is paid once per batch, not once per operation. Around
+    own commit, and a durable commit is paid once per batch, not once per operation, and only
+    when a piece of the batch needs one (see Store.write_batch). Around
     each transaction it holds ``PATH.d/writer.lock``: the kernel queues writers of all nodes
     there, which shares the database fairly where SQLite's busy handler would starve some.
     """
@@ -2180,14 +2248,30 @@ class GroupCommitter:
         else:
             self._cond.notify()
 
-    def submit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = ()) -> T:
+    def submit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = (), durable: bool = True) -> T:
         """Run ``work`` in the next shared transaction; returns once that has committed."""
         self._store.check_open()
-        piece = _Piece(work, rings)
-        piece.event = threading.Event()
+        with self._cond:
+            if self._closed or self._pid != os.getpid():
+                raise NodeflowError(f"the handle on {self._store.path} is closed")
+            alone = not self._busy and not self._pending
+            if alone:
+                self._busy = True
+        if alone:  # nobody to share a transaction with: run it here, if the writer lock is free
+            done, ok, outcome = self._run_alone(work, rings, durable)
+            if done:
+                if not ok:
+                    raise outcome
+                return outcome  # type: ignore[no-any-return]
+        piece = _Piece(work, rings, durable)
         if self._enqueue(piece, may_lead=True):
             self._lead()
-        if not piece.event.wait(self._store.settings.busy_timeout + 5):
+        with self._cond:
+            if piece.state == "done":  # it ran in the batch this caller led: no need to be told
+                event = None
+            else:
+                event = piece.event = threading.Event()
+        if event is not None and not event.wait(self._store.settings.busy_timeout + 5):
             with self._cond:
                 if piece.state == "queued":
                     piece.state = "abandoned"
@@ -2196,14 +2280,16 @@ class GroupCommitter:
                         f"{_format_seconds(self._store.settings.busy_timeout)}; another process holds the "
                         "writer lock or a long transaction; retry"
                     )
-            piece.event.wait()  # running: SQLite's own busy timeout bounds it
+            event.wait()  # running: SQLite's own busy timeout bounds it
         if not piece.ok:
             raise piece.outcome
         return piece.outcome  # type: ignore[no-any-return]
 
-    async def asubmit(self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = ()) -> T:
+    async def asubmit(
+        self, work: Callable[[sqlite3.Connection], T], rings: Iterable[str] = (), durable: bool = True
+    ) -> T:
         self._store.check_open()
-        piece = _Piece(work, rings)
+        piece = _Piece(work, rings, durable)
         loop = piece.loop = asyncio.get_running_loop()
         piece.future = loop.create_future()
         self._enqueue(piece, may_lead=False)  # an event loop must never wait for a disk flush
@@ -2234,6 +2320,43 @@ class GroupCommitter:
             for piece in batch:
                 piece.state = "running"
             return batch
+
+    def _run_alone(
+        self, work: Callable[[sqlite3.Connection], Any], rings: Iterable[str], durable: bool
+    ) -> tuple[bool, bool, Any]:
+        """A batch of one, run by its caller, who holds ``_busy``: (ran, ok, outcome). Not run
+        when the writer lock is taken (another process writes): then the caller queues it."""
+        try:
+            try:
+                locked = self._lock_writer(blocking=False)
+            except Exception as error:  # the committer thread will meet it too, and answer everyone
+                log.warning("taking the writer lock failed: %s", error)
+                return False, False, None
+            if not locked:
+                return False, False, None
+            try:
+                ok, outcome = self._write_one(work, durable)
+            finally:
+                self._unlock_writer()
+            self.batches += 1
+            self.pieces += 1
+            if ok and rings:
+                try:
+                    self._ring(set(rings))
+                except Exception:
+                    log.exception("ringing doorbells failed")
+            return True, ok, outcome
+        finally:
+            with self._cond:
+                self._busy = False
+                if self._pending or self._closed:  # queued meanwhile: the committer thread takes them
+                    self._wake_thread()
+
+    def _write_one(self, work: Callable[[sqlite3.Connection], Any], durable: bool) -> tuple[bool, Any]:
+        try:
+            return self._store.write_batch([work], durable)[0]
+        except BaseException as error:  # the store is closed, the disk is gone, ...
+            return False, error if isinstance(error, Exception) else NodeflowError(repr(error))
 
     def _lead(self) -> None:
         """Run one batch in the caller's thread, saving two thread switches, if the writer lock is
@@ -2286,7 +2409,7 @@ class GroupCommitter:
         if not batch:
             return []
         try:
-            return self._store.write_batch([piece.work for piece in batch])
+            return self._store.write_batch([piece.work for piece in batch], any(piece.durable for piece in batch))
         except BaseException as error:  # the store is closed, the disk is gone, ...
             return [(False, error if isinstance(error, Exception) else NodeflowError(repr(error)))] * len(batch)
 
@@ -2309,10 +2432,11 @@ class GroupCommitter:
             self._answer(piece, ok, outcome)
 
     def _answer(self, piece: _Piece, ok: bool, outcome: Any) -> None:
-        with self._cond:
+        with self._cond:  # the same lock under which a caller decides whether it needs an Event
             piece.state, piece.ok, piece.outcome = "done", ok, outcome
-        if piece.event is not None:
-            piece.event.set()
+            event = piece.event
+        if event is not None:
+            event.set()
         elif piece.loop is not None and piece.future is not None:
             with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to tell
                 piece.loop.call_soon_threadsafe(_settle_future, piece.future, ok, outcome)
@@ -2519,8 +2643,9 @@ class Bus:
         self.store, self.committer, self.owner, self.wakeups = store, committer, owner, wakeups
         self.settings = store.settings
         self.turns = LockManager(store, owner, folder="receivers")  # whose turn it is to wait, per queue
-        # Queues whose last claim here got a message: the next receive claims at once, without
-        # first reading whether one is ready (it most likely is).
+        # Queues whose last claim here saw more ready than it took: the next receive claims at once,
+        # without first reading whether one is ready. (After one that took the last, the next reads
+        # first: a read does not queue for the writer lock, as a claim of nothing would.)
         self._busy_queues: set[str] = set()
         self._receiving: dict[str, float] = {}  # queue -> when this handle last received from it (monotonic)
         self._clock = ClockWatch()
@@ -2547,10 +2672,26 @@ class Bus:
         send.single_statement = True  # type: ignore[attr-defined]
         return send
 
-    def _claim_work(self, queue: str, lease: float, count: int) -> Callable[[sqlite3.Connection], list[Message]]:
+    def _ack_rows(self, conn: sqlite3.Connection, messages: Sequence[Message], outcome: str) -> None:
+        """Delete handled messages still leased to their holders; LeaseLost (the caller's
+        transaction rolls back) at the first one that is not."""
+        for message in messages:
+            gone = conn.execute(
+                "DELETE FROM messages WHERE id = ? AND attempts = ? AND lease_owner = ?",
+                (message.id, message.attempts, message.owner),
+            ).rowcount
+            if not gone:
+                raise _lease_lost(conn, message, outcome)
+
+    def _claim_work(
+        self, queue: str, lease: float, count: int, settle: Sequence[Message] = ()
+    ) -> Callable[[sqlite3.Connection], tuple[list[Message], bool]]:
+        """A claim of up to ``count`` messages: (those taken, whether more were ready then)."""
         owner, limit = self.owner, self.settings.max_deliveries
         recently = time.monotonic() - RECEIVING_RECENTLY
         receiving = [name for name, when in self._receiving.items() if when >= recently]
+        columns = "id, body, priority, attempts, refunds, suspect, created, last_error, lease_owner"
+        leases: list[tuple[Any, ...]] = []  # the UPDATEs of the rows taken, run together
 
         def take(conn: sqlite3.Connection, row: tuple[Any, ...], now: float) -> Message | None:
             """Lease one message to this consumer, or bury it if nothing can handle it any more."""
@@ -2569,33 +2710,35 @@ class Bus:
                 _bury(conn, message_id, why, now)
                 log.warning("message %d of queue %s is a dead letter now: %s", message_id, queue, why)
                 return None
-            conn.execute(
-                "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, refunds = ?, "
-                "suspect = ?, last_error = ? WHERE id = ?",
-                (owner, now + lease, refunds, suspect, last_error, message_id),
-            )
+            leases.append((owner, now + lease, refunds, suspect, last_error, message_id))
             return Message(
                 message_id, queue, decoded, attempts + 1, priority, created, now + lease, last_error, owner, refunds
             )
 
-        columns = "id, body, priority, attempts, refunds, suspect, created, last_error, lease_owner"
+        def lease_taken(conn: sqlite3.Connection) -> None:
+            if leases:
+                conn.executemany(
+                    "UPDATE messages SET lease_owner = ?, available_at = ?, attempts = attempts + 1, refunds = ?, "
+                    "suspect = ?, last_error = ? WHERE id = ?",
+                    leases,
+                )
+                leases.clear()
 
-        def claim(conn: sqlite3.Connection) -> list[Message]:
+        def claim(conn: sqlite3.Connection) -> tuple[list[Message], bool]:
             now = time.time()
             if self._clock.stepped() > 0:
                 note_clock_step(conn, now)
+            self._ack_rows(conn, settle, "neither it nor the messages acked with it were acked, and none was received")
             # A suspect runs alone (see hand_back_leases): none is taken beside other work, and
             # nothing is taken beside one. A consumer that sees a suspect waiting in a queue it
             # receives from finishes what it holds first, so the suspect finds an empty pair of hands.
-            held, holds_suspect = conn.execute(
-                "SELECT COUNT(*), COALESCE(MAX(suspect), 0) FROM messages WHERE lease_owner = ?", (owner,)
-            ).fetchone()
-            if holds_suspect:
-                return []
-            waiting = conn.execute(  # the index of suspects, which is nearly always empty: never a scan of a queue
+            # One look at the index of suspects (nearly always empty, never a scan of a queue) finds
+            # the one this consumer holds, else the first one waiting for it.
+            suspect = conn.execute(
                 f"SELECT {columns}, queue FROM messages INDEXED BY messages_suspects WHERE suspect = 1 "
-                f"AND available_at <= ? AND queue IN ({','.join('?' * len(receiving))}) ORDER BY available_at LIMIT 1",
-                (now, *receiving),
+                f"AND (lease_owner = ? OR (available_at <= ? AND queue IN ({','.join('?' * len(receiving))}))) "
+                "ORDER BY lease_owner IS ? DESC, available_at LIMIT 1",
+                (owner, now, *receiving, owner),
             ).fetchone()
             grace: list[float] = []  # when the grace after a clock step ends, read at the first expired lease
 
@@ -2609,33 +2752,39 @@ class Bus:
                 conn.execute("UPDATE messages SET available_at = ? WHERE id = ?", (grace[0], message_id))
                 return True
 
-            if waiting is not None:
-                if held or waiting[-1] != queue:
-                    return []
-                row = waiting[:-1]
+            if suspect is not None:
+                if suspect[8] == owner:  # it holds one: nothing beside it
+                    return [], False
+                held = conn.execute("SELECT 1 FROM messages WHERE lease_owner = ? LIMIT 1", (owner,)).fetchone()
+                if held or suspect[-1] != queue:
+                    return [], False
+                row = suspect[:-1]
                 previous = row[8]
                 if previous is not None:  # a suspect's lease ran out: tried alone, it counts
                     if in_step_grace(row[0]):
-                        return []
+                        return [], False
                     row = (*row[:7], f"lease of {previous} expired after delivery {row[3]}", previous)
-                suspect = take(conn, row, now)
-                return [suspect] if suspect is not None else []
+                taken_alone = take(conn, row, now)
+                lease_taken(conn)
+                return ([taken_alone] if taken_alone is not None else []), False
             taken: list[Message] = []
             # Priority by priority, highest first, each an index range of what is available now:
-            # one ORDER BY over the whole queue would scan every delayed or leased message.
-            level = conn.execute("SELECT MAX(priority) FROM messages WHERE queue = ?", (queue,)).fetchone()[0]
-            while level is not None and len(taken) < count:
-                rows = conn.execute(
-                    f"SELECT {columns} FROM messages WHERE queue = ? AND priority = ? AND available_at <= ? "
-                    "AND suspect = 0 ORDER BY available_at LIMIT ?",
-                    (queue, level, now, count - len(taken)),
-                ).fetchall()
-                if not rows:
-                    level = conn.execute(
-                        "SELECT MAX(priority) FROM messages WHERE queue = ? AND priority < ?", (queue, level)
-                    ).fetchone()[0]
-                    continue
-                for row in rows:
+            # one ORDER BY over the whole queue would scan every delayed or leased message. The
+            # highest level is found in the statement that reads its first rows. Each read asks for
+            # one row more than it takes: whether more are ready.
+            wanted = count
+            rows = conn.execute(
+                f"SELECT {columns} FROM messages WHERE queue = ? AND priority = "
+                "(SELECT MAX(priority) FROM messages WHERE queue = ?) AND available_at <= ? AND suspect = 0 "
+                "ORDER BY available_at LIMIT ?",
+                (queue, queue, now, wanted + 1),
+            ).fetchall()
+            level = rows[0][2] if rows else conn.execute(
+                "SELECT MAX(priority) FROM messages WHERE queue = ?", (queue,)
+            ).fetchone()[0]  # fmt: skip
+            while True:
+                more = len(rows) > wanted
+                for row in rows[:wanted]:
                     message_id, attempts, refunds, previous = row[0], row[3], row[4], row[8]
                     if previous is not None:  # its lease ran out without an ack or a nack
                         if in_step_grace(message_id):
@@ -2654,7 +2803,21 @@ class Bus:
                     message = take(conn, row, now)
                     if message is not None:
                         taken.append(message)
-            return taken
+                lease_taken(conn)  # before reading this level again: what was taken is not ready now
+                if len(taken) >= count or level is None:
+                    return taken, more
+                if len(rows) < wanted:  # this level has no more ready: the next lower one
+                    level = conn.execute(
+                        "SELECT MAX(priority) FROM messages WHERE queue = ? AND priority < ?", (queue, level)
+                    ).fetchone()[0]
+                    if level is None:
+                        return taken, False
+                wanted = count - len(taken)
+                rows = conn.execute(
+                    f"SELECT {columns} FROM messages WHERE queue = ? AND priority = ? AND available_at <= ? "
+                    "AND suspect = 0 ORDER BY available_at LIMIT ?",
+                    (queue, level, now, wanted + 1),
+                ).fetchall()
 
         return claim
 
@@ -2683,6 +2846,68 @@ class Bus:
         work, rings = self._prepare_send(queue, body, delay, priority, key)
         sent = await self.committer.asubmit(work, rings)
         self.sent += 1
+        return sent
+
+    def _prepare_send_many(
+        self, queue: str, bodies: Iterable[Any], delay: float | str, priority: int, keys: Iterable[str | None] | None
+    ) -> tuple[Callable[[sqlite3.Connection], list[int]], tuple[str, ...]]:
+        queue = check_queue_name(queue)
+        if isinstance(bodies, (str, bytes, dict)) or not isinstance(bodies, Iterable):
+            raise InvalidInput(f"send_many takes a list of message bodies, not {type(bodies).__name__}")
+        texts: list[str] = []
+        total = 0
+        for body in bodies:
+            if len(texts) == SEND_MANY_MAX:
+                raise InvalidInput(f"send_many takes at most {SEND_MANY_MAX:,} messages at once; split the list")
+            text = encode_body(body, self.settings.max_body_bytes)
+            total += len(text)
+            if total > SEND_MANY_MAX_BYTES:
+                raise InvalidInput(
+                    f"the bodies given to send_many come to more than {SEND_MANY_MAX_BYTES >> 20} MiB of JSON; "
+                    "split the list (one transaction holds the database's writers back while it runs)"
+                )
+            texts.append(text)
+        if keys is None:
+            checked: list[str | None] = [None] * len(texts)
+        else:
+            if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
+                raise InvalidInput(f"keys is a list with one deduplication key (or None) per body, not {keys!r}")
+            checked = [check_dedup_key(key) for key in keys]
+            if len(checked) != len(texts):
+                raise InvalidInput(f"keys has {len(checked)} entries for {len(texts)} bodies; give one per body")
+        wait = parse_duration(delay, "delay")
+        priority = _check_priority(priority)
+        one = self._send_work
+
+        def send_all(conn: sqlite3.Connection) -> list[int]:
+            return [one(queue, text, wait, priority, key)(conn) for text, key in zip(texts, checked, strict=True)]
+
+        return send_all, (_ring_topic_for_queue(queue),)
+
+    def send_many(
+        self,
+        queue: str,
+        bodies: Iterable[Any],
+        delay: float | str = 0,
+        priority: int = 0,
+        keys: Iterable[str | None] | None = None,
+    ) -> list[int]:
+        work, rings = self._prepare_send_many(queue, bodies, delay, priority, keys)
+        sent = self.committer.submit(work, rings)
+        self.sent += len(sent)
+        return sent
+
+    async def asend_many(
+        self,
+        queue: str,
+        bodies: Iterable[Any],
+        delay: float | str = 0,
+        priority: int = 0,
+        keys: Iterable[str | None] | None = None,
+    ) -> list[int]:
+        work, rings = self._prepare_send_many(queue, bodies, delay, priority, keys)
+        sent = await self.committer.asubmit(work, rings)
+        self.sent += len(sent)
         return sent
 
     # Receiving ----------------------------------------------------------------------------
@@ -2715,7 +2940,11 @@ class Bus:
             pause = min(pause, max(0.0, due - time.time()) + 0.001)
         return pause
 
-    def receive(self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1) -> list[Message]:
+    def receive(
+        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1, ack: Sequence[Message] = ()
+    ) -> list[Message]:
+        """Lease up to ``batch`` messages; ``ack``: messages acked in the first claim's transaction
+        (all or none of them, and nothing is received if one of them is no longer leased)."""
         queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
         topic = _ring_topic_for_queue(queue)
         deadline = time.monotonic() + wait_s
@@ -2728,17 +2957,23 @@ class Bus:
             return True
 
         claimed_nothing = False
+        settle = ack
         try:
             while True:
                 seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
-                due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)
+                # Acks to commit claim at once, whatever is ready: they must not wait for a message.
+                due = 0.0 if queue in self._busy_queues or settle else self._ready_or_next_due(queue)
                 if due == 0.0 and not claimed_nothing:
                     self._receiving[queue] = time.monotonic()
-                    taken = self.committer.submit(self._claim_work(queue, lease_s, batch))
-                    if taken:
+                    taken, more = self.committer.submit(self._claim_work(queue, lease_s, batch, settle), durable=False)
+                    self._count_acks(settle)
+                    settle = ()
+                    if more:
                         self._busy_queues.add(queue)
+                    else:
+                        self._busy_queues.discard(queue)
+                    if taken:
                         return taken
-                    self._busy_queues.discard(queue)
                     claimed_nothing = True
                     continue  # another consumer took it first, or it has run dry; look again
                 if due == 0.0:  # ready, but not for us now (a suspect, kept for empty hands): wait for news
@@ -2769,22 +3004,29 @@ class Bus:
                 waiting_turn.release()  # the next receiver in line watches from now on
 
     async def areceive(
-        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1
+        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int = 1, ack: Sequence[Message] = ()
     ) -> list[Message]:
         queue, lease_s, wait_s = self._check_receive(queue, lease, wait, batch)
         topic = _ring_topic_for_queue(queue)
         deadline = time.monotonic() + wait_s
         claimed_nothing = False
+        settle = ack
         while True:
             seen = self.wakeups.generation(topic)
-            due = 0.0 if queue in self._busy_queues else self._ready_or_next_due(queue)  # a short WAL read
+            due = 0.0 if queue in self._busy_queues or settle else self._ready_or_next_due(queue)  # a short WAL read
             if due == 0.0 and not claimed_nothing:
                 self._receiving[queue] = time.monotonic()
-                taken = await self.committer.asubmit(self._claim_work(queue, lease_s, batch))
-                if taken:
+                taken, more = await self.committer.asubmit(
+                    self._claim_work(queue, lease_s, batch, settle), durable=False
+                )
+                self._count_acks(settle)
+                settle = ()
+                if more:
                     self._busy_queues.add(queue)
+                else:
+                    self._busy_queues.discard(queue)
+                if taken:
                     return taken
-                self._busy_queues.discard(queue)
                 claimed_nothing = True
                 continue
             if due == 0.0:  # ready, but not for us now (a suspect, kept for empty hands): wait for news
@@ -2799,16 +3041,14 @@ class Bus:
     def _ack_work(self, message: Message, also: Callable[[sqlite3.Connection], T] | None) -> Callable[..., T | None]:
         def ack(conn: sqlite3.Connection) -> T | None:
             result = also(conn) if also is not None else None
-            gone = conn.execute(
-                "DELETE FROM messages WHERE id = ? AND attempts = ? AND lease_owner = ?",
-                (message.id, message.attempts, message.owner),
-            ).rowcount
-            if not gone:
-                raise _lease_lost(conn, message, "the ack and its writes were rolled back")
+            self._ack_rows(conn, (message,), "the ack and its writes were rolled back")
             return result
 
         ack.single_statement = also is None  # type: ignore[attr-defined]
         return ack
+
+    def _count_acks(self, messages: Sequence[Message]) -> None:
+        self.acked += len(messages)
 
     def ack(
         self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None, rings: Iterable[str] = ()
@@ -2817,16 +3057,45 @@ class Bus:
 
         ``rings`` are the doorbell topics to ring after the commit, for what ``also`` wrote.
         """
-        result = self.committer.submit(self._ack_work(message, also), rings)
+        # A plain ack need not wait for the disk: lost to a power cut, it costs a redelivery. An
+        # ack with writes of its own is as durable as they need to be.
+        result = self.committer.submit(self._ack_work(message, also), rings, durable=also is not None)
         self.acked += 1
         return result
 
     async def aack(
         self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None, rings: Iterable[str] = ()
     ) -> T | None:
-        result = await self.committer.asubmit(self._ack_work(message, also), rings)
+        result = await self.committer.asubmit(self._ack_work(message, also), rings, durable=also is not None)
         self.acked += 1
         return result
+
+    def _ack_many_work(self, messages: Sequence[Message]) -> Callable[[sqlite3.Connection], list[Message]]:
+        def ack_many(conn: sqlite3.Connection) -> list[Message]:
+            lost = []
+            for message in messages:
+                if not conn.execute(
+                    "DELETE FROM messages WHERE id = ? AND attempts = ? AND lease_owner = ?",
+                    (message.id, message.attempts, message.owner),
+                ).rowcount:
+                    lost.append(message)
+            return lost
+
+        return ack_many
+
+    def ack_many(self, messages: Iterable[Message]) -> list[Message]:
+        """Ack every message given that is still leased to its holder, in one transaction; returns
+        the others (their leases ran out, and they were delivered again or became dead letters)."""
+        chosen = _check_messages(messages, "ack_many")
+        lost = self.committer.submit(self._ack_many_work(chosen), durable=False)
+        self.acked += len(chosen) - len(lost)
+        return lost
+
+    async def aack_many(self, messages: Iterable[Message]) -> list[Message]:
+        chosen = _check_messages(messages, "ack_many")
+        lost = await self.committer.asubmit(self._ack_many_work(chosen), durable=False)
+        self.acked += len(chosen) - len(lost)
+        return lost
 
     def _nack_work(self, message: Message, delay: float, error: str | None) -> Callable[[sqlite3.Connection], str]:
         limit = self.settings.max_deliveries
@@ -2855,11 +3124,11 @@ class Bus:
     def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         """Hand a message back for another try after ``delay``; "dead" once it has had its deliveries."""
         work, rings = self._prepare_nack(message, delay, error)
-        return self._count_nack(self.committer.submit(work, rings))
+        return self._count_nack(self.committer.submit(work, rings, durable=False))
 
     async def anack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         work, rings = self._prepare_nack(message, delay, error)
-        return self._count_nack(await self.committer.asubmit(work, rings))
+        return self._count_nack(await self.committer.asubmit(work, rings, durable=False))
 
     def _count_nack(self, outcome: str) -> str:
         self.nacked += 1
@@ -2868,10 +3137,10 @@ class Bus:
 
     def extend(self, message: Message, lease: float | str) -> float:
         """Push the lease to ``lease`` seconds from now; returns the new lease end (wall clock)."""
-        return self.committer.submit(self._extend_work(message, lease))
+        return self.committer.submit(self._extend_work(message, lease), durable=False)
 
     async def aextend(self, message: Message, lease: float | str) -> float:
-        return await self.committer.asubmit(self._extend_work(message, lease))
+        return await self.committer.asubmit(self._extend_work(message, lease), durable=False)
 
     def _extend_work(self, message: Message, lease: float | str) -> Callable[[sqlite3.Connection], float]:
         seconds = parse_duration(lease, "lease")
@@ -7195,39 +7464,104 @@ class Cluster:
     ) -> int:
         return await self.bus.asend(queue, body, delay, priority, key)
 
+    def send_many(
+        self,
+        queue: str,
+        bodies: Iterable[Any],
+        delay: float | str = 0,
+        priority: int = 0,
+        keys: Iterable[str | None] | None = None,
+    ) -> list[int]:
+        """Queue several bodies in one durable commit; their ids in order. ``keys``: one
+        deduplication key (or None) per body. All or none: a bad body queues nothing."""
+        return self.bus.send_many(queue, bodies, delay, priority, keys)
+
+    async def asend_many(
+        self,
+        queue: str,
+        bodies: Iterable[Any],
+        delay: float | str = 0,
+        priority: int = 0,
+        keys: Iterable[str | None] | None = None,
+    ) -> list[int]:
+        return await self.bus.asend_many(queue, bodies, delay, priority, keys)
+
     @overload
     def receive(
-        self, queue: str, lease: float | str = ..., wait: float | str = ..., batch: None = ...
+        self,
+        queue: str,
+        lease: float | str = ...,
+        wait: float | str = ...,
+        batch: None = ...,
+        *,
+        ack: Message | Iterable[Message] | None = ...,
     ) -> Message | None: ...
     @overload
     def receive(
-        self, queue: str, lease: float | str = ..., wait: float | str = ..., *, batch: int
+        self,
+        queue: str,
+        lease: float | str = ...,
+        wait: float | str = ...,
+        *,
+        batch: int,
+        ack: Message | Iterable[Message] | None = ...,
     ) -> list[Message]: ...
 
     def receive(
-        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int | None = None
+        self,
+        queue: str,
+        lease: float | str = 30,
+        wait: float | str = 0,
+        batch: int | None = None,
+        *,
+        ack: Message | Iterable[Message] | None = None,
     ) -> Message | list[Message] | None:
-        """Lease the next message (or up to ``batch`` of them), waiting up to ``wait`` seconds."""
+        """Lease the next message (or up to ``batch`` of them), waiting up to ``wait`` seconds.
+
+        ``ack``: the message (or messages) handled before, acked in the same commit as this claim,
+        which saves a commit per message. All or nothing: if one of them is no longer leased to its
+        holder, LeaseLost is raised, and nothing is acked or received.
+        """
+        settle = () if ack is None else _check_messages(ack, "receive's ack")
         if parse_duration(wait, "wait") > 0:
             self._listen()
-        taken = self.bus.receive(queue, lease, wait, 1 if batch is None else batch)
+        taken = self.bus.receive(queue, lease, wait, 1 if batch is None else batch, settle)
         return taken if batch is not None else (taken[0] if taken else None)
 
     @overload
     async def areceive(
-        self, queue: str, lease: float | str = ..., wait: float | str = ..., batch: None = ...
+        self,
+        queue: str,
+        lease: float | str = ...,
+        wait: float | str = ...,
+        batch: None = ...,
+        *,
+        ack: Message | Iterable[Message] | None = ...,
     ) -> Message | None: ...
     @overload
     async def areceive(
-        self, queue: str, lease: float | str = ..., wait: float | str = ..., *, batch: int
+        self,
+        queue: str,
+        lease: float | str = ...,
+        wait: float | str = ...,
+        *,
+        batch: int,
+        ack: Message | Iterable[Message] | None = ...,
     ) -> list[Message]: ...
 
     async def areceive(
-        self, queue: str, lease: float | str = 30, wait: float | str = 0, batch: int | None = None
+        self,
+        queue: str,
+        lease: float | str = 30,
+        wait: float | str = 0,
+        batch: int | None = None,
+        *,
+        ack: Message | Iterable[Message] | None = None,
     ) -> Message | list[Message] | None:
+        settle = () if ack is None else _check_messages(ack, "areceive's ack")
         if parse_duration(wait, "wait") > 0:
             self._listen()
-        taken = await self.bus.areceive(queue, lease, wait, 1 if batch is None else batch)
+        taken = await self.bus.areceive(queue, lease, wait, 1 if batch is None else batch, settle)
         return taken if batch is not None else (taken[0] if taken else None)
 
     def ack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
@@ -7236,6 +7570,14 @@ class Cluster:
 
     async def aack(self, message: Message, also: Callable[[sqlite3.Connection], T] | None = None) -> T | None:
         return await self.bus.aack(message, also)
+
+    def ack_many(self, messages: Iterable[Message]) -> list[Message]:
+        """Ack handled messages in one commit: those still leased to their holders. Returns the
+        rest (their leases ran out: they were delivered again, or are dead letters now)."""
+        return self.bus.ack_many(messages)
+
+    async def aack_many(self, messages: Iterable[Message]) -> list[Message]:
+        return await self.bus.aack_many(messages)
 
     def nack(self, message: Message, delay: float | str = 0, error: str | None = None) -> str:
         """Give a message back for a later try; returns "queued", or "dead" after its last delivery."""

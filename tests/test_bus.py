@@ -1202,3 +1202,269 @@ class StoppedWaiter(ClusterTestCase):
         got = self.read_line(second, "got", timeout=15)
         self.assertEqual(json.loads(got.split(" ", 1)[1]), {"for": "anyone"})
         self.assertEqual(self.turn_holder(), first.pid, "the stopped receiver still has the turn")
+
+
+# 13. Several messages a commit: send_many, receive(batch=N, ack=...), ack_many ---------------------------
+
+
+class Batches(BusTestCase):
+    def test_send_many_queues_every_body_in_order_in_one_commit(self) -> None:
+        before = self.nf.committer.batches
+        ids = self.nf.send_many("work", [{"n": n} for n in range(50)], priority=2)
+        self.assertEqual(self.nf.committer.batches, before + 1, "send_many took more than one commit")
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 50)
+        taken = self.nf.receive("work", batch=100)
+        self.assertEqual([m.id for m in taken], ids, "not delivered in the order sent")
+        self.assertEqual([m.body for m in taken], [{"n": n} for n in range(50)])
+        self.assertEqual({m.priority for m in taken}, {2})
+
+    def test_send_many_keys_deduplicate_as_send_does(self) -> None:
+        first = self.nf.send("work", "a", key="k1")
+        ids = self.nf.send_many("work", ["again", "b", "c"], keys=["k1", None, "k2"])
+        self.assertEqual(ids[0], first, "a key in use did not return the queued message's id")
+        self.assertEqual(self.message_rows("work"), 3)
+        self.assertEqual(self.nf.send_many("work", ["d"], keys=["k2"]), [ids[2]])
+
+    def test_send_many_refuses_bad_input_and_queues_none_of_it(self) -> None:
+        self.nf.send("work", "kept")
+        snapshot = tree_snapshot(self.db)
+        too_many = [0] * (nodeflow.SEND_MANY_MAX + 1)
+        near_mib = "x" * (MIB - 100)
+        cases: list[tuple[str, dict[str, Any]]] = [
+            ("one bad body among good ones", {"bodies": [1, 2, {3}]}),
+            ("a body over 1 MiB", {"bodies": ["x" * MIB]}),
+            ("a dict, not a list", {"bodies": {"a": 1}}),
+            ("a string, not a list", {"bodies": "abc"}),
+            ("not iterable", {"bodies": 5}),
+            ("too many", {"bodies": too_many}),
+            ("too many bytes", {"bodies": [near_mib] * 65}),
+            ("fewer keys than bodies", {"bodies": [1, 2], "keys": ["a"]}),
+            ("a bad key", {"bodies": [1, 2], "keys": ["a", ""]}),
+            ("keys as a string", {"bodies": [1, 2], "keys": "ab"}),
+            ("a bad delay", {"bodies": [1], "delay": -1}),
+            ("a bad priority", {"bodies": [1], "priority": 1.5}),
+            ("a bad queue", {"bodies": [1], "queue": ""}),
+        ]
+        pieces = self.nf.committer.pieces
+        for name, change in cases:
+            with self.subTest(name), self.assertRaises(nodeflow.InvalidInput) as caught:
+                self.nf.send_many(**{"queue": "work", **change})
+            self.assertNotIn("\n", str(caught.exception))
+        self.assertEqual(self.nf.committer.pieces, pieces, "bad input reached the committer")
+        self.assertEqual(tree_snapshot(self.db), snapshot, "bad input changed the database")
+
+    def test_ack_many_acks_what_is_still_held_and_returns_the_lost_ones(self) -> None:
+        ids = self.nf.send_many("work", list(range(5)))
+        taken = self.nf.receive("work", lease=0.3, batch=5)
+        self.assertEqual([m.id for m in taken], ids)
+        with nodeflow.connect(self.db, settings=SETTINGS) as other:
+            time.sleep(0.4)  # every lease has run out; the other handle takes two of them again
+            again = other.receive("work", lease=60, batch=2)
+            self.assertEqual([m.id for m in again], ids[:2])
+            before = self.nf.committer.batches
+            lost = self.nf.ack_many(taken)
+            self.assertEqual(self.nf.committer.batches, before + 1)
+            self.assertEqual([m.id for m in lost], ids[:2], "ack_many did not name the messages it lost")
+            self.assertEqual(self.query("SELECT id FROM messages ORDER BY id"), [(i,) for i in ids[:2]])
+            self.assertEqual(other.ack_many(again), [])
+        self.assertEqual(self.message_rows("work"), 0)
+
+    def test_receive_acks_the_previous_message_in_the_same_commit_as_the_next_claim(self) -> None:
+        ids = self.nf.send_many("work", ["a", "b", "c"])
+        first = self.nf.receive("work")
+        before = self.nf.committer.batches
+        second = self.nf.receive("work", ack=first)
+        self.assertEqual(self.nf.committer.batches, before + 1, "the ack and the claim took two commits")
+        self.assertEqual(second.id, ids[1])
+        self.assertEqual(self.query("SELECT id, lease_owner IS NOT NULL FROM messages ORDER BY id"),
+                         [(ids[1], 1), (ids[2], 0)])  # fmt: skip
+        rest = self.nf.receive("work", batch=5, ack=[second])
+        self.assertEqual([m.id for m in rest], [ids[2]])
+        self.assertIsNone(self.nf.receive("work", ack=rest))
+        self.assertEqual(self.message_rows("work"), 0)
+
+    def test_receive_whose_ack_lost_its_lease_raises_and_neither_acks_nor_claims(self) -> None:
+        ids = self.nf.send_many("work", ["a", "b"])
+        held = self.nf.receive("work", lease=30)
+        short = self.nf.receive("work", lease=0.3)
+        with nodeflow.connect(self.db, settings=SETTINGS) as other:
+            time.sleep(0.4)
+            taken = other.receive("work", lease=60)
+            self.assertEqual(taken.id, short.id)
+            waiting = other.send("work", "c")
+            with self.assertRaises(nodeflow.LeaseLost) as caught:
+                self.nf.receive("work", ack=[held, short])
+            self.assertIn(f"message {short.id}", str(caught.exception))
+            rows = dict(self.query("SELECT id, lease_owner FROM messages"))
+            self.assertEqual(rows, {ids[0]: self.nf.id, ids[1]: other.id, waiting: None},
+                             "a refused receive acked or claimed something")  # fmt: skip
+            self.nf.ack(held)  # it was never acked: its lease is still good
+            other.ack(taken)
+
+    def test_an_ack_given_to_a_waiting_receive_is_committed_before_it_waits(self) -> None:
+        self.nf.send("work", "only")
+        message = self.nf.receive("work")
+        outcome: list[Any] = []
+        waiter = threading.Thread(target=lambda: outcome.append(self.nf.receive("work", wait=20, ack=message)))
+        waiter.start()
+        with nodeflow.connect(self.db, settings=SETTINGS) as other:
+            self.wait_until(lambda: other.queues().get("work", {}).get("leased", 0) == 0, 10, "ack committed")
+            self.assertTrue(waiter.is_alive(), "the receive stopped waiting")
+            sent = other.send("work", "next")
+        waiter.join(20)
+        self.assertEqual([m.id for m in outcome], [sent])
+
+    def test_bad_messages_to_settle_are_refused_before_anything_is_written(self) -> None:
+        self.nf.send("work", "x")
+        message = self.nf.receive("work")
+        snapshot = tree_snapshot(self.db)
+        for bad in ("text", 7, [message, "text"], {"id": 1}, [None]):
+            with self.subTest(bad=bad):
+                with self.assertRaises(nodeflow.InvalidInput):
+                    self.nf.ack_many(bad)  # type: ignore[arg-type]
+                with self.assertRaises(nodeflow.InvalidInput):
+                    self.nf.receive("work", ack=bad)  # type: ignore[arg-type]
+        with self.assertRaises(nodeflow.InvalidInput):
+            self.nf.ack_many([message] * (nodeflow.SETTLE_MANY_MAX + 1))
+        self.assertEqual(tree_snapshot(self.db), snapshot)
+        self.nf.ack(message)
+
+
+# 14. Durability: each operation pays for what its promise needs; what returned survives SIGKILL ------
+
+# Runs random queue operations and prints each one after it returned (the pipe keeps every line
+# written before a SIGKILL); before a settle it prints what it is about to settle, so that the one
+# settle a kill may cut short is known. max_deliveries is high so that nacks never bury a message.
+CRASHER = """
+    import os, random, sys, nodeflow
+    nf = nodeflow.connect(os.environ["NODEFLOW_DB"], settings=nodeflow.Settings(max_deliveries=10_000))
+    rng = random.Random(int(sys.argv[1]))
+    say = lambda *words: print(*words, flush=True)
+    say("owner", nf.id)
+    held, n = [], 0
+    while True:
+        n += 1
+        pick = rng.random()
+        if pick < 0.25:
+            say("sent", nf.send("d", {"n": n}))
+        elif pick < 0.35:
+            say("sent", *nf.send_many("d", [{"n": n, "k": k} for k in range(rng.randint(1, 20))]))
+        elif pick < 0.55 or not held:
+            for m in nf.receive("d", lease=600, batch=rng.randint(1, 3)):
+                held.append(m)
+                say("claimed", m.id, m.attempts)
+        elif pick < 0.65:
+            done = held.pop(0)
+            say("settling", done.id)
+            m = nf.receive("d", lease=600, ack=done)
+            say("acked", done.id)
+            if m is not None:
+                held.append(m)
+                say("claimed", m.id, m.attempts)
+        elif pick < 0.8:
+            done = held.pop(0)
+            say("settling", done.id)
+            nf.ack(done)
+            say("acked", done.id)
+        elif pick < 0.9:
+            say("settling", *[m.id for m in held])
+            lost = nf.ack_many(held)
+            assert not lost, lost
+            say("acked", *[m.id for m in held])
+            held = []
+        else:
+            back = held.pop(0)
+            say("settling", back.id)
+            nf.nack(back)
+            say("nacked", back.id, back.attempts)
+"""
+
+
+class Durability(BusTestCase):
+    def test_each_operation_commits_as_durably_as_its_promise_needs(self) -> None:
+        """Sends and writes of one's own wait for the disk (FULL); claims and plain settles do not."""
+        levels: list[bool] = []
+        write_batch = self.nf.store.write_batch
+
+        def recording(works: list[Any], durable: bool = True) -> list[tuple[bool, Any]]:
+            levels.append(durable)
+            return write_batch(works, durable)
+
+        self.nf.store.write_batch = recording  # type: ignore[method-assign]
+
+        def durable_of(operation: Any) -> bool:
+            levels.clear()
+            operation()
+            self.assertEqual(len(levels), 1, "the operation took more than one commit")
+            return levels[0]
+
+        note = lambda conn: conn.execute("INSERT INTO side (note) VALUES ('x')")  # noqa: E731
+        self.assertTrue(durable_of(lambda: self.nf.send("d", 1)))
+        self.assertTrue(durable_of(lambda: self.nf.send_many("d", [2, 3, 4, 5])))
+        first: list[Any] = []
+        self.assertFalse(durable_of(lambda: first.append(self.nf.receive("d"))))
+        self.assertFalse(durable_of(lambda: self.nf.extend(first[0], 60)))
+        self.assertFalse(durable_of(lambda: self.nf.nack(first[0])))
+        taken: list[Any] = []
+        self.assertFalse(durable_of(lambda: taken.extend(self.nf.receive("d", batch=2))))
+        self.assertFalse(durable_of(lambda: self.nf.ack(taken[0])))
+        self.assertTrue(durable_of(lambda: self.nf.ack(taken[1], also=note)), "an ack with writes of its own")
+        more = self.nf.receive("d", batch=2)
+        self.assertFalse(durable_of(lambda: self.nf.receive("d", ack=more[0])))
+        self.assertFalse(durable_of(lambda: self.nf.ack_many(more[1:])))
+        self.assertTrue(durable_of(lambda: self.nf.trigger("k")))
+
+        # And the level reaches SQLite: PRAGMA synchronous as the transaction sees it.
+        level = lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
+        self.assertEqual(self.nf.committer.submit(level, durable=False), 1)  # NORMAL
+        self.assertEqual(self.nf.committer.submit(level), 2)  # FULL
+        with nodeflow.connect(self.db, settings=nodeflow.Settings(synchronous="NORMAL")) as relaxed:
+            self.assertEqual(relaxed.committer.submit(level), 1, "a NORMAL handle committed at FULL")
+
+    def test_what_an_operation_returned_survives_a_sigkill_of_its_process(self) -> None:
+        seed = int(os.environ.get("NODEFLOW_TEST_SEED", random.randrange(1 << 30)))
+        print(f"\n  [NODEFLOW_TEST_SEED={seed}]", end=" ", flush=True)
+        rng = random.Random(seed)
+        sent: set[int] = set()
+        acked: set[int] = set()
+        for round_ in range(6):
+            child = self.spawn_python(CRASHER, str(rng.randrange(1 << 30)))
+            owner = self.read_line(child, "owner ").split()[1]
+            time.sleep(rng.uniform(0.2, 0.6))
+            child.kill()
+            output = self.finish(child)[1]
+            lines = output.splitlines()[: output.count("\n")]  # a line cut short by the kill said nothing
+            self.assertGreater(len(lines), 10, f"round {round_}: the child did too little to test anything")
+            leased: dict[int, int] = {}  # what the child holds, as it said: id -> attempts
+            handed_back: dict[int, int] = {}
+            settling: set[int] = set()  # the settle under way when it was killed: done or not
+            for line in lines:
+                word, *numbers = line.split()
+                values = [int(x) for x in numbers]
+                settling = set(values) if word == "settling" else settling - set(values)
+                if word == "sent":
+                    sent.update(values)
+                elif word == "claimed":
+                    leased[values[0]] = values[1]
+                    handed_back.pop(values[0], None)
+                elif word == "acked":
+                    acked.update(values)
+                    for message_id in values:
+                        leased.pop(message_id, None)
+                elif word == "nacked":
+                    handed_back[values[0]] = leased.pop(values[0])
+            rows = {row[0]: row[1:] for row in self.query("SELECT id, lease_owner, attempts FROM messages")}
+            dead = self.query("SELECT id FROM dead_letters")
+            self.assertEqual(dead, [])
+            self.assertEqual(sent - acked - set(rows) - settling, set(), f"round {round_}: sent messages are missing")
+            self.assertEqual(acked & set(rows), set(), f"round {round_}: acked messages are still queued")
+            for message_id, attempts in leased.items():
+                if message_id in settling and rows.get(message_id, (None, attempts)) in ((None, attempts), None):
+                    continue  # the settle cut short by the kill committed (an ack or a nack)
+                self.assertEqual(rows[message_id], (owner, attempts), f"round {round_}: claim of {message_id} lost")
+            for message_id, attempts in handed_back.items():
+                self.assertEqual(rows[message_id], (None, attempts), f"round {round_}: nack of {message_id} lost")
+            acked |= settling - set(rows)  # the settle cut short by the kill was an ack that committed
+            self.nf.release_leases(owner)  # the next round's child may take them again
+        self.assertGreater(len(acked), 20)
