@@ -9,7 +9,8 @@ Architecture in a few lines:
     the kernel wakes a blocked waiter the moment the lock is free and frees a dead holder's lock.
   - Fencing: every acquisition takes the next token for its name from SQLite, in one commit.
   - Doorbells: a datagram socket per listening process in ``PATH.d/nodes/``, rung after commits.
-  - Bus: queues in SQLite with leases and dead letters; one process's writes share transactions.
+  - Bus: queues in SQLite with leases and dead letters; one process's writes share transactions,
+    which wait for the disk only when a write's loss could lose more than a redelivery.
   - Instructions: an ordered log with a cursor per node, under change tokens and a memory cache.
   - Membership: a node's liveness lock says it is alive; its heartbeat, timed by each peer, says it
     stalled, and then its leases, instance locks and scheduler office are taken from it.
@@ -688,6 +689,8 @@ class Store:
         self._conn: sqlite3.Connection | None = None
         self._write_conn: sqlite3.Connection | None = None
         self._write_level = self.settings.synchronous  # PRAGMA synchronous of the write connection now
+        self._log_fd: int | None = None  # the -wal file, for sync_log(); opened on first use
+        self._log_mutex = threading.Lock()
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise InvalidInput(f"database folder {folder} does not exist; create it or choose another --db")
@@ -985,7 +988,7 @@ class Store:
         return outcome  # type: ignore[no-any-return]
 
     def write_batch(
-        self, works: list[Callable[[sqlite3.Connection], Any]], durable: bool = True
+        self, works: list[Callable[[sqlite3.Connection], Any]], durable: bool = True, *, sync_later: bool = False
     ) -> list[tuple[bool, Any]]:
         """Run several pieces of work in one transaction, each in its own savepoint.
 
@@ -997,14 +1000,21 @@ class Store:
         WAL, so it survives a crash of this process, and the next durable commit of any process
         syncs it too; a power cut before that may undo it). For writes whose loss can only
         cause a redelivery: a claim, a plain ack, a nack, a lease extension.
+
+        ``sync_later``: a durable commit does not wait for the disk either; the caller makes it
+        durable with sync_log() once it has let the next writer in, and only then tells anyone
+        that it is.
         """
-        level = "FULL" if durable and self.settings.synchronous == "FULL" else "NORMAL"
+        level = "FULL" if durable and self.settings.synchronous == "FULL" and not sync_later else "NORMAL"
         deadline = time.monotonic() + self.settings.busy_timeout
         pause = 0.001
         while True:
             with self._write_mutex:
                 conn = self._writer()
-                moved = self._moved()  # one stat: never commit to a file that is no longer at the path
+                # One stat: never commit what must last to a file that is no longer at the path. A
+                # claim or an ack there loses nothing (its messages went with the file); the next
+                # durable write, such as a node's heartbeat within a second, finds the file gone.
+                moved = self._moved() if durable else None
                 if moved:
                     return [(False, StoreError(f"{moved}; nothing was written")) for _ in works]
                 if level != self._write_level:  # per connection, set between transactions
@@ -1073,6 +1083,43 @@ class Store:
                 return [(False, failed) for _ in works]
             raise
 
+    def sync_log(self) -> None:
+        """Make every commit in the write-ahead log so far durable: an ``fdatasync`` of the -wal file.
+
+        A commit waits for the disk while it holds the database's write lock; a commit made without
+        waiting and synced here lets other writers commit during the sync, and one sync covers
+        every commit before it, whichever process made it. SQLite puts no lock on the -wal file
+        (its locks are on the database file and the -shm), so a descriptor of our own on it cannot
+        drop one when closed; it is opened once and kept until the handle closes.
+        """
+        fd = self._log_fd
+        if fd is None:
+            with self._log_mutex:
+                if self._log_fd is None:
+                    self._log_fd = self._open_log()
+                fd = self._log_fd
+        try:
+            os.fdatasync(fd)
+        except OSError as error:
+            raise StoreError(
+                f"{self.path}-wal: the disk did not confirm a commit ({error.strerror}); it is in the database "
+                "now but may be lost on a power cut"
+            ) from None
+
+    def _open_log(self) -> int:
+        wal = self.path + "-wal"
+        self._connection()
+        try:
+            fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except OSError as error:
+            raise StoreError(f"{wal}: cannot open the write-ahead log to sync it ({error.strerror})") from None
+        info = os.fstat(fd)
+        known = self._companions.get("-wal")
+        if known is not None and (info.st_dev, info.st_ino) != known:
+            os.close(fd)
+            raise StoreError(f"{wal} was replaced since this handle opened the database; open a new handle")
+        return fd
+
     def read(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run ``work`` in one short read transaction (one consistent snapshot)."""
         with self._mutex:
@@ -1123,6 +1170,10 @@ class Store:
             elif self._pid == os.getpid():
                 for conn in conns:
                     conn.close()
+        with self._log_mutex:
+            if self._log_fd is not None and self._pid == os.getpid():
+                os.close(self._log_fd)  # holds no lock: closing it cannot disturb SQLite's
+            self._log_fd = None
         _LIVE_STORES.discard(self)
 
     def _abandon_after_fork(self) -> None:
@@ -2035,6 +2086,7 @@ QUEUE_NAME_MAX_BYTES = 200
 # losing one would strand its instance; its handler settles a message it cannot serve itself.
 WORKFLOW_QUEUE = "nodeflow.workflows"
 GROUP_COMMIT_MAX = 256  # pieces of work in one shared transaction
+_WRITER_LOCK_RETRIES = (0.00005,) * 6 + (0.0001,) * 4  # about 1 ms in all, then the committer thread waits
 SEND_MANY_MAX = 10_000  # messages one send_many may queue: one transaction, which holds other writers back
 SEND_MANY_MAX_BYTES = 64 << 20  # and their bodies' JSON together
 SETTLE_MANY_MAX = 10_000  # messages one ack_many (or receive's ack) may settle
@@ -2209,7 +2261,10 @@ class GroupCommitter:
     savepoint of one ``BEGIN IMMEDIATE`` transaction, commits once, rings the doorbells the
     committed pieces asked for, then answers each caller: an operation returns only after its
     own commit, and a durable commit is paid once per batch, not once per operation, and only
-    when a piece of the batch needs one (see Store.write_batch). Around
+    when a piece of the batch needs one (see Store.write_batch). That wait for the disk comes
+    after the batch has let the writer lock go: other writers commit meanwhile, and one sync
+    makes theirs durable too. (So another process may read a commit a moment before it is
+    durable; no caller is told that its write is done before it is.) Around
     each transaction it holds ``PATH.d/writer.lock``: the kernel queues writers of all nodes
     there, which shares the database fairly where SQLite's busy handler would starve some.
     """
@@ -2224,6 +2279,7 @@ class GroupCommitter:
         self._writer_path = os.path.join(store.lock_dir, "writer.lock")
         self._writer_checked = time.monotonic()  # when the writer lock's file was last compared with the path
         self._busy = False  # a batch is being run, by the committer thread or by a leading caller
+        self._syncs = store.settings.synchronous == "FULL"  # durable pieces wait for sync_log()
         self._pid = os.getpid()
         self.batches = 0
         self.pieces = 0
@@ -2329,6 +2385,13 @@ class GroupCommitter:
         try:
             try:
                 locked = self._lock_writer(blocking=False)
+                # Another process's commit under the lock is short: looking again a few times costs
+                # less than handing the piece to the committer thread. After that, the kernel's queue.
+                for pause in _WRITER_LOCK_RETRIES:
+                    if locked:
+                        break
+                    time.sleep(pause)
+                    locked = self._lock_writer(blocking=False)
             except Exception as error:  # the committer thread will meet it too, and answer everyone
                 log.warning("taking the writer lock failed: %s", error)
                 return False, False, None
@@ -2340,23 +2403,37 @@ class GroupCommitter:
                 self._unlock_writer()
             self.batches += 1
             self.pieces += 1
-            if ok and rings:
-                try:
-                    self._ring(set(rings))
-                except Exception:
-                    log.exception("ringing doorbells failed")
-            return True, ok, outcome
         finally:
             with self._cond:
                 self._busy = False
                 if self._pending or self._closed:  # queued meanwhile: the committer thread takes them
                     self._wake_thread()
+        if ok and rings:
+            try:
+                self._ring(set(rings))
+            except Exception:
+                log.exception("ringing doorbells failed")
+        if ok and durable:
+            ok, outcome = self._made_durable([(ok, outcome)])[0]
+        return True, ok, outcome
 
     def _write_one(self, work: Callable[[sqlite3.Connection], Any], durable: bool) -> tuple[bool, Any]:
         try:
-            return self._store.write_batch([work], durable)[0]
+            return self._store.write_batch([work], durable, sync_later=True)[0]
         except BaseException as error:  # the store is closed, the disk is gone, ...
             return False, error if isinstance(error, Exception) else NodeflowError(repr(error))
+
+    def _made_durable(self, outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
+        """Wait for the disk (once the writer lock is free): a sync that fails fails the pieces it was
+        to make durable, committed though they are."""
+        if not self._syncs or not any(ok for ok, _ in outcomes):
+            return outcomes
+        try:
+            self._store.sync_log()
+        except Exception as error:
+            failed = error if isinstance(error, NodeflowError) else StoreError(f"syncing the log failed: {error}")
+            return [(False, failed) if ok else (ok, outcome) for ok, outcome in outcomes]
+        return outcomes
 
     def _lead(self) -> None:
         """Run one batch in the caller's thread, saving two thread switches, if the writer lock is
@@ -2367,18 +2444,21 @@ class GroupCommitter:
             except Exception as error:  # the committer thread will meet it too, and answer everyone
                 log.warning("taking the writer lock failed: %s", error)
                 locked = False
+            batch: list[_Piece] = []
+            outcomes: list[tuple[bool, Any]] = []
             if locked:
                 try:
                     batch = self._take_batch()
                     outcomes = self._write(batch)
                 finally:
                     self._unlock_writer()
-                self._finish(batch, outcomes)
+                self._count(batch)
         finally:
             with self._cond:
                 self._busy = False
                 if self._pending or self._closed:  # a closing committer's thread must see it is done
                     self._wake_thread()
+        self._finish(batch, outcomes)  # while the next batch may run: this one waits for the disk
 
     def _run(self) -> None:
         while True:
@@ -2393,32 +2473,39 @@ class GroupCommitter:
                     self._lock_writer(blocking=True)
                 except Exception as error:  # the lock folder is unusable: answer, never hang
                     batch, failed = self._take_batch(), StoreError(f"cannot take the writer lock: {error}")
-                    self._finish(batch, [(False, failed)] * len(batch))
-                    continue
-                try:
-                    batch = self._take_batch()
-                    outcomes = self._write(batch)
-                finally:
-                    self._unlock_writer()
-                self._finish(batch, outcomes)  # after the unlock: the next writer need not wait for it
+                    outcomes = [(False, failed)] * len(batch)
+                else:
+                    try:
+                        batch = self._take_batch()
+                        outcomes = self._write(batch)
+                    finally:
+                        self._unlock_writer()
+                self._count(batch)
             finally:
                 with self._cond:
                     self._busy = False
+            self._finish(batch, outcomes)  # after the unlock and while a caller may lead the next batch
 
     def _write(self, batch: list[_Piece]) -> list[tuple[bool, Any]]:
         if not batch:
             return []
         try:
-            return self._store.write_batch([piece.work for piece in batch], any(piece.durable for piece in batch))
+            durable = any(piece.durable for piece in batch)
+            return self._store.write_batch([piece.work for piece in batch], durable, sync_later=True)
         except BaseException as error:  # the store is closed, the disk is gone, ...
             return [(False, error if isinstance(error, Exception) else NodeflowError(repr(error)))] * len(batch)
 
+    def _count(self, batch: list[_Piece]) -> None:
+        """Counted while the batch still holds ``_busy``: one batch at a time adds to them."""
+        if batch:
+            self.batches += 1
+            self.pieces += len(batch)
+
     def _finish(self, batch: list[_Piece], outcomes: list[tuple[bool, Any]]) -> None:
-        """Ring the doorbells the committed pieces asked for, then answer every caller."""
+        """Ring the doorbells the committed pieces asked for, wait for the disk if a piece needs it,
+        then answer every caller."""
         if not batch:
             return
-        self.batches += 1
-        self.pieces += len(batch)
         rings: set[str] = set()
         for piece, (ok, _) in zip(batch, outcomes, strict=True):
             if ok:
@@ -2428,6 +2515,8 @@ class GroupCommitter:
                 self._ring(rings)
             except Exception:
                 log.exception("ringing doorbells failed")
+        if any(piece.durable for piece in batch):
+            outcomes = self._made_durable(outcomes)
         for piece, (ok, outcome) in zip(batch, outcomes, strict=True):
             self._answer(piece, ok, outcome)
 
@@ -2950,10 +3039,10 @@ class Bus:
         deadline = time.monotonic() + wait_s
         waiting_turn: HeldLock | None = None
         turn_wait: _LockAttempt | None = None  # one blocked attempt per call, however long it waits
-        turn_granted = threading.Event()
+        turn_granted: list[threading.Event] = []  # made with that attempt, when the turn is not free at once
 
         def granted() -> bool:
-            turn_granted.set()
+            turn_granted[0].set()
             return True
 
         claimed_nothing = False
@@ -2989,9 +3078,13 @@ class Bus:
                     # waiting for the turn, look at the queue every poll interval anyway: the
                     # receiver whose turn it is may be stopped (SIGSTOP) and must starve nobody.
                     if turn_wait is None:
+                        waiting_turn = self.turns._acquire_now(queue, False, blocking=False)
+                        if waiting_turn is not None:  # free: taken here, no thread needed to wait for it
+                            continue
+                        turn_granted.append(threading.Event())
                         turn_wait = _LockAttempt(self.turns, queue, False, True, granted)
                         turn_wait.start()
-                    if turn_granted.wait(min(left, self.settings.poll_interval)):
+                    if turn_granted[0].wait(min(left, self.settings.poll_interval)):
                         waiting_turn, turn_wait = turn_wait.abandon(), None
                     continue
                 self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))

@@ -1334,8 +1334,8 @@ class Batches(BusTestCase):
 # 14. Durability: each operation pays for what its promise needs; what returned survives SIGKILL ------
 
 # Runs random queue operations and prints each one after it returned (the pipe keeps every line
-# written before a SIGKILL); before a settle it prints what it is about to settle, so that the one
-# settle a kill may cut short is known. max_deliveries is high so that nacks never bury a message.
+# written before a SIGKILL); before a claim and a settle it says so, so that the one operation a
+# kill may cut short is known. max_deliveries is high so that nacks never bury a message.
 CRASHER = """
     import os, random, sys, nodeflow
     nf = nodeflow.connect(os.environ["NODEFLOW_DB"], settings=nodeflow.Settings(max_deliveries=10_000))
@@ -1351,17 +1351,18 @@ CRASHER = """
         elif pick < 0.35:
             say("sent", *nf.send_many("d", [{"n": n, "k": k} for k in range(rng.randint(1, 20))]))
         elif pick < 0.55 or not held:
-            for m in nf.receive("d", lease=600, batch=rng.randint(1, 3)):
-                held.append(m)
-                say("claimed", m.id, m.attempts)
+            say("claiming")
+            taken = nf.receive("d", lease=600, batch=rng.randint(1, 3))
+            held += taken
+            say("claimed", *[f"{m.id}:{m.attempts}" for m in taken])
         elif pick < 0.65:
             done = held.pop(0)
+            say("claiming")
             say("settling", done.id)
-            m = nf.receive("d", lease=600, ack=done)
+            taken = nf.receive("d", lease=600, batch=1, ack=done)
             say("acked", done.id)
-            if m is not None:
-                held.append(m)
-                say("claimed", m.id, m.attempts)
+            held += taken
+            say("claimed", *[f"{m.id}:{m.attempts}" for m in taken])
         elif pick < 0.8:
             done = held.pop(0)
             say("settling", done.id)
@@ -1383,20 +1384,28 @@ CRASHER = """
 
 class Durability(BusTestCase):
     def test_each_operation_commits_as_durably_as_its_promise_needs(self) -> None:
-        """Sends and writes of one's own wait for the disk (FULL); claims and plain settles do not."""
+        """Sends and writes of one's own wait for the disk; claims and plain settles do not."""
         levels: list[bool] = []
-        write_batch = self.nf.store.write_batch
+        syncs: list[int] = []
+        write_batch, sync_log = self.nf.store.write_batch, self.nf.store.sync_log
 
-        def recording(works: list[Any], durable: bool = True) -> list[tuple[bool, Any]]:
+        def recording(works: list[Any], durable: bool = True, **options: Any) -> list[tuple[bool, Any]]:
             levels.append(durable)
-            return write_batch(works, durable)
+            return write_batch(works, durable, **options)
+
+        def counting() -> None:
+            syncs.append(1)
+            sync_log()
 
         self.nf.store.write_batch = recording  # type: ignore[method-assign]
+        self.nf.store.sync_log = counting  # type: ignore[method-assign]
 
         def durable_of(operation: Any) -> bool:
             levels.clear()
+            syncs.clear()
             operation()
             self.assertEqual(len(levels), 1, "the operation took more than one commit")
+            self.assertEqual(len(syncs), int(levels[0]), "a durable commit did not wait for the disk, or another did")
             return levels[0]
 
         note = lambda conn: conn.execute("INSERT INTO side (note) VALUES ('x')")  # noqa: E731
@@ -1415,12 +1424,35 @@ class Durability(BusTestCase):
         self.assertFalse(durable_of(lambda: self.nf.ack_many(more[1:])))
         self.assertTrue(durable_of(lambda: self.nf.trigger("k")))
 
-        # And the level reaches SQLite: PRAGMA synchronous as the transaction sees it.
+        # What SQLite is told: a commit under the writer lock never waits for the disk (the durable
+        # ones are synced after it), a direct write does.
         level = lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]  # noqa: E731
-        self.assertEqual(self.nf.committer.submit(level, durable=False), 1)  # NORMAL
-        self.assertEqual(self.nf.committer.submit(level), 2)  # FULL
+        self.assertEqual(self.nf.committer.submit(level), 1)  # NORMAL, then sync_log()
+        self.assertEqual(self.nf.store.write(level), 2)  # FULL
         with nodeflow.connect(self.db, settings=nodeflow.Settings(synchronous="NORMAL")) as relaxed:
-            self.assertEqual(relaxed.committer.submit(level), 1, "a NORMAL handle committed at FULL")
+            relaxed.store.sync_log = lambda: self.fail("a NORMAL handle waited for the disk")  # type: ignore[method-assign]
+            relaxed.send("d", 6)
+            self.assertEqual(relaxed.store.write(level), 1, "a NORMAL handle committed at FULL")
+
+    def test_the_log_descriptor_is_the_wal_of_the_database_and_holds_no_lock(self) -> None:
+        self.nf.send("d", 1)  # a durable commit: the -wal is open for sync_log() now
+        fd = self.nf.store._log_fd
+        self.assertIsNotNone(fd)
+        wal = os.stat(self.db + "-wal")
+        self.assertEqual((os.fstat(fd).st_dev, os.fstat(fd).st_ino), (wal.st_dev, wal.st_ino))
+        # SQLite's POSIX locks are on the database file and the -shm only: closing a descriptor
+        # of the -wal can drop none of them.
+        held = set()
+        with open("/proc/locks", encoding="ascii") as locks:
+            for line in locks:
+                fields = line.split()
+                if fields[1] == "POSIX" and int(fields[4]) == os.getpid():
+                    held.add(int(fields[5].split(":")[2]))
+        self.assertNotIn(wal.st_ino, held)
+        self.nf.close()
+        self.assertIsNone(self.nf.store._log_fd)
+        with self.assertRaises(OSError):
+            os.fstat(fd)  # closed with the handle
 
     def test_what_an_operation_returned_survives_a_sigkill_of_its_process(self) -> None:
         seed = int(os.environ.get("NODEFLOW_TEST_SEED", random.randrange(1 << 30)))
@@ -1439,15 +1471,23 @@ class Durability(BusTestCase):
             leased: dict[int, int] = {}  # what the child holds, as it said: id -> attempts
             handed_back: dict[int, int] = {}
             settling: set[int] = set()  # the settle under way when it was killed: done or not
+            claiming = False  # a claim under way when it was killed: it may have taken any ready message
             for line in lines:
                 word, *numbers = line.split()
+                if word == "claiming":
+                    claiming = True
+                    continue
+                if word == "claimed":
+                    claiming = False
+                    for pair in numbers:
+                        message_id, attempts = (int(x) for x in pair.split(":"))
+                        leased[message_id] = attempts
+                        handed_back.pop(message_id, None)
+                    continue
                 values = [int(x) for x in numbers]
                 settling = set(values) if word == "settling" else settling - set(values)
                 if word == "sent":
                     sent.update(values)
-                elif word == "claimed":
-                    leased[values[0]] = values[1]
-                    handed_back.pop(values[0], None)
                 elif word == "acked":
                     acked.update(values)
                     for message_id in values:
@@ -1464,6 +1504,8 @@ class Durability(BusTestCase):
                     continue  # the settle cut short by the kill committed (an ack or a nack)
                 self.assertEqual(rows[message_id], (owner, attempts), f"round {round_}: claim of {message_id} lost")
             for message_id, attempts in handed_back.items():
+                if claiming and rows[message_id] == (owner, attempts + 1):
+                    continue  # taken again by the claim the kill cut short
                 self.assertEqual(rows[message_id], (None, attempts), f"round {round_}: nack of {message_id} lost")
             acked |= settling - set(rows)  # the settle cut short by the kill was an ack that committed
             self.nf.release_leases(owner)  # the next round's child may take them again
