@@ -772,6 +772,23 @@ class Doorbells(BusTestCase):
         self.assertEqual(rings, 1, "the send did not ring the receiver's doorbell")
         self.assertLess(took, 15, f"woke after {took:.1f}s: the doorbell did not ring")
 
+    def test_the_doorbell_folder_is_listed_again_when_it_changed_and_only_then(self) -> None:
+        first, first_node = self.start_receiver("other", poll=120, wait=30)
+        time.sleep(0.1)  # past the file system clock's tick: an unchanged mtime can be trusted now
+        self.nf.doorbells.ring({"q:nobody"})
+        listed = self.nf.doorbells._listed
+        self.assertEqual([name for name, _ in listed[2]], [f"{first_node}.sock"])
+        self.nf.doorbells.ring({"q:nobody"})
+        self.assertIs(self.nf.doorbells._listed, listed, "the unchanged folder was listed again")
+        # A receiver that joins now changes the folder: the next send lists it again and rings it.
+        second, second_node = self.start_receiver("pings", poll=120, wait=30)
+        body, took, rings = self.receive_in_child(second, "pings", wait=30)
+        self.assertEqual(body, {"ping": 1})
+        self.assertEqual(rings, 2, "the send did not ring both doorbells")
+        self.assertIn(f"{second_node}.sock", [name for name, _ in self.nf.doorbells._listed[2]])
+        self.assertLess(took, 15, f"woke after {took:.1f}s: the new receiver's doorbell did not ring")
+        self.kill(first)
+
     def test_receiver_without_doorbell_sockets_still_gets_the_message_by_polling(self) -> None:
         nodes = os.path.join(self.db + ".d", "nodes")
 
