@@ -1600,8 +1600,10 @@ class LockManager:
         return None
 
     def _acquire_now(
-        self, name: str, fence: bool, blocking: bool, give_up: Callable[[], bool] = lambda: False
+        self, name: str, fence: bool, blocking: bool, give_up: Callable[[], bool] = lambda: False, note: bool = True
     ) -> HeldLock | None:
+        """Take the lock now (or, ``blocking``, once free). ``note=False`` leaves the file's note (who
+        holds it, for holder()) as it was: for a queue's waiting turn, which nobody asks about."""
         path = os.path.join(self.directory, lock_file_name(name))
         locked = self._lock_file(path, blocking, give_up)
         if locked is None:
@@ -1613,7 +1615,8 @@ class LockManager:
             return None
         try:
             token = self.store.write(functools.partial(bump_fence, name=name, node=self.node)) if fence else None
-            self._write_note(fd, name, token, info.st_size)
+            if note:
+                self._write_note(fd, name, token, info.st_size)
         except BaseException:
             _park_lock_file(fd, inode, path)
             raise
@@ -3046,12 +3049,15 @@ class Bus:
             return True
 
         claimed_nothing = False
+        rung = False  # the last wait ended with a ring for this queue: a message came, claim it at once
         settle = ack
         try:
             while True:
                 seen = self.wakeups.generation(topic)  # read before looking: a ring after it is not lost
                 # Acks to commit claim at once, whatever is ready: they must not wait for a message.
-                due = 0.0 if queue in self._busy_queues or settle else self._ready_or_next_due(queue)
+                claim_at_once = queue in self._busy_queues or bool(settle) or rung
+                due = 0.0 if claim_at_once else self._ready_or_next_due(queue)
+                rung = False
                 if due == 0.0 and not claimed_nothing:
                     self._receiving[queue] = time.monotonic()
                     taken, more = self.committer.submit(self._claim_work(queue, lease_s, batch, settle), durable=False)
@@ -3078,16 +3084,18 @@ class Bus:
                     # waiting for the turn, look at the queue every poll interval anyway: the
                     # receiver whose turn it is may be stopped (SIGSTOP) and must starve nobody.
                     if turn_wait is None:
-                        waiting_turn = self.turns._acquire_now(queue, False, blocking=False)
-                        if waiting_turn is not None:  # free: taken here, no thread needed to wait for it
-                            continue
-                        turn_granted.append(threading.Event())
-                        turn_wait = _LockAttempt(self.turns, queue, False, True, granted)
-                        turn_wait.start()
-                    if turn_granted[0].wait(min(left, self.settings.poll_interval)):
-                        waiting_turn, turn_wait = turn_wait.abandon(), None
-                    continue
-                self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
+                        waiting_turn = self.turns._acquire_now(queue, False, blocking=False, note=False)
+                        if waiting_turn is None:
+                            turn_granted.append(threading.Event())
+                            turn_wait = _LockAttempt(self.turns, queue, False, True, granted)
+                            turn_wait.start()
+                        elif self.wakeups.generation(topic) != seen:
+                            continue  # free at once, but a ring came meanwhile: look again
+                    if waiting_turn is None:
+                        if turn_granted[0].wait(min(left, self.settings.poll_interval)):
+                            waiting_turn, turn_wait = turn_wait.abandon(), None  # type: ignore[union-attr]
+                        continue  # look again, with the turn or after a poll interval
+                rung = self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
         finally:
             if turn_wait is not None:
                 late = turn_wait.abandon()
