@@ -1,5 +1,6 @@
-"""What the benchmark scripts in bench/ share: the result rows, their table and JSON document,
-the machine's description, and the command line (--quick, --json FILE, progress on stderr).
+"""What the benchmark scripts in bench/ share: the result rows, their table and JSON document, a
+side-by-side table (nodeflow beside another system, with the per-round ratios), the machine's
+description, and the command line (--quick, --json FILE, progress on stderr).
 
 The standard library only, and no nodeflow: each script imports it as `benchlib`, which works
 because Python puts the script's own folder (bench/) first on sys.path, and spawned child
@@ -117,8 +118,13 @@ def render_table(rows: list[Row], intro: list[str]) -> str:
     table = [header] + [
         (row.label, format_value(row), row.unit, row.spread or "-", row.target, row.result, row.note) for row in rows
     ]
-    widths = [max(len(line[i]) for line in table) for i in range(len(header))]
-    right = {1}  # numbers right-aligned
+    return _aligned(intro, table, right={1})
+
+
+def _aligned(intro: list[str], table: list[tuple[str, ...]], right: set[int]) -> str:
+    """The intro lines, a blank line, the table's first line as its header, a rule, and its other
+    lines, in columns as wide as their widest cell; the columns in `right` right-aligned."""
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]))]
 
     def line(cells: tuple[str, ...]) -> str:
         parts = [
@@ -127,9 +133,58 @@ def render_table(rows: list[Row], intro: list[str]) -> str:
         ]
         return "  ".join(parts).rstrip()
 
-    out = [*intro, "", line(header), line(tuple("-" * w for w in widths))]
+    out = [*intro, "", line(table[0]), line(tuple("-" * w for w in widths))]
     out += [line(cells) for cells in table[1:]]
     return "\n".join(out)
+
+
+@dataclass
+class Pair:
+    """One line of a side-by-side table: `ours` (nodeflow's figure), `theirs` (what it is compared
+    with, or None) and `ratio` (unit "x", whose runs are the per-round ratios ours / theirs), which
+    carries the line's target, result and note; a line without a ratio carries them on `ours`.
+    `label` is the line's, the rows keeping their own labels for the JSON document."""
+
+    label: str
+    ours: Row
+    theirs: Row | None = None
+    ratio: Row | None = None
+
+
+def ratios_by_round(top: Sequence[float | None], bottom: Sequence[float | None]) -> list[float]:
+    """top[i] / bottom[i] for every round i in which both sides have a figure (None: no figure)."""
+    return [a / b for a, b in zip(top, bottom, strict=True) if a is not None and b is not None and b > 0]
+
+
+def with_spread(row: Row | None) -> str:
+    """A row's median with its spread, "1,234 (1,100..1,300)"; "-" for no row, "n/a" for no figure."""
+    if row is None:
+        return "-"
+    return format_value(row) + (f" ({row.spread})" if row.spread else "")
+
+
+def render_side_by_side(pairs: list[Pair], intro: list[str], theirs: str = "huey or raw") -> str:
+    """The intro lines, a blank line, then one line per pair: nodeflow's median (spread), the other
+    side's, the median ratio and the spread of the per-round ratios, the target and its result."""
+    header = ("measurement", "nodeflow", theirs, "ratio", "spread of ratio", "target", "result", "note")
+    table = [header]
+    for pair in pairs:
+        judged = pair.ratio or pair.ours
+        ratio = "-" if pair.ratio is None else ("n/a" if pair.ratio.value is None else f"{pair.ratio.value:.2f}x")
+        spread = "-" if pair.ratio is None else pair.ratio.spread or "-"
+        table.append(
+            (
+                pair.label,
+                with_spread(pair.ours),
+                with_spread(pair.theirs),
+                ratio,
+                spread,
+                judged.target,
+                judged.result,
+                judged.note,
+            )
+        )
+    return _aligned(intro, table, right={1, 2, 3})
 
 
 def write_json(path: str, rows: list[Row], meta: dict[str, Any]) -> None:
