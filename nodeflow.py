@@ -41,6 +41,7 @@ import importlib
 import importlib.util
 import inspect
 import ipaddress
+import itertools
 import json
 import logging
 import math
@@ -690,7 +691,8 @@ class Store:
         self._write_conn: sqlite3.Connection | None = None
         self._write_level = self.settings.synchronous  # PRAGMA synchronous of the write connection now
         self._log_fd: int | None = None  # the -wal file, for sync_log(); opened on first use
-        self._log_mutex = threading.Lock()
+        self._log_mutex = threading.Lock()  # held while syncing: close() waits for a sync under way
+        self._identity_checked = 0.0  # when a write that need not last last looked at the file's identity
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             raise InvalidInput(f"database folder {folder} does not exist; create it or choose another --db")
@@ -1012,9 +1014,12 @@ class Store:
             with self._write_mutex:
                 conn = self._writer()
                 # One stat: never commit what must last to a file that is no longer at the path. A
-                # claim or an ack there loses nothing (its messages went with the file); the next
-                # durable write, such as a node's heartbeat within a second, finds the file gone.
-                moved = self._moved() if durable else None
+                # claim or an ack there loses nothing (its messages went with the file), so those
+                # look once a second: a consumer of a replaced file learns it within a second.
+                moved = None
+                if durable or time.monotonic() >= self._identity_checked + 1.0:
+                    moved = self._moved()
+                    self._identity_checked = time.monotonic()
                 if moved:
                     return [(False, StoreError(f"{moved}; nothing was written")) for _ in works]
                 if level != self._write_level:  # per connection, set between transactions
@@ -1092,23 +1097,25 @@ class Store:
         (its locks are on the database file and the -shm), so a descriptor of our own on it cannot
         drop one when closed; it is opened once and kept until the handle closes.
         """
-        fd = self._log_fd
-        if fd is None:
-            with self._log_mutex:
-                if self._log_fd is None:
-                    self._log_fd = self._open_log()
-                fd = self._log_fd
-        try:
-            os.fdatasync(fd)
-        except OSError as error:
-            raise StoreError(
-                f"{self.path}-wal: the disk did not confirm a commit ({error.strerror}); it is in the database "
-                "now but may be lost on a power cut"
-            ) from None
+        with self._log_mutex:
+            self._connection()  # refused (an earlier sync failed, say) or closed: nothing is durable
+            if self._log_fd is None:
+                self._log_fd = self._open_log()
+            try:
+                os.fdatasync(self._log_fd)
+            except OSError as error:
+                # The kernel reports a failed write-back once and then calls the pages clean: a later
+                # sync would succeed over a hole in the log. No write through this handle is trusted
+                # to last from here on.
+                problem = (
+                    f"{self.path}-wal: the disk did not confirm a commit ({error.strerror}); it is in the "
+                    "database now but may be lost on a power cut, and this handle writes no more: open a new one"
+                )
+                self.refuse(problem)
+                raise StoreError(problem) from None
 
     def _open_log(self) -> int:
         wal = self.path + "-wal"
-        self._connection()
         try:
             fd = os.open(wal, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         except OSError as error:
@@ -1996,7 +2003,9 @@ class Doorbells:
         except OSError:
             return []
         identity, listed_at, others = self._listed
-        if identity == (folder.st_ino, folder.st_mtime_ns) and listed_at - folder.st_mtime_ns > _MTIME_TRUSTED_AFTER_NS:
+        # A file system that keeps whole seconds (ext3, ext4 with small inodes) ticks once a second.
+        tick = _MTIME_TRUSTED_AFTER_NS if folder.st_mtime_ns % 1_000_000_000 else 1_100_000_000
+        if identity == (folder.st_ino, folder.st_mtime_ns) and listed_at - folder.st_mtime_ns > tick:
             return others
         now = time.time_ns()
         try:
@@ -2004,11 +2013,13 @@ class Doorbells:
         except OSError:
             return []
         own = f"{self.node}.sock"
-        others = [
-            (name, self._address(name))
-            for name in names
-            if name.endswith(".sock") and name != own and not name.startswith(".")
-        ]
+        others = []
+        for name in names:
+            if name.endswith(".sock") and name != own and not name.startswith("."):
+                try:
+                    others.append((name, self._address(name)))
+                except OSError:  # out of descriptors, or the folder went: that ring is lost, no more
+                    return others
         self._listed = ((folder.st_ino, folder.st_mtime_ns), now, others)
         return others
 
@@ -2179,6 +2190,16 @@ def check_dedup_key(key: object, what: str = "a deduplication key") -> str | Non
     return key
 
 
+def _setter(event: threading.Event) -> Callable[[], bool]:
+    """A callback that sets ``event`` and says it was heard."""
+
+    def set_it() -> bool:
+        event.set()
+        return True
+
+    return set_it
+
+
 def _check_priority(priority: object) -> int:
     if isinstance(priority, bool) or not isinstance(priority, int) or not -(2**31) <= priority < 2**31:
         raise InvalidInput(f"priority must be a whole number (higher is delivered first), not {priority!r}")
@@ -2206,19 +2227,28 @@ class Message:
         return self.attempts - self.refunds
 
 
+# Iterables that are one value, not a list of them: a list of bodies or messages is never one of these.
+_NOT_A_LIST = (str, bytes, bytearray, memoryview, dict)
+
+
 def _check_messages(messages: object, what: str) -> list[Message]:
     """The messages a caller gives to settle at once: a Message, or a list of them."""
     if isinstance(messages, Message):
         return [messages]
-    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Iterable):
+    if isinstance(messages, _NOT_A_LIST) or not isinstance(messages, Iterable):
         shown = type(messages).__name__
         raise InvalidInput(f"{what} takes received messages (a Message or a list of them), not {shown}")
-    chosen = list(messages)
+    chosen = list(itertools.islice(messages, SETTLE_MANY_MAX + 1))
     if len(chosen) > SETTLE_MANY_MAX:
         raise InvalidInput(f"{what} takes at most {SETTLE_MANY_MAX:,} messages at once; split the list")
+    deliveries = set()
     for message in chosen:
         if not isinstance(message, Message):
             raise InvalidInput(f"{what} takes messages that receive() returned, not {type(message).__name__}")
+        delivery = (message.id, message.attempts, message.owner)
+        if delivery in deliveries:
+            raise InvalidInput(f"{what} was given message {message.id} twice; give each message once")
+        deliveries.add(delivery)
     return chosen
 
 
@@ -2417,7 +2447,7 @@ class GroupCommitter:
             except Exception:
                 log.exception("ringing doorbells failed")
         if ok and durable:
-            ok, outcome = self._made_durable([(ok, outcome)])[0]
+            ok, outcome = self._made_durable([(ok, outcome)], [True])[0]
         return True, ok, outcome
 
     def _write_one(self, work: Callable[[sqlite3.Connection], Any], durable: bool) -> tuple[bool, Any]:
@@ -2426,16 +2456,19 @@ class GroupCommitter:
         except BaseException as error:  # the store is closed, the disk is gone, ...
             return False, error if isinstance(error, Exception) else NodeflowError(repr(error))
 
-    def _made_durable(self, outcomes: list[tuple[bool, Any]]) -> list[tuple[bool, Any]]:
-        """Wait for the disk (once the writer lock is free): a sync that fails fails the pieces it was
-        to make durable, committed though they are."""
-        if not self._syncs or not any(ok for ok, _ in outcomes):
+    def _made_durable(self, outcomes: list[tuple[bool, Any]], durable: list[bool]) -> list[tuple[bool, Any]]:
+        """Wait for the disk (once the writer lock is free): a sync that fails fails the durable pieces,
+        committed though they are; the others asked for no more than their commit."""
+        if not self._syncs or not any(ok and must for (ok, _), must in zip(outcomes, durable, strict=True)):
             return outcomes
         try:
             self._store.sync_log()
         except Exception as error:
             failed = error if isinstance(error, NodeflowError) else StoreError(f"syncing the log failed: {error}")
-            return [(False, failed) if ok else (ok, outcome) for ok, outcome in outcomes]
+            return [
+                (False, failed) if ok and must else (ok, outcome)
+                for (ok, outcome), must in zip(outcomes, durable, strict=True)
+            ]
         return outcomes
 
     def _lead(self) -> None:
@@ -2519,7 +2552,7 @@ class GroupCommitter:
             except Exception:
                 log.exception("ringing doorbells failed")
         if any(piece.durable for piece in batch):
-            outcomes = self._made_durable(outcomes)
+            outcomes = self._made_durable(outcomes, [piece.durable for piece in batch])
         for piece, (ok, outcome) in zip(batch, outcomes, strict=True):
             self._answer(piece, ok, outcome)
 
@@ -2942,9 +2975,10 @@ class Bus:
 
     def _prepare_send_many(
         self, queue: str, bodies: Iterable[Any], delay: float | str, priority: int, keys: Iterable[str | None] | None
-    ) -> tuple[Callable[[sqlite3.Connection], list[int]], tuple[str, ...]]:
+    ) -> tuple[Callable[[sqlite3.Connection], list[int]], tuple[str, ...], int]:
+        """The work of a send_many, its rings, and how many bodies it sends."""
         queue = check_queue_name(queue)
-        if isinstance(bodies, (str, bytes, dict)) or not isinstance(bodies, Iterable):
+        if isinstance(bodies, _NOT_A_LIST) or not isinstance(bodies, Iterable):
             raise InvalidInput(f"send_many takes a list of message bodies, not {type(bodies).__name__}")
         texts: list[str] = []
         total = 0
@@ -2952,7 +2986,7 @@ class Bus:
             if len(texts) == SEND_MANY_MAX:
                 raise InvalidInput(f"send_many takes at most {SEND_MANY_MAX:,} messages at once; split the list")
             text = encode_body(body, self.settings.max_body_bytes)
-            total += len(text)
+            total += len(text) if text.isascii() else len(text.encode("utf-8"))
             if total > SEND_MANY_MAX_BYTES:
                 raise InvalidInput(
                     f"the bodies given to send_many come to more than {SEND_MANY_MAX_BYTES >> 20} MiB of JSON; "
@@ -2962,9 +2996,10 @@ class Bus:
         if keys is None:
             checked: list[str | None] = [None] * len(texts)
         else:
-            if isinstance(keys, (str, bytes)) or not isinstance(keys, Iterable):
-                raise InvalidInput(f"keys is a list with one deduplication key (or None) per body, not {keys!r}")
-            checked = [check_dedup_key(key) for key in keys]
+            if isinstance(keys, _NOT_A_LIST) or not isinstance(keys, Iterable):
+                shown = type(keys).__name__
+                raise InvalidInput(f"keys is a list with one deduplication key (or None) per body, not {shown}")
+            checked = [check_dedup_key(key) for key in itertools.islice(keys, len(texts) + 1)]
             if len(checked) != len(texts):
                 raise InvalidInput(f"keys has {len(checked)} entries for {len(texts)} bodies; give one per body")
         wait = parse_duration(delay, "delay")
@@ -2974,7 +3009,7 @@ class Bus:
         def send_all(conn: sqlite3.Connection) -> list[int]:
             return [one(queue, text, wait, priority, key)(conn) for text, key in zip(texts, checked, strict=True)]
 
-        return send_all, (_ring_topic_for_queue(queue),)
+        return send_all, (_ring_topic_for_queue(queue),), len(texts)
 
     def send_many(
         self,
@@ -2984,8 +3019,8 @@ class Bus:
         priority: int = 0,
         keys: Iterable[str | None] | None = None,
     ) -> list[int]:
-        work, rings = self._prepare_send_many(queue, bodies, delay, priority, keys)
-        sent = self.committer.submit(work, rings)
+        work, rings, count = self._prepare_send_many(queue, bodies, delay, priority, keys)
+        sent = self.committer.submit(work, rings) if count else []  # nothing to send: no commit
         self.sent += len(sent)
         return sent
 
@@ -2997,8 +3032,8 @@ class Bus:
         priority: int = 0,
         keys: Iterable[str | None] | None = None,
     ) -> list[int]:
-        work, rings = self._prepare_send_many(queue, bodies, delay, priority, keys)
-        sent = await self.committer.asubmit(work, rings)
+        work, rings, count = self._prepare_send_many(queue, bodies, delay, priority, keys)
+        sent = await self.committer.asubmit(work, rings) if count else []
         self.sent += len(sent)
         return sent
 
@@ -3042,11 +3077,7 @@ class Bus:
         deadline = time.monotonic() + wait_s
         waiting_turn: HeldLock | None = None
         turn_wait: _LockAttempt | None = None  # one blocked attempt per call, however long it waits
-        turn_granted: list[threading.Event] = []  # made with that attempt, when the turn is not free at once
-
-        def granted() -> bool:
-            turn_granted[0].set()
-            return True
+        turn_granted: list[threading.Event] = []  # one per blocked attempt for the turn; the last is current
 
         claimed_nothing = False
         rung = False  # the last wait ended with a ring for this queue: a message came, claim it at once
@@ -3087,12 +3118,12 @@ class Bus:
                         waiting_turn = self.turns._acquire_now(queue, False, blocking=False, note=False)
                         if waiting_turn is None:
                             turn_granted.append(threading.Event())
-                            turn_wait = _LockAttempt(self.turns, queue, False, True, granted)
+                            turn_wait = _LockAttempt(self.turns, queue, False, True, _setter(turn_granted[-1]))
                             turn_wait.start()
                         elif self.wakeups.generation(topic) != seen:
                             continue  # free at once, but a ring came meanwhile: look again
                     if waiting_turn is None:
-                        if turn_granted[0].wait(min(left, self.settings.poll_interval)):
+                        if turn_granted[-1].wait(min(left, self.settings.poll_interval)):
                             waiting_turn, turn_wait = turn_wait.abandon(), None  # type: ignore[union-attr]
                         continue  # look again, with the turn or after a poll interval
                 rung = self.wakeups.wait(topic, seen, self._sleep_for(due, deadline))
@@ -3188,12 +3219,16 @@ class Bus:
         """Ack every message given that is still leased to its holder, in one transaction; returns
         the others (their leases ran out, and they were delivered again or became dead letters)."""
         chosen = _check_messages(messages, "ack_many")
+        if not chosen:
+            return []
         lost = self.committer.submit(self._ack_many_work(chosen), durable=False)
         self.acked += len(chosen) - len(lost)
         return lost
 
     async def aack_many(self, messages: Iterable[Message]) -> list[Message]:
         chosen = _check_messages(messages, "ack_many")
+        if not chosen:
+            return []
         lost = await self.committer.asubmit(self._ack_many_work(chosen), durable=False)
         self.acked += len(chosen) - len(lost)
         return lost
@@ -7621,7 +7656,8 @@ class Cluster:
 
         ``ack``: the message (or messages) handled before, acked in the same commit as this claim,
         which saves a commit per message. All or nothing: if one of them is no longer leased to its
-        holder, LeaseLost is raised, and nothing is acked or received.
+        holder, LeaseLost is raised, and nothing is acked or received. The acks go with the first
+        claim, at once, even when nothing is ready: an error while waiting after it leaves them done.
         """
         settle = () if ack is None else _check_messages(ack, "receive's ack")
         if parse_duration(wait, "wait") > 0:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import glob
+import itertools
 import json
 import os
 import random
@@ -1253,6 +1254,10 @@ class Batches(BusTestCase):
             ("a body over 1 MiB", {"bodies": ["x" * MIB]}),
             ("a dict, not a list", {"bodies": {"a": 1}}),
             ("a string, not a list", {"bodies": "abc"}),
+            ("bytes, not a list", {"bodies": bytearray(b"ab")}),
+            ("a memoryview, not a list", {"bodies": memoryview(b"ab")}),
+            ("an endless generator", {"bodies": itertools.count()}),
+            ("endless keys", {"bodies": [1, 2], "keys": itertools.repeat("k")}),
             ("not iterable", {"bodies": 5}),
             ("too many", {"bodies": too_many}),
             ("too many bytes", {"bodies": [near_mib] * 65}),
@@ -1270,6 +1275,13 @@ class Batches(BusTestCase):
             self.assertNotIn("\n", str(caught.exception))
         self.assertEqual(self.nf.committer.pieces, pieces, "bad input reached the committer")
         self.assertEqual(tree_snapshot(self.db), snapshot, "bad input changed the database")
+
+    def test_nothing_to_send_or_ack_costs_no_commit(self) -> None:
+        before = self.nf.committer.batches
+        self.assertEqual(self.nf.send_many("work", []), [])
+        self.assertEqual(self.nf.send_many("work", iter(())), [])
+        self.assertEqual(self.nf.ack_many([]), [])
+        self.assertEqual(self.nf.committer.batches, before)
 
     def test_ack_many_acks_what_is_still_held_and_returns_the_lost_ones(self) -> None:
         ids = self.nf.send_many("work", list(range(5)))
@@ -1336,7 +1348,7 @@ class Batches(BusTestCase):
         self.nf.send("work", "x")
         message = self.nf.receive("work")
         snapshot = tree_snapshot(self.db)
-        for bad in ("text", 7, [message, "text"], {"id": 1}, [None]):
+        for bad in ("text", 7, [message, "text"], {"id": 1}, [None], [message, message], itertools.repeat(message)):
             with self.subTest(bad=bad):
                 with self.assertRaises(nodeflow.InvalidInput):
                     self.nf.ack_many(bad)  # type: ignore[arg-type]
@@ -1450,6 +1462,45 @@ class Durability(BusTestCase):
             relaxed.store.sync_log = lambda: self.fail("a NORMAL handle waited for the disk")  # type: ignore[method-assign]
             relaxed.send("d", 6)
             self.assertEqual(relaxed.store.write(level), 1, "a NORMAL handle committed at FULL")
+
+    def test_a_failed_sync_fails_its_writes_and_every_write_after_it(self) -> None:
+        """The kernel reports a failed write-back once: a later sync would succeed over the hole."""
+        self.nf.send("d", "before")
+        real = os.fdatasync
+        failures = []
+
+        def failing_once(fd: int) -> None:
+            if not failures:
+                failures.append(fd)
+                raise OSError(5, "Input/output error")
+            real(fd)
+
+        os.fdatasync = failing_once  # type: ignore[assignment]
+        self.addCleanup(setattr, os, "fdatasync", real)
+        with self.assertRaises(nodeflow.StoreError) as caught:
+            self.nf.send("d", "lost?")
+        self.assertIn("did not confirm", str(caught.exception))
+        with self.assertRaises(nodeflow.StoreError):
+            self.nf.send("d", "after")  # the sync would succeed now: refused all the same
+        with self.assertRaises(nodeflow.StoreError):
+            self.nf.receive("d")
+        os.fdatasync = real  # type: ignore[assignment]
+        with nodeflow.connect(self.db) as fresh:  # a new handle works
+            self.assertEqual(fresh.send("d", "new handle") > 0, True)
+
+    def test_a_consumer_of_a_replaced_database_is_told_within_a_second(self) -> None:
+        self.nf.send("d", "old file")
+        self.assertIsNotNone(self.nf.receive("d"))
+        replacement = os.path.join(self.dir, "other.db")
+        nodeflow.connect(replacement).close()
+        os.replace(replacement, self.db)
+        time.sleep(1.1)
+        with nodeflow.connect(self.db) as producer:  # the new file's first message rings the old consumer
+            threading.Timer(0.3, producer.send, ("d", "new file")).start()
+            with self.assertRaises(nodeflow.StoreError) as caught:
+                self.nf.receive("d", wait=5)  # claims from the old file when rung: refused
+            time.sleep(0.5)
+        self.assertIn("replaced", str(caught.exception))
 
     def test_the_log_descriptor_is_the_wal_of_the_database_and_holds_no_lock(self) -> None:
         self.nf.send("d", 1)  # a durable commit: the -wal is open for sync_log() now
