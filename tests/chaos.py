@@ -203,6 +203,9 @@ conn.close()
 TIMERS_A = ("400ms", "1s", "1500ms", "200ms", "700ms")  # chaos-a's timer, by revision
 
 
+RETRY_DELAY_MAX = 60.0  # a node's longest wait before delivering a failed job again (serve's nack backoff)
+
+
 def definition_a(rev: int) -> dict[str, Any]:
     """log, set, timer, call (flaky: fails its first try), if -> fail (doom) | signal, call, log.
 
@@ -4105,6 +4108,18 @@ class Run:
         settled = False
         while time.monotonic() < deadline:
             self.tend()
+            # A job nacked late in the chaos waits out its retry delay (up to a minute, longer as
+            # refunded deliveries count in it): it is not lost, and the bound waits for its due time.
+            due = self.nf.store.read(
+                lambda conn: conn.execute(
+                    "SELECT MAX(available_at) FROM messages WHERE queue LIKE 'chaos.%' AND lease_owner IS NULL"
+                ).fetchone()[0]
+            )
+            if due is not None:
+                due_in = due - time.time() + 5.0
+                deadline = min(
+                    began + self.options.settle + RETRY_DELAY_MAX + 5.0, max(deadline, time.monotonic() + due_in)
+                )
             busy = self.nf.store.read(
                 lambda conn: (
                     conn.execute("SELECT count(*) FROM instances WHERE status IN ('running', 'waiting')").fetchone()[0],
